@@ -1,0 +1,42 @@
+"""ibnorm: Information-Bottleneck-inspired normalization layers for PyTorch.
+
+IBNorm standardizes each normalization group, compresses it with a bounded ψ_λ that pulls
+the tails toward the centre, and standardizes again, then applies the usual affine.
+"""
+
+from .compression import Compression, available_compressions, get_compression, register_compression
+from .convert import ConversionRecord, convert_norms, convert_sync_ibbatchnorm, get_norm_layer
+from .functional import ib_batch_norm, ib_group_norm, ib_layer_norm, ib_rms_norm
+from .modules import (
+    IBBatchNorm1d,
+    IBBatchNorm2d,
+    IBBatchNorm3d,
+    IBGroupNorm,
+    IBLayerNorm,
+    IBRMSNorm,
+    SyncIBBatchNorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compression",
+    "register_compression",
+    "get_compression",
+    "available_compressions",
+    "ib_layer_norm",
+    "ib_rms_norm",
+    "ib_batch_norm",
+    "ib_group_norm",
+    "IBLayerNorm",
+    "IBRMSNorm",
+    "IBBatchNorm1d",
+    "IBBatchNorm2d",
+    "IBBatchNorm3d",
+    "SyncIBBatchNorm",
+    "IBGroupNorm",
+    "convert_norms",
+    "convert_sync_ibbatchnorm",
+    "get_norm_layer",
+    "ConversionRecord",
+]

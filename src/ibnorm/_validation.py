@@ -1,0 +1,92 @@
+"""Argument checks shared by the functional API and the modules.
+
+Each check raises ``ValueError`` or ``TypeError`` whose message names the argument, the
+value received and what is accepted. They only look at Python values, shapes and dtypes,
+never at tensor contents, so they cost nothing and do not break ``torch.compile`` graphs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+Lam = Union[float, Tensor]
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_lam(lam: object, name: str = "lam") -> Lam:
+    """A finite real ≥ 0 (returned as float), or a floating tensor with one element."""
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1 or not lam.is_floating_point():
+            raise TypeError(
+                f"{name} given as a tensor must be a floating tensor with one element, "
+                f"got shape {tuple(lam.shape)} and dtype {lam.dtype}"
+            )
+        return lam
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
+    value = float(lam)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite real number >= 0, got {lam!r}")
+    return value
+
+
+def check_floating(input: Tensor, name: str = "input") -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (one of float16, bfloat16, float32, float64), got {input.dtype}"
+        )
+
+
+def check_eps(eps: object, name: str = "eps") -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be a finite real number >= 0, got {eps!r}")
+
+
+def normalize_shape(normalized_shape: object) -> tuple[int, ...]:
+    """An int or a sequence of positive ints, as torch's ``normalized_shape``."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        shape = tuple(int(d) for d in normalized_shape)  # type: ignore[union-attr]
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
+        ) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {normalized_shape!r}")
+    return shape
+
+
+def check_trailing_shape(input: Tensor, normalized_shape: Sequence[int]) -> None:
+    k = len(normalized_shape)
+    if input.dim() < k or tuple(input.shape[-k:]) != tuple(normalized_shape):
+        raise ValueError(
+            f"input of shape {tuple(input.shape)} does not end with normalized_shape={tuple(normalized_shape)}; "
+            f"expected input of shape (*, {', '.join(str(d) for d in normalized_shape)})"
+        )
+
+
+def check_affine_shape(param: Tensor | None, shape: Sequence[int], name: str) -> None:
+    if param is not None and tuple(param.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(param.shape)}")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_momentum(momentum: object) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be None (cumulative average) or a real number in [0, 1], got {momentum!r}")

@@ -1,0 +1,171 @@
+"""Compression families ψ_λ and their registry.
+
+A compression family is a pair (ψ_λ, ψ'_λ) of elementwise functions of a standardized
+input ``z`` and a strength ``λ ≥ 0``. Every built-in family is odd, monotone, has
+ψ(0) = 0, ψ'(0) = 1 and |ψ(z)| ≤ |z|, so it pulls the tails of a group toward its
+centre and never expands it. λ = 0 is the identity (the layer becomes its parent norm).
+
+==== ===================================== ==================== ================
+name ψ_λ(z), λ > 0                          ψ'_λ(z)              tail growth
+==== ===================================== ==================== ================
+S    sign(z)·2|z| / (sqrt(1 + λ|z|) + 1)    1 / sqrt(1 + λ|z|)   ~ sqrt(|z|)
+L    sign(z)·log1p(λ|z|) / λ                1 / (1 + λ|z|)       ~ log|z|
+T    tanh(λz) / λ                           1 − tanh²(λz)        bounded by 1/λ
+==== ===================================== ==================== ================
+
+L and T are evaluated as ``z · r(λ|z|)`` with ``r(t) = log1p(t)/t`` or ``tanh(t)/t`` and
+``r(0) = 1``, which is the same function but stays finite (and has ψ'(0) = 1 under
+autograd) at z = 0 and at a tensor λ = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Compression",
+    "register_compression",
+    "get_compression",
+    "available_compressions",
+    "gaussian_second_moment",
+]
+
+Lam = Union[float, Tensor]
+PsiFn = Callable[[Tensor, Lam], Tensor]
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A registered family: ``psi(z, lam)`` and its derivative in z, ``dpsi(z, lam)``.
+
+    Both are called with ``lam > 0`` (a float or a 0-dim tensor); the layers never call
+    them with ``lam == 0.0`` given as a float, because λ = 0 means "no compression".
+    """
+
+    name: str
+    psi: PsiFn
+    dpsi: PsiFn
+
+
+def _ratio(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    """fn(t) / t with its limit 1 at t = 0 (fn(t) ~ t near 0)."""
+    nonzero = t != 0
+    safe_t = torch.where(nonzero, t, torch.ones_like(t))
+    return torch.where(nonzero, fn(safe_t) / safe_t, torch.ones_like(t))
+
+
+def _psi_s(z: Tensor, lam: Lam) -> Tensor:
+    return 2 * z / (torch.sqrt(1 + lam * z.abs()) + 1)
+
+
+def _dpsi_s(z: Tensor, lam: Lam) -> Tensor:
+    return torch.rsqrt(1 + lam * z.abs())
+
+
+def _psi_l(z: Tensor, lam: Lam) -> Tensor:
+    return z * _ratio(torch.log1p, lam * z.abs())
+
+
+def _dpsi_l(z: Tensor, lam: Lam) -> Tensor:
+    return 1 / (1 + lam * z.abs())
+
+
+def _psi_t(z: Tensor, lam: Lam) -> Tensor:
+    return z * _ratio(torch.tanh, lam * z.abs())
+
+
+def _dpsi_t(z: Tensor, lam: Lam) -> Tensor:
+    return 1 - torch.tanh(lam * z) ** 2
+
+
+_REGISTRY: dict[str, Compression] = {}
+
+
+def _check_derivative(name: str, psi: PsiFn, dpsi: PsiFn) -> None:
+    """Reject a family whose dpsi disagrees with a central difference of psi."""
+    z = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    h = 1e-6
+    for lam in (0.5, 2.0):
+        try:
+            numeric = (psi(z + h, lam) - psi(z - h, lam)) / (2 * h)
+            given = dpsi(z, lam)
+        except Exception as exc:  # a user function failing on tensors: say which one
+            raise TypeError(
+                f"register_compression: psi/dpsi of {name!r} must accept (z: Tensor, lam: float) "
+                f"and return a Tensor; calling them raised {exc!r}"
+            ) from exc
+        if not (isinstance(given, Tensor) and given.shape == z.shape):
+            raise TypeError(f"register_compression: dpsi of {name!r} must return a tensor shaped like z")
+        if not torch.allclose(given, numeric, rtol=1e-4, atol=1e-5):
+            worst = (given - numeric).abs().max().item()
+            raise ValueError(
+                f"register_compression: dpsi of {name!r} is not the derivative of psi "
+                f"(max error {worst:.3g} against a central difference at lam={lam})"
+            )
+
+
+def register_compression(name: str, psi: PsiFn, dpsi: PsiFn, *, overwrite: bool = False) -> Compression:
+    """Register a compression family under ``name`` (case-insensitive).
+
+    ``psi(z, lam)`` and ``dpsi(z, lam)`` take a tensor ``z`` and a strength ``lam > 0``
+    (float or 0-dim tensor) and return tensors shaped like ``z``; they must be built from
+    differentiable torch ops so that autograd, ``torch.compile`` and ONNX export see them.
+    ``dpsi`` is checked against a finite difference of ``psi`` here.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_compression: name must be a non-empty str, got {name!r}")
+    if not (callable(psi) and callable(dpsi)):
+        raise TypeError("register_compression: psi and dpsi must be callables (z, lam) -> Tensor")
+    key = name.strip().lower()
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"register_compression: compression {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _check_derivative(name, psi, dpsi)
+    family = Compression(name.strip(), psi, dpsi)
+    _REGISTRY[key] = family
+    return family
+
+
+def get_compression(name: str | Compression) -> Compression:
+    """Look up a family by name (case-insensitive); a :class:`Compression` passes through."""
+    if isinstance(name, Compression):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(
+            f"compression must be a str naming one of {available_compressions()}, got {type(name).__name__}"
+        )
+    family = _REGISTRY.get(name.lower())
+    if family is None:
+        raise ValueError(f"compression={name!r} is not registered; accepted values: {available_compressions()}")
+    return family
+
+
+def available_compressions() -> list[str]:
+    """Names of all registered families, built-ins first."""
+    return [family.name for family in _REGISTRY.values()]
+
+
+def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
+    """E[ψ_λ(z)²] for z ~ N(0, 1), by 80-point Gauss–Hermite quadrature.
+
+    Since ψ is odd, E[ψ(z)] = 0 and this is the variance of ψ(z) for a standard normal
+    input: the value a batch layer's ``running_var_psi`` converges to on Gaussian data.
+    """
+    if lam == 0:
+        return 1.0
+    import numpy as np
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    z = torch.from_numpy(nodes)
+    psi = get_compression(compression).psi(z, float(lam))
+    return float((torch.from_numpy(weights) * psi**2).sum() / math.sqrt(2 * math.pi))
+
+
+for _name, _psi, _dpsi in (("S", _psi_s, _dpsi_s), ("L", _psi_l, _dpsi_l), ("T", _psi_t, _dpsi_t)):
+    register_compression(_name, _psi, _dpsi)

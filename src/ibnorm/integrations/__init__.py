@@ -1,0 +1,1 @@
+"""Optional integrations with third-party model libraries (imported on use)."""

@@ -1,0 +1,468 @@
+"""``nn.Module`` wrappers over :mod:`ibnorm.functional`, with torch's signatures.
+
+Every layer takes its torch parent's arguments in the parent's order, then the keyword-only
+``compression`` (a registered family name, default ``"L"``), ``lam`` (λ ≥ 0, default 1.0)
+and ``learnable_lam`` (one scalar per layer, λ = softplus(lam_raw) ≥ 0). Parameter and
+buffer names are the parent's, so a parent's ``state_dict`` loads into the IB layer; the
+only additions are ``lam_raw`` (learnable λ) and, for batch grouping,
+``running_mean_psi``/``running_var_psi``. These may be absent from a loaded state_dict
+(e.g. a checkpoint of the parent), in which case they keep their initial values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as IBF
+from ._validation import check_eps, check_lam, check_momentum, check_positive_int, normalize_shape
+from .compression import Compression, gaussian_second_moment, get_compression
+
+__all__ = [
+    "IBLayerNorm",
+    "IBRMSNorm",
+    "IBBatchNorm1d",
+    "IBBatchNorm2d",
+    "IBBatchNorm3d",
+    "SyncIBBatchNorm",
+    "IBGroupNorm",
+]
+
+_shape_t = Union[int, Sequence[int], torch.Size]
+
+
+def _inverse_softplus(value: float) -> float:
+    # softplus(r) = log1p(exp(r)); its inverse, written to stay finite for small and large values
+    return value + math.log(-math.expm1(-value))
+
+
+class _IBNorm(nn.Module):
+    """Shared compression/λ handling: the family name, a fixed or learnable λ, repr and loading."""
+
+    _version = 1
+    _optional_state: tuple[str, ...] = ("lam_raw",)
+
+    def _init_compression(
+        self, compression: str | Compression, lam: float, learnable_lam: bool, factory_kwargs: dict[str, Any]
+    ) -> None:
+        self.compression = compression
+        if isinstance(lam, Tensor):
+            raise TypeError(f"lam must be a real number >= 0 when building a layer, got a tensor {lam!r}")
+        lam = check_lam(lam)
+        self.learnable_lam = bool(learnable_lam)
+        if self.learnable_lam:
+            if lam <= 0:
+                raise ValueError(f"learnable_lam=True needs an initial lam > 0 (λ = softplus(lam_raw)), got lam={lam!r}")
+            dtype = factory_kwargs.get("dtype") or torch.get_default_dtype()
+            self.lam_raw = nn.Parameter(torch.tensor(_inverse_softplus(lam), device=factory_kwargs.get("device"), dtype=dtype))
+            self._fixed_lam = None
+        else:
+            self.register_parameter("lam_raw", None)
+            self._fixed_lam = lam
+
+    @property
+    def compression(self) -> str:
+        return self._compression
+
+    @compression.setter
+    def compression(self, value: str | Compression) -> None:
+        self._compression = get_compression(value).name
+
+    @property
+    def lam(self) -> Union[float, Tensor]:
+        """λ: a float, or the 0-dim tensor softplus(lam_raw) when learnable."""
+        if self.lam_raw is not None:
+            return F.softplus(self.lam_raw)
+        return self._fixed_lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = check_lam(value)
+        if isinstance(value, Tensor):
+            raise TypeError("lam must be set to a real number >= 0")
+        if self.lam_raw is not None:
+            if value <= 0:
+                raise ValueError(f"a learnable lam must stay > 0, got {value!r}")
+            with torch.no_grad():
+                self.lam_raw.fill_(_inverse_softplus(value))
+        else:
+            self._fixed_lam = value
+
+    def lam_value(self) -> float:
+        """The current λ as a Python float (detached when learnable)."""
+        lam = self.lam
+        return float(lam.detach()) if isinstance(lam, Tensor) else lam
+
+    def _compression_repr(self) -> str:
+        if self.lam_raw is not None:
+            return f"compression={self.compression}, lam={self.lam_value():.4g} (learnable)"
+        return f"compression={self.compression}, lam={self.lam}"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A parent's checkpoint has no IB-only entries: keep their current values.
+        for name in self._optional_state:
+            key = prefix + name
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+
+class IBLayerNorm(_IBNorm):
+    """IBNorm with layer grouping; a drop-in for :class:`torch.nn.LayerNorm`.
+
+    ``y = weight · û + bias`` where û standardizes ψ_λ(z) and z standardizes x over the
+    last ``len(normalized_shape)`` dims (see :mod:`ibnorm.functional`).
+    """
+
+    def __init__(
+        self,
+        normalized_shape: _shape_t,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        compression: str = "L",
+        lam: float = 1.0,
+        learnable_lam: bool = False,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = normalize_shape(normalized_shape)
+        check_eps(eps)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return IBF.ib_layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, self.compression, self.lam
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            + self._compression_repr()
+        )
+
+
+class IBRMSNorm(_IBNorm):
+    """IBNorm with RMS grouping; a drop-in for :class:`torch.nn.RMSNorm`.
+
+    ``y = weight · u / sqrt(mean(u²) + eps)`` with ``u = ψ_λ(x / sqrt(mean(x²) + eps))``.
+    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: _shape_t,
+        eps: Optional[float] = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        compression: str = "L",
+        lam: float = 1.0,
+        learnable_lam: bool = False,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = normalize_shape(normalized_shape)
+        if eps is not None:
+            check_eps(eps)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return IBF.ib_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.compression, self.lam)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            + self._compression_repr()
+        )
+
+
+class IBGroupNorm(_IBNorm):
+    """IBNorm with group grouping; a drop-in for :class:`torch.nn.GroupNorm`."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        compression: str = "L",
+        lam: float = 1.0,
+        learnable_lam: bool = False,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_groups = check_positive_int(num_groups, "num_groups")
+        self.num_channels = check_positive_int(num_channels, "num_channels")
+        if num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels={num_channels} must be divisible by num_groups={num_groups}"
+            )
+        check_eps(eps)
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__} expected input with num_channels={self.num_channels} at dim 1, "
+                f"got shape {tuple(input.shape)}"
+            )
+        return IBF.ib_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.compression, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, " + self._compression_repr()
+
+
+class _IBBatchNorm(_IBNorm):
+    """Batch grouping with running statistics of x and of u = ψ_λ(z); the rank check and
+    the process group are the only things its subclasses change.
+
+    Deliberately not a subclass of ``torch.nn.modules.batchnorm._BatchNorm``: torch's
+    ``convert_sync_batchnorm`` would silently turn it into a plain ``SyncBatchNorm``.
+    """
+
+    _optional_state = ("lam_raw", "running_mean_psi", "running_var_psi")
+    _input_dims: tuple[int, ...] = ()
+    _input_layout = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        compression: str = "L",
+        lam: float = 1.0,
+        learnable_lam: bool = False,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features")
+        check_eps(eps)
+        check_momentum(momentum)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        if track_running_stats:
+            for name in ("running_mean", "running_var", "running_mean_psi", "running_var_psi"):
+                self.register_buffer(name, torch.empty(num_features, **factory_kwargs))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+            )
+        else:
+            for name in ("running_mean", "running_var", "running_mean_psi", "running_var_psi", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Zero the means, set ``running_var`` to 1 and ``running_var_psi`` to E[ψ_λ(z)²]
+        for z ~ N(0, 1): the values a layer fed standard-normal data converges to."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.running_mean_psi.zero_()
+            self.running_var_psi.fill_(gaussian_second_moment(self.compression, self.lam_value()))
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if self._input_dims and input.dim() not in self._input_dims:
+            raise ValueError(
+                f"{type(self).__name__} expected {' or '.join(f'{d}D' for d in self._input_dims)} input "
+                f"{self._input_layout}, got {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} expected input with num_features={self.num_features} channels at dim 1, "
+                f"got shape {tuple(input.shape)}"
+            )
+
+    def _process_group(self) -> Optional[object]:
+        return None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # Same bookkeeping as torch's _BatchNorm.forward: momentum=None is a cumulative average.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return IBF.ib_batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            self.compression,
+            self.lam,
+            self.running_mean_psi if track else None,
+            self.running_var_psi if track else None,
+            process_group=self._process_group() if use_batch_stats else None,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, " + self._compression_repr()
+        )
+
+
+class IBBatchNorm1d(_IBBatchNorm):
+    """IBNorm with batch grouping over (N, C) or (N, C, L); a drop-in for :class:`torch.nn.BatchNorm1d`."""
+
+    _input_dims = (2, 3)
+    _input_layout = "(N, C) or (N, C, L)"
+
+
+class IBBatchNorm2d(_IBBatchNorm):
+    """IBNorm with batch grouping over (N, C, H, W); a drop-in for :class:`torch.nn.BatchNorm2d`."""
+
+    _input_dims = (4,)
+    _input_layout = "(N, C, H, W)"
+
+
+class IBBatchNorm3d(_IBBatchNorm):
+    """IBNorm with batch grouping over (N, C, D, H, W); a drop-in for :class:`torch.nn.BatchNorm3d`."""
+
+    _input_dims = (5,)
+    _input_layout = "(N, C, D, H, W)"
+
+
+class SyncIBBatchNorm(_IBBatchNorm):
+    """Batch-grouped IBNorm whose training statistics (μ, σ² of x and m, v of u) are
+    all-reduced over ``process_group`` (default: the world), as
+    :class:`torch.nn.SyncBatchNorm`. Works with any backend, gloo on CPU included; its
+    output equals one process on the concatenated batch. Outside training, or without an
+    initialized process group of size > 1, it is a plain batch layer.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[Any] = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        compression: str = "L",
+        lam: float = 1.0,
+        learnable_lam: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            compression=compression,
+            lam=lam,
+            learnable_lam=learnable_lam,
+        )
+        self.process_group = process_group
+
+    def _process_group(self) -> Optional[object]:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
