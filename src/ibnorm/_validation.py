@@ -55,8 +55,10 @@ def normalize_shape(normalized_shape: object) -> tuple[int, ...]:
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (int(normalized_shape),)
     try:
+        if isinstance(normalized_shape, (str, bytes)):
+            raise TypeError
         shape = tuple(int(d) for d in normalized_shape)  # type: ignore[union-attr]
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
         ) from None

@@ -250,8 +250,8 @@ def ib_batch_norm(
 
     ``training=True`` uses batch statistics for both standardizations and, where the
     running buffers are given, updates them in place with ``momentum``:
-    ``running_mean``/``running_var`` (of x, variance unbiased) and
-    ``running_mean_psi``/``running_var_psi`` (of u = ψ_λ(z), variance unbiased; left as
+    ``running_mean``/``running_var`` (of x, variance unbiased as torch) and
+    ``running_mean_psi``/``running_var_psi`` (of u = ψ_λ(z), variance biased; left as
     they are when λ = 0, since then u = z). ``training=False`` uses the running buffers.
     ``process_group`` (training only): reduce batch statistics across that group, so the
     result equals one process on the concatenated batch.
@@ -315,9 +315,14 @@ def ib_batch_norm(
 def _update_running_stats(
     stats: GroupStats, buffers: Sequence[Optional[Tensor]], momentum: float, count: int
 ) -> None:
-    """running ← (1 − momentum)·running + momentum·batch, variances unbiased (× n/(n−1))."""
-    unbias = count / (count - 1)
-    batch = (stats.mean, stats.var * unbias, stats.mean_psi, None if stats.var_psi is None else stats.var_psi * unbias)
+    """running ← (1 − momentum)·running + momentum·batch.
+
+    The variance of x is stored unbiased (× n/(n−1)), as torch does. The variance of u is
+    stored biased: z was standardized with the same batch's statistics, so u's biased
+    variance already estimates the population one (at λ → 0 it is ≈ 1 by construction,
+    and an n/(n−1) factor would make eval differ from the parent norm by that factor).
+    """
+    batch = (stats.mean, stats.var * (count / (count - 1)), stats.mean_psi, stats.var_psi)
     with torch.no_grad():
         for running, value in zip(buffers, batch):
             if running is not None and value is not None:

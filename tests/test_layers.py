@@ -1,0 +1,421 @@
+"""IB layers for the four groupings against their torch parents and an independent reference."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import ibnorm
+import ibnorm.functional as IBF
+
+FAMILIES = ["S", "L", "T"]
+
+
+# ---------------------------------------------------------------- independent reference
+def ref_psi(name, z, lam):
+    a = z.abs()
+    if name == "S":
+        return torch.sign(z) * 2 * a / (torch.sqrt(1 + lam * a) + 1)
+    if name == "L":
+        return torch.sign(z) * torch.log1p(lam * a) / lam
+    if name == "T":
+        return torch.tanh(lam * z) / lam
+    return torch.asinh(lam * z) / lam  # the custom family registered below
+
+
+def ref_rows(rows, name, lam, eps, center=True):
+    """IBNorm of each row of a 2-D tensor, written from DESIGN.md §1 with plain ops."""
+    if center:
+        rows = rows - rows.mean(dim=1, keepdim=True)
+    z = rows / torch.sqrt((rows**2).mean(dim=1, keepdim=True) + eps)
+    u = ref_psi(name, z, lam)
+    if center:
+        u = u - u.mean(dim=1, keepdim=True)
+    return u / torch.sqrt((u**2).mean(dim=1, keepdim=True) + eps)
+
+
+def ref_layer(x, k, name, lam, eps, weight=None, bias=None, center=True):
+    n = 1
+    for d in x.shape[-k:]:
+        n *= d
+    y = ref_rows(x.reshape(-1, n), name, lam, eps, center).reshape(x.shape)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def ref_batch(x, name, lam, eps, weight, bias):
+    c = x.shape[1]
+    moved = x.transpose(0, 1)
+    y = ref_rows(moved.reshape(c, -1), name, lam, eps).reshape(moved.shape).transpose(0, 1)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return y * weight.reshape(shape) + bias.reshape(shape)
+
+
+def ref_group(x, groups, name, lam, eps, weight, bias):
+    n, c = x.shape[:2]
+    y = ref_rows(x.reshape(n * groups, -1), name, lam, eps).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return y * weight.reshape(shape) + bias.reshape(shape)
+
+
+ibnorm.register_compression(
+    "asinh",
+    lambda z, lam: torch.asinh(lam * z) / lam,
+    lambda z, lam: torch.rsqrt(1 + (lam * z) ** 2),
+    overwrite=True,
+)
+ALL_FAMILIES = FAMILIES + ["asinh"]
+
+
+def randn(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- pairs with the torch parents
+def make_pair(kind, lam, compression="L"):
+    """(parent module, IB module with the parent's state), both float32, and an input."""
+    torch.manual_seed(0)
+    if kind == "layer":
+        parent, ib = nn.LayerNorm(12), ibnorm.IBLayerNorm(12, compression=compression, lam=lam)
+        x = torch.randn(6, 5, 12) * 3 + 1
+    elif kind == "rms":
+        parent, ib = nn.RMSNorm(12, eps=1e-6), ibnorm.IBRMSNorm(12, eps=1e-6, compression=compression, lam=lam)
+        x = torch.randn(6, 5, 12) * 3 + 1
+    elif kind == "batch":
+        parent, ib = nn.BatchNorm2d(4), ibnorm.IBBatchNorm2d(4, compression=compression, lam=lam)
+        x = torch.randn(8, 4, 5, 5) * 2 - 0.5
+    else:
+        parent, ib = nn.GroupNorm(2, 6), ibnorm.IBGroupNorm(2, 6, compression=compression, lam=lam)
+        x = torch.randn(4, 6, 3, 5) * 2 + 1
+    with torch.no_grad():
+        for p in parent.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    ib.load_state_dict(parent.state_dict())
+    return parent, ib, x
+
+
+def forward_backward(module, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad_out)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "batch", "group"])
+@pytest.mark.parametrize("compression", FAMILIES)
+@pytest.mark.parametrize("lam,tol", [(0.0, 1e-6), (1e-4, 1e-3)])
+def test_matches_parent_at_zero_and_is_continuous(kind, compression, lam, tol):
+    parent, ib, x = make_pair(kind, lam, compression)
+    steps = 4 if kind == "batch" else 1  # batch: several training steps, then eval with running stats
+    for step in range(steps):
+        xs = x + 0.3 * step
+        g = torch.randn(xs.shape, generator=torch.Generator().manual_seed(step))
+        y0, gx0, gp0 = forward_backward(parent, xs, g)
+        y1, gx1, gp1 = forward_backward(ib, xs, g)
+        torch.testing.assert_close(y1, y0, rtol=tol, atol=tol)
+        torch.testing.assert_close(gx1, gx0, rtol=tol, atol=tol)
+        for name in gp0:
+            torch.testing.assert_close(gp1[name], gp0[name], rtol=tol, atol=tol * 10)
+    if kind == "batch":
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ib, name), getattr(parent, name), rtol=1e-6, atol=1e-6)
+        parent.eval(), ib.eval()
+        g = torch.randn(x.shape)
+        y0, gx0, _ = forward_backward(parent, x, g)
+        y1, gx1, _ = forward_backward(ib, x, g)
+        torch.testing.assert_close(y1, y0, rtol=tol, atol=tol)
+        torch.testing.assert_close(gx1, gx0, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_momentum_none_is_cumulative_like_torch(momentum):
+    parent, ib = nn.BatchNorm1d(3, momentum=momentum), ibnorm.IBBatchNorm1d(3, momentum=momentum, lam=0.0)
+    for step in range(5):
+        x = randn(7, 3, 4, dtype=torch.float32, seed=step) * (step + 1)
+        parent(x), ib(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ib, name), getattr(parent, name), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- λ > 0 against the reference
+@pytest.mark.parametrize("compression", ALL_FAMILIES)
+@pytest.mark.parametrize("lam", [0.3, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_functional_matches_reference(compression, lam, dtype):
+    eps = 1e-5
+    x = randn(5, 3, 8, dtype=dtype) * 2 + 0.5
+    w, b = randn(3, 8, dtype=dtype, seed=1), randn(3, 8, dtype=dtype, seed=2)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        IBF.ib_layer_norm(x, (3, 8), w, b, eps, compression, lam), ref_layer(x, 2, compression, lam, eps, w, b), **tol
+    )
+    torch.testing.assert_close(
+        IBF.ib_rms_norm(x, (8,), w[0], eps, compression, lam),
+        ref_layer(x, 1, compression, lam, eps, w[0], center=False),
+        **tol,
+    )
+    xc = randn(6, 4, 3, 5, dtype=dtype, seed=3) * 3 - 1
+    wc, bc = randn(4, dtype=dtype, seed=4), randn(4, dtype=dtype, seed=5)
+    torch.testing.assert_close(
+        IBF.ib_batch_norm(xc, None, None, wc, bc, True, 0.1, eps, compression, lam),
+        ref_batch(xc, compression, lam, eps, wc, bc),
+        **tol,
+    )
+    torch.testing.assert_close(
+        IBF.ib_group_norm(xc, 2, wc, bc, eps, compression, lam), ref_group(xc, 2, compression, lam, eps, wc, bc), **tol
+    )
+
+
+@pytest.mark.parametrize("compression", ALL_FAMILIES)
+def test_batch_eval_uses_running_stats_of_x_and_u(compression):
+    lam, eps = 0.7, 1e-5
+    layer = ibnorm.IBBatchNorm2d(3, compression=compression, lam=lam, momentum=0.5, dtype=torch.float64)
+    batches = [randn(4, 3, 2, 2, seed=s) * 2 + s for s in range(3)]
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    mean_u = torch.zeros(3, dtype=torch.float64)
+    var_u = torch.full((3,), ibnorm.compression.gaussian_second_moment(compression, lam), dtype=torch.float64)
+    for x in batches:
+        layer(x)
+        rows = x.transpose(0, 1).reshape(3, -1)
+        n = rows.shape[1]
+        mu, sig2 = rows.mean(1), rows.var(1, unbiased=False)
+        u = ref_psi(compression, (rows - mu[:, None]) / torch.sqrt(sig2[:, None] + eps), lam)
+        mean, var = 0.5 * mean + 0.5 * mu, 0.5 * var + 0.5 * sig2 * n / (n - 1)
+        mean_u, var_u = 0.5 * mean_u + 0.5 * u.mean(1), 0.5 * var_u + 0.5 * u.var(1, unbiased=False)
+    for name, expected in [("running_mean", mean), ("running_var", var), ("running_mean_psi", mean_u), ("running_var_psi", var_u)]:
+        torch.testing.assert_close(getattr(layer, name), expected, rtol=1e-10, atol=1e-12)
+    layer.eval()
+    x = randn(2, 3, 2, 2, seed=9)
+    shape = (1, 3, 1, 1)
+    z = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+    expected = (ref_psi(compression, z, lam) - mean_u.reshape(shape)) / torch.sqrt(var_u.reshape(shape) + eps)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("compression", FAMILIES)
+def test_gradcheck_all_groupings_with_learnable_lambda(compression):
+    lam = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def inputs(*shape, seed):
+        return (randn(*shape, seed=seed) * 1.5 + 0.3).requires_grad_(True)
+
+    x, w, b = inputs(3, 6, seed=0), inputs(6, seed=1), inputs(6, seed=2)
+    assert torch.autograd.gradcheck(lambda x, w, b, l: IBF.ib_layer_norm(x, (6,), w, b, 1e-5, compression, l), (x, w, b, lam))
+    assert torch.autograd.gradcheck(lambda x, w, l: IBF.ib_rms_norm(x, (6,), w, 1e-5, compression, l), (x, w, lam))
+    xc, wc, bc = inputs(4, 3, 2, 2, seed=3), inputs(3, seed=4), inputs(3, seed=5)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, l: IBF.ib_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, compression, l), (xc, wc, bc, lam)
+    )
+    rm, rv = randn(3, seed=6) * 0.1, torch.rand(3, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, l: IBF.ib_batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, compression, l, rm * 0.5, rv),
+        (xc, wc, bc, lam),
+    )
+    xg, wg, bg = inputs(2, 4, 3, seed=7), inputs(4, seed=8), inputs(4, seed=9)
+    assert torch.autograd.gradcheck(lambda x, w, b, l: IBF.ib_group_norm(x, 2, w, b, 1e-5, compression, l), (xg, wg, bg, lam))
+
+
+def test_learnable_lambda_module_trains_and_stays_nonnegative():
+    torch.manual_seed(0)
+    layer = ibnorm.IBLayerNorm(16, compression="T", lam=1.0, learnable_lam=True)
+    assert layer.lam_value() == pytest.approx(1.0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        (layer(torch.randn(32, 16) ** 3) ** 4).mean().backward()
+        assert layer.lam_raw.grad is not None and layer.lam_raw.grad.abs() > 0
+        opt.step()
+    assert layer.lam_value() >= 0 and layer.lam_value() != pytest.approx(1.0)
+    assert "learnable" in repr(layer)
+
+
+# ---------------------------------------------------------------- properties
+def grouped(kind, y, x):
+    if kind == "layer":
+        return y.reshape(-1, x.shape[-1])
+    if kind == "batch":
+        return y.transpose(0, 1).reshape(x.shape[1], -1)
+    return y.reshape(x.shape[0] * 2, -1)
+
+
+def run_kind(kind, x, compression, lam, eps):
+    if kind == "layer":
+        return IBF.ib_layer_norm(x, (x.shape[-1],), None, None, eps, compression, lam)
+    if kind == "batch":
+        return IBF.ib_batch_norm(x, None, None, None, None, True, 0.1, eps, compression, lam)
+    return IBF.ib_group_norm(x, 2, None, None, eps, compression, lam)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["layer", "batch", "group"]),
+    compression=st.sampled_from(FAMILIES),
+    lam=st.floats(0.0, 4.0),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-2, 1e2),
+    shift=st.floats(-10, 10),
+    a=st.floats(0.1, 50.0),
+    b=st.floats(-20, 20),
+)
+def test_unit_moments_and_affine_invariance(kind, compression, lam, seed, scale, shift, a, b):
+    eps = 0.0  # the invariance y(a·x + b) = y(x) is exact only without eps
+    x = randn(4, 4, 6, seed=seed) * scale + shift
+    x = x.exp() if seed % 3 == 0 else x  # skewed, heavy-tailed groups too
+    y = run_kind(kind, x, compression, lam, eps)
+    rows = grouped(kind, y, x)
+    torch.testing.assert_close(rows.mean(1), torch.zeros(rows.shape[0], dtype=x.dtype), rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows.var(1, unbiased=False), torch.ones(rows.shape[0], dtype=x.dtype), rtol=0, atol=1e-4)
+    torch.testing.assert_close(run_kind(kind, a * x + b, compression, lam, eps), y, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(compression=st.sampled_from(FAMILIES), lam=st.floats(0.0, 4.0), seed=st.integers(0, 2**16), scale=st.floats(1e-2, 1e2))
+def test_rms_unit_mean_square(compression, lam, seed, scale):
+    x = randn(8, 10, seed=seed) * scale
+    y = IBF.ib_rms_norm(x, (10,), None, 1e-10, compression, lam)
+    torch.testing.assert_close((y**2).mean(1), torch.ones(8, dtype=x.dtype), rtol=0, atol=1e-4)
+
+
+def test_constant_groups_give_bias_and_nan_propagates():
+    layer = ibnorm.IBLayerNorm(5, compression="T", lam=2.0)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(5.0))
+    x = torch.stack([torch.full((5,), 3.0), torch.tensor([1.0, float("nan"), 0, 0, 0]), torch.randn(5)])
+    y = layer(x)
+    torch.testing.assert_close(y[0], torch.arange(5.0))
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[2]).all()
+    bn = ibnorm.IBBatchNorm2d(2, lam=1.0)
+    assert torch.isfinite(bn(torch.ones(3, 2, 2, 2))).all()
+
+
+# ---------------------------------------------------------------- dtypes
+MODULES = {
+    "layer": (lambda: ibnorm.IBLayerNorm(64, compression="T", lam=1.0), (16, 64)),
+    "rms": (lambda: ibnorm.IBRMSNorm(64, eps=1e-6, compression="S", lam=1.0), (16, 64)),
+    "batch": (lambda: ibnorm.IBBatchNorm2d(8, compression="L", lam=1.0), (4, 8, 6, 6)),
+    "group": (lambda: ibnorm.IBGroupNorm(4, 8, compression="L", lam=2.0), (4, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 5e-3)])
+def test_half_precision_close_to_float32(kind, dtype, tol):
+    build, shape = MODULES[kind]
+    layer = build()
+    x = randn(*shape, dtype=torch.float32) * 3
+    x_half = x.to(dtype)
+    expected = layer(x_half.float())  # same rounded input, computed in float32
+    y = layer(x_half)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol)
+    half_layer = copy.deepcopy(layer).to(dtype)
+    assert torch.isfinite(half_layer(x_half)).all()
+
+
+def test_autocast_bfloat16():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), ibnorm.IBLayerNorm(32, compression="T", lam=1.0), nn.Linear(32, 4))
+    x = torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out.float(), model(x), rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- modules: state, repr, custom families
+def test_parent_state_dict_loads_and_repr_shows_compression():
+    bn = nn.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2))
+    ib = ibnorm.IBBatchNorm2d(3, compression="T", lam=0.5, learnable_lam=True)
+    ib.load_state_dict(bn.state_dict())  # strict: IB-only entries may be missing
+    torch.testing.assert_close(ib.running_mean, bn.running_mean)
+    assert ib.num_batches_tracked.dtype == torch.long and int(ib.num_batches_tracked) == 1
+    assert "compression=T" in repr(ib) and "lam=0.5" in repr(ib)
+    roundtrip = ibnorm.IBBatchNorm2d(3, compression="T", lam=0.5, learnable_lam=True)
+    ib.lam = 1.5
+    roundtrip.load_state_dict(ib.state_dict())
+    assert roundtrip.lam_value() == pytest.approx(1.5)
+    assert set(ib.state_dict()) == set(bn.state_dict()) | {"lam_raw", "running_mean_psi", "running_var_psi"}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        ibnorm.IBLayerNorm(3).load_state_dict({"weight": torch.ones(3), "bias": torch.zeros(3), "junk": torch.ones(1)})
+
+
+def test_custom_family_works_in_every_layer():
+    lam, eps = 0.9, 1e-5
+    x = randn(4, 6, 3, 3, dtype=torch.float32) * 2
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    torch.testing.assert_close(
+        ibnorm.IBLayerNorm(3, compression="asinh", lam=lam)(x), ref_layer(x, 1, "asinh", lam, eps), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        ibnorm.IBRMSNorm(3, eps=eps, compression="asinh", lam=lam)(x),
+        ref_layer(x, 1, "asinh", lam, eps, center=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        ibnorm.IBBatchNorm2d(6, compression="asinh", lam=lam)(x), ref_batch(x, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        ibnorm.IBGroupNorm(3, 6, compression="asinh", lam=lam)(x), ref_group(x, 3, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+    )
+    assert ibnorm.get_norm_layer("ib_groupnorm_asinh")(3, 6).compression == "asinh"
+
+
+def test_get_norm_layer_names_classes_and_partials():
+    layer = ibnorm.get_norm_layer("ib_layernorm_t")(16)
+    assert isinstance(layer, ibnorm.IBLayerNorm) and layer.compression == "T"
+    assert ibnorm.get_norm_layer("IB_BatchNorm2d") is ibnorm.IBBatchNorm2d
+    assert ibnorm.get_norm_layer(nn.LayerNorm) is nn.LayerNorm
+    assert isinstance(ibnorm.get_norm_layer("ib_rmsnorm_s")(8, eps=1e-6), ibnorm.IBRMSNorm)
+
+
+# ---------------------------------------------------------------- bad input
+x2d = torch.randn(4, 8)
+BAD_INPUTS = [
+    ("negative lam", lambda: ibnorm.IBLayerNorm(8, lam=-0.5), ValueError, r"lam must be a finite real number >= 0, got -0.5"),
+    ("nan lam", lambda: ibnorm.IBRMSNorm(8, lam=float("nan")), ValueError, r"lam must be a finite real number >= 0, got nan"),
+    ("inf lam", lambda: IBF.ib_layer_norm(x2d, (8,), lam=float("inf")), ValueError, r"lam must be .* >= 0, got inf"),
+    ("string lam", lambda: ibnorm.IBGroupNorm(2, 8, lam="big"), TypeError, r"lam must be a real number >= 0 .*str 'big'"),
+    ("bool lam", lambda: ibnorm.IBBatchNorm1d(8, lam=True), TypeError, r"lam must be a real number"),
+    ("learnable zero lam", lambda: ibnorm.IBLayerNorm(8, lam=0.0, learnable_lam=True), ValueError, r"learnable_lam=True needs .*lam > 0"),
+    ("unknown compression", lambda: ibnorm.IBLayerNorm(8, compression="Q"), ValueError, r"compression='Q' is not registered; accepted values: \['S', 'L', 'T'"),
+    ("functional compression", lambda: IBF.ib_rms_norm(x2d, (8,), compression="x"), ValueError, r"compression='x'"),
+    ("groups do not divide", lambda: ibnorm.IBGroupNorm(3, 8), ValueError, r"num_channels=8 must be divisible by num_groups=3"),
+    ("functional groups", lambda: IBF.ib_group_norm(torch.randn(2, 8, 3), 3), ValueError, r"num_groups=3 must divide .*=8"),
+    ("trailing shape", lambda: ibnorm.IBLayerNorm(8)(torch.randn(4, 7)), ValueError, r"shape \(4, 7\) does not end with normalized_shape=\(8,\)"),
+    ("rms trailing shape", lambda: ibnorm.IBRMSNorm((2, 8))(torch.randn(4, 8)), ValueError, r"normalized_shape=\(2, 8\)"),
+    ("bn2d rank", lambda: ibnorm.IBBatchNorm2d(3)(torch.randn(2, 3, 4)), ValueError, r"IBBatchNorm2d expected 4D input \(N, C, H, W\), got 3D"),
+    ("bn1d rank", lambda: ibnorm.IBBatchNorm1d(3)(torch.randn(2, 3, 4, 4)), ValueError, r"IBBatchNorm1d expected 2D or 3D input"),
+    ("bn3d rank", lambda: ibnorm.IBBatchNorm3d(3)(torch.randn(2, 3, 4, 4)), ValueError, r"IBBatchNorm3d expected 5D input"),
+    ("bn channels", lambda: ibnorm.IBBatchNorm2d(3)(torch.randn(2, 4, 5, 5)), ValueError, r"num_features=3 channels at dim 1"),
+    ("gn channels", lambda: ibnorm.IBGroupNorm(2, 4)(torch.randn(2, 6, 5)), ValueError, r"num_channels=4 at dim 1"),
+    ("integer input", lambda: ibnorm.IBLayerNorm(8)(torch.ones(2, 8, dtype=torch.long)), TypeError, r"input must have a floating dtype .* got torch.int64"),
+    ("integer bn input", lambda: ibnorm.IBBatchNorm1d(8)(torch.ones(2, 8, dtype=torch.int32)), TypeError, r"floating dtype"),
+    ("one value per channel", lambda: ibnorm.IBBatchNorm1d(8)(torch.randn(1, 8)), ValueError, r"more than 1 value per channel when training"),
+    ("bad momentum", lambda: ibnorm.IBBatchNorm2d(3, momentum=2.0), ValueError, r"momentum must be None .* in \[0, 1\], got 2.0"),
+    ("bad eps", lambda: ibnorm.IBLayerNorm(8, eps=-1.0), ValueError, r"eps must be a finite real number >= 0"),
+    ("str normalized_shape", lambda: ibnorm.IBLayerNorm("8"), TypeError, r"normalized_shape must be an int or a sequence of ints, got str"),
+    ("empty normalized_shape", lambda: ibnorm.IBLayerNorm([]), ValueError, r"normalized_shape must be non-empty with positive sizes"),
+    ("weight shape", lambda: IBF.ib_layer_norm(x2d, (8,), torch.ones(7)), ValueError, r"weight must have shape \(8,\), got \(7,\)"),
+    ("eval without stats", lambda: IBF.ib_batch_norm(torch.randn(2, 3), None, None), ValueError, r"training=False needs the running statistics"),
+    ("unknown norm name", lambda: ibnorm.get_norm_layer("ib_foo"), ValueError, r"norm_layer='ib_foo' is not a known name"),
+    ("convert bad lam", lambda: ibnorm.convert_norms(nn.LayerNorm(4), lam=-1), ValueError, r"lam must be"),
+    ("convert non-module", lambda: ibnorm.convert_norms("model"), TypeError, r"model must be a torch.nn.Module"),
+    ("convert bad selector", lambda: ibnorm.convert_norms(nn.LayerNorm(4), include=[3]), TypeError, r"include must hold"),
+]
+
+
+@pytest.mark.parametrize("case,call,error,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_documented_error(case, call, error, message):
+    with pytest.raises(error, match=message):
+        call()
