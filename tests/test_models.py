@@ -29,8 +29,6 @@ from ibnorm.integrations.transformers import convert_hf_model, ib_model_from_con
 
 COMPRESSIONS = ("S", "L", "T")
 IB_CLASSES = (IBLayerNorm, IBRMSNorm, IBBatchNorm2d)
-# Everything here is fast; keep torch from spreading tiny ops over threads.
-torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 
 # --------------------------------------------------------------------------- models
@@ -382,7 +380,11 @@ def test_exclude_by_name_keeps_that_layer(originals):
 
 def test_exclude_by_pattern_and_include_by_pattern(originals):
     converted, record = convert_norms(fresh(originals, "gpt2"), exclude=["transformer.h.*.ln_1"])
-    assert sorted(row[0] for row in record.converted) == ["transformer.h.0.ln_2", "transformer.h.1.ln_2", "transformer.ln_f"]
+    assert sorted(row[0] for row in record.converted) == [
+        "transformer.h.0.ln_2",
+        "transformer.h.1.ln_2",
+        "transformer.ln_f",
+    ]
     assert all(type(block.ln_1) is nn.LayerNorm for block in converted.transformer.h)
 
     converted, record = convert_norms(fresh(originals, "gpt2"), include=["transformer.h.0.*"])
@@ -421,6 +423,39 @@ def test_bad_selector_is_rejected(originals):
         convert_norms(fresh(originals, "gpt2"), include=[3])
     with pytest.raises(TypeError, match="exclude"):
         convert_norms(fresh(originals, "gpt2"), exclude=[None])
+
+
+@pytest.mark.parametrize(
+    "module_path, class_name",
+    [
+        ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextRMSNorm"),
+        ("transformers.models.vaultgemma.modeling_vaultgemma", "VaultGemmaRMSNorm"),
+    ],
+)
+def test_zero_centred_rmsnorm_is_skipped_or_kept_exact(module_path, class_name):
+    cls = getattr(pytest.importorskip(module_path), class_name, None)
+    if cls is None:
+        pytest.skip(f"{class_name} not in this transformers")
+    torch.manual_seed(0)
+    model = nn.Sequential(cls(8))
+    with torch.no_grad():
+        model[0].weight.normal_(0.0, 0.3)  # stored as (scale - 1)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    converted, record = convert_norms(model, "L", lam=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=1e-5)
+    assert record.converted == [] and record.skipped[0][:2] == ("0", class_name)
+    assert "1 + weight" in str(record)
+
+
+def test_exclude_selects_the_whole_subtree(originals):
+    converted, record = convert_norms(fresh(originals, "gpt2"), exclude=["transformer.h.0"])
+    names = [row[0] for row in record.converted]
+    assert names == ["transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"]
+    converted, record = convert_norms(fresh(originals, "gpt2"), include=["transformer.h.1"])
+    assert [row[0] for row in record.converted] == ["transformer.h.1.ln_1", "transformer.h.1.ln_2"]
 
 
 def test_root_norm_is_replaced_by_a_new_root():

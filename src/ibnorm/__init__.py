@@ -7,6 +7,7 @@ the tails toward the centre, and standardizes again, then applies the usual affi
 from .compression import Compression, available_compressions, get_compression, register_compression
 from .convert import ConversionRecord, convert_norms, convert_sync_ibbatchnorm, get_norm_layer
 from .functional import ib_batch_norm, ib_group_norm, ib_layer_norm, ib_rms_norm
+from .ops import get_backend, set_backend, use_backend
 from .modules import (
     IBBatchNorm1d,
     IBBatchNorm2d,
@@ -28,6 +29,9 @@ __all__ = [
     "ib_rms_norm",
     "ib_batch_norm",
     "ib_group_norm",
+    "set_backend",
+    "get_backend",
+    "use_backend",
     "IBLayerNorm",
     "IBRMSNorm",
     "IBBatchNorm1d",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -41,15 +41,18 @@ PsiFn = Callable[[Tensor, Lam], Tensor]
 
 @dataclass(frozen=True)
 class Compression:
-    """A registered family: ``psi(z, lam)`` and its derivative in z, ``dpsi(z, lam)``.
+    """A registered family: ``psi(z, lam)``, its derivative in z ``dpsi(z, lam)`` and,
+    optionally, its derivative in λ ``dpsi_dlam(z, lam)`` (needed by the fused path for a
+    learnable λ; without it a learnable λ uses the autograd reference path).
 
-    Both are called with ``lam > 0`` (a float or a 0-dim tensor); the layers never call
+    They are called with ``lam > 0`` (a float or a 0-dim tensor); the layers never call
     them with ``lam == 0.0`` given as a float, because λ = 0 means "no compression".
     """
 
     name: str
     psi: PsiFn
     dpsi: PsiFn
+    dpsi_dlam: Optional[PsiFn] = None
 
 
 def _ratio(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
@@ -83,39 +86,50 @@ def _dpsi_t(z: Tensor, lam: Lam) -> Tensor:
     return 1 - torch.tanh(lam * z) ** 2
 
 
+def _scale_family_dlam(dpsi: PsiFn, psi: PsiFn) -> PsiFn:
+    """∂ψ/∂λ for families of the form ψ_λ(z) = f(λz)/λ (S, L and T all are): (z·ψ' − ψ)/λ."""
+    return lambda z, lam: (z * dpsi(z, lam) - psi(z, lam)) / lam
+
+
 _REGISTRY: dict[str, Compression] = {}
 
 
-def _check_derivative(name: str, psi: PsiFn, dpsi: PsiFn) -> None:
-    """Reject a family whose dpsi disagrees with a central difference of psi."""
+def _check_derivative(name: str, psi: PsiFn, dpsi: PsiFn, dpsi_dlam: Optional[PsiFn]) -> None:
+    """Reject a family whose dpsi (or dpsi_dlam) disagrees with a central difference of psi."""
     z = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     h = 1e-6
-    for lam in (0.5, 2.0):
+    checks = [(dpsi, "dpsi", lambda lam: (psi(z + h, lam) - psi(z - h, lam)) / (2 * h))]
+    if dpsi_dlam is not None:
+        checks.append((dpsi_dlam, "dpsi_dlam", lambda lam: (psi(z, lam + h) - psi(z, lam - h)) / (2 * h)))
+    for (derivative, label, central_difference), lam in ((c, lam) for c in checks for lam in (0.5, 2.0)):
         try:
-            numeric = (psi(z + h, lam) - psi(z - h, lam)) / (2 * h)
-            given = dpsi(z, lam)
+            numeric = central_difference(lam)
+            given = derivative(z, lam)
         except Exception as exc:  # a user function failing on tensors: say which one
             raise TypeError(
                 f"register_compression: psi/dpsi of {name!r} must accept (z: Tensor, lam: float) "
                 f"and return a Tensor; calling them raised {exc!r}"
             ) from exc
         if not (isinstance(given, Tensor) and given.shape == z.shape):
-            raise TypeError(f"register_compression: dpsi of {name!r} must return a tensor shaped like z")
+            raise TypeError(f"register_compression: {label} of {name!r} must return a tensor shaped like z")
         if not torch.allclose(given, numeric, rtol=1e-4, atol=1e-5):
             worst = (given - numeric).abs().max().item()
             raise ValueError(
-                f"register_compression: dpsi of {name!r} is not the derivative of psi "
+                f"register_compression: {label} of {name!r} is not the derivative of psi "
                 f"(max error {worst:.3g} against a central difference at lam={lam})"
             )
 
 
-def register_compression(name: str, psi: PsiFn, dpsi: PsiFn, *, overwrite: bool = False) -> Compression:
+def register_compression(
+    name: str, psi: PsiFn, dpsi: PsiFn, *, dpsi_dlam: Optional[PsiFn] = None, overwrite: bool = False
+) -> Compression:
     """Register a compression family under ``name`` (case-insensitive).
 
-    ``psi(z, lam)`` and ``dpsi(z, lam)`` take a tensor ``z`` and a strength ``lam > 0``
-    (float or 0-dim tensor) and return tensors shaped like ``z``; they must be built from
-    differentiable torch ops so that autograd, ``torch.compile`` and ONNX export see them.
-    ``dpsi`` is checked against a finite difference of ``psi`` here.
+    ``psi(z, lam)``, ``dpsi(z, lam)`` = ∂ψ/∂z and the optional ``dpsi_dlam(z, lam)`` = ∂ψ/∂λ
+    take a tensor ``z`` and a strength ``lam > 0`` (float or 0-dim tensor) and return
+    tensors shaped like ``z``; they must be built from differentiable torch ops so that
+    autograd, ``torch.compile`` and ONNX export see them. The derivatives are checked
+    against finite differences of ``psi`` here.
     """
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"register_compression: name must be a non-empty str, got {name!r}")
@@ -126,8 +140,10 @@ def register_compression(name: str, psi: PsiFn, dpsi: PsiFn, *, overwrite: bool 
         raise ValueError(
             f"register_compression: compression {name!r} is already registered; pass overwrite=True to replace it"
         )
-    _check_derivative(name, psi, dpsi)
-    family = Compression(name.strip(), psi, dpsi)
+    if dpsi_dlam is not None and not callable(dpsi_dlam):
+        raise TypeError("register_compression: dpsi_dlam must be None or a callable (z, lam) -> Tensor")
+    _check_derivative(name, psi, dpsi, dpsi_dlam)
+    family = Compression(name.strip(), psi, dpsi, dpsi_dlam)
     _REGISTRY[key] = family
     return family
 
@@ -168,4 +184,4 @@ def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
 
 
 for _name, _psi, _dpsi in (("S", _psi_s, _dpsi_s), ("L", _psi_l, _dpsi_l), ("T", _psi_t, _dpsi_t)):
-    register_compression(_name, _psi, _dpsi)
+    register_compression(_name, _psi, _dpsi, dpsi_dlam=_scale_family_dlam(_dpsi, _psi))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -35,8 +36,6 @@ __all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "Conve
 
 Selector = Union[str, type]
 
-# Zero-centred RMSNorm variants scale by (1 + weight): swapping them for IBRMSNorm would change the model.
-_INCOMPATIBLE_RMSNORM_PREFIXES = ("Gemma",)
 
 
 @dataclass
@@ -86,6 +85,27 @@ def _is_hf_style_rmsnorm(module: nn.Module) -> bool:
         and isinstance(weight, nn.Parameter)
         and _hf_rms_eps(module) is not None
     )
+
+
+def _rmsnorm_mismatch(module: nn.Module) -> Optional[str]:
+    """Why a name-matched RMSNorm is not a drop-in for ``weight · x / rms(x)``, or None.
+
+    Some classes (Gemma's, Qwen3-Next's, ...) scale by ``1 + weight`` or take a gate; the
+    name cannot tell, so the module is run once on a probe input and compared.
+    """
+    params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    if len(params) != 1:
+        return "forward takes more than the input (gated or conditioned norm)"
+    weight = module.weight
+    if weight.device.type == "meta":
+        return "weights on the meta device: cannot check it is a plain RMSNorm"
+    probe = torch.randn(3, *weight.shape, generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        out = module(probe.to(weight.dtype)).float()
+        expected = torch.nn.functional.rms_norm(probe, tuple(weight.shape), weight.float(), _hf_rms_eps(module))
+    if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
+        return "its forward is not weight · x / rms(x) (e.g. it scales by 1 + weight)"
+    return None
 
 
 def _build_replacement(module: nn.Module, ib: dict[str, Any]) -> Optional[nn.Module]:
@@ -159,9 +179,12 @@ def convert_norms(
     Converted: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm1d/2d/3d``,
     ``nn.SyncBatchNorm``, ``nn.GroupNorm`` (exact classes) and any module whose class name
     ends in ``RMSNorm`` with a ``weight`` Parameter and an ``eps``/``variance_epsilon``
-    (Hugging Face LLaMA style; Gemma's ``1 + weight`` variants are skipped).
+    (Hugging Face LLaMA style) whose forward, run once on a probe input, is
+    ``weight · x / rms(x)``; others (``1 + weight`` scaling, gated norms) are skipped.
     ``include``/``exclude`` take fnmatch patterns over qualified module names
-    (``"transformer.h.*.ln_1"``) or classes; ``include=None`` means every norm.
+    (``"transformer.h.*.ln_1"``) or classes; a match selects the module and everything
+    under it (``exclude=["transformer.h.0"]`` keeps that whole block as it is).
+    ``include=None`` means every norm; ``exclude`` wins over ``include``.
 
     Returns ``(model, record)``: ``model`` is a new object only when ``model`` itself was a
     norm layer. ``print(record)`` lists what was converted and what was skipped and why.
@@ -173,25 +196,28 @@ def convert_norms(
     exclude = _check_selectors(exclude, "exclude")
     record = ConversionRecord()
 
-    def visit(name: str, module: nn.Module) -> nn.Module:
-        wanted = (include is None or _selected(name, module, include)) and not _selected(name, module, exclude)
-        if wanted:
+    def visit(name: str, module: nn.Module, included: bool) -> nn.Module:
+        if _selected(name, module, exclude):
+            return module
+        included = included or _selected(name, module, include)
+        if included:
             cls = type(module).__name__
-            new = _build_replacement(module, ib) if not cls.startswith(_INCOMPATIBLE_RMSNORM_PREFIXES) else None
+            mismatch = _rmsnorm_mismatch(module) if _is_hf_style_rmsnorm(module) else None
+            new = _build_replacement(module, ib) if mismatch is None else None
             if new is not None:
                 record.converted.append((name, cls, type(new).__name__))
                 return _move_state(module, new)
-            if cls.startswith(_INCOMPATIBLE_RMSNORM_PREFIXES) and cls.endswith("RMSNorm"):
-                record.skipped.append((name, cls, "scales by (1 + weight); not an RMSNorm drop-in"))
+            if mismatch is not None:
+                record.skipped.append((name, cls, mismatch))
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
                 record.skipped.append((name, cls, "subclass of a torch norm with its own forward"))
         for child_name, child in list(module.named_children()):
-            new_child = visit(f"{name}.{child_name}" if name else child_name, child)
+            new_child = visit(f"{name}.{child_name}" if name else child_name, child, included)
             if new_child is not child:
                 setattr(module, child_name, new_child)
         return module
 
-    return visit("", model), record
+    return visit("", model, include is None), record
 
 
 def convert_sync_ibbatchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:

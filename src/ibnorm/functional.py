@@ -13,15 +13,19 @@ the second standardization is skipped, so the result *is* the parent norm (Layer
 RMSNorm, BatchNorm, GroupNorm) and not a re-standardization of it.
 
 Statistics are computed in float32 (float64 for float64 inputs) whatever the input
-dtype; the output has the input's dtype. Gradients come from autograd through these
-ops; this module is the reference every faster path is tested against.
+dtype; the output has the input's dtype. Each function checks its arguments, views the
+input so that every group's statistics are a mean over fixed dims, and hands it to the
+dispatch point :func:`ibnorm.ops.normalize` (fused kernels or the composite reference,
+see :func:`ibnorm.set_backend`). A float λ = 0 calls torch's own norm.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import (
@@ -33,83 +37,25 @@ from ._validation import (
     normalize_shape,
 )
 from .compression import Compression, get_compression
+from .ops import GroupStats, get_backend, is_identity, normalize
 
-__all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm", "GroupStats"]
+__all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 
 Lam = Union[float, Tensor]
-ReduceMean = Callable[[Tensor], Tensor]
-
-
-class GroupStats(NamedTuple):
-    """Per-group statistics, shaped to broadcast against the grouped input.
-
-    ``mean``/``mean_psi`` are ``None`` for RMS grouping; ``var``/``var_psi`` are then
-    mean squares. ``mean_psi``/``var_psi`` are ``None`` when λ = 0 (no compression).
-    """
-
-    mean: Optional[Tensor]
-    var: Tensor
-    mean_psi: Optional[Tensor]
-    var_psi: Optional[Tensor]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _is_identity(lam: Lam) -> bool:
-    return not isinstance(lam, Tensor) and lam == 0.0
-
-
-def _standardize(
-    t: Tensor,
-    reduce_mean: ReduceMean,
-    eps: float,
-    center: bool,
-    mean: Optional[Tensor] = None,
-    var: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """(t − μ)·rsqrt(σ² + eps); μ and σ² come from ``reduce_mean`` unless given."""
-    if var is None:
-        if center:
-            mean = reduce_mean(t)
-            t = t - mean
-        var = reduce_mean(t * t)
-    elif center:
-        t = t - mean
-    return t * torch.rsqrt(var + eps), mean, var
-
-
-def _ib_normalize(
-    x: Tensor,
-    reduce_mean: ReduceMean,
-    eps: float,
-    family: Compression,
-    lam: Lam,
-    center: bool,
-    given: Optional[GroupStats] = None,
-) -> tuple[Tensor, GroupStats]:
-    """Standardize, compress, standardize again: the one path every grouping shares."""
-    given = given or GroupStats(None, None, None, None)  # type: ignore[arg-type]
-    z, mean, var = _standardize(x, reduce_mean, eps, center, given.mean, given.var)
-    if _is_identity(lam):
-        return z, GroupStats(mean, var, None, None)
-    u = family.psi(z, lam)
-    y, mean_psi, var_psi = _standardize(u, reduce_mean, eps, center, given.mean_psi, given.var_psi)
-    return y, GroupStats(mean, var, mean_psi, var_psi)
-
-
-def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: Sequence[int]) -> Tensor:
-    if weight is not None:
-        y = y * weight.to(y.dtype).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(shape)
-    return y
 
 
 def _prepare(input: Tensor, compression: str | Compression, lam: Lam) -> tuple[Compression, Lam]:
     check_floating(input)
     return get_compression(compression), check_lam(lam)
+
+
+def _parent(lam: Lam) -> bool:
+    """Use torch's own norm: λ is the float 0 and the reference composite was not asked for."""
+    return is_identity(lam) and get_backend() != "reference"
+
+
+def _view(t: Optional[Tensor], shape: Sequence[int]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(shape)
 
 
 def ib_layer_norm(
@@ -132,16 +78,13 @@ def ib_layer_norm(
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
     check_affine_shape(bias, shape, "bias")
-    dims = tuple(range(-len(shape), 0))
-    y, _ = _ib_normalize(
-        input.to(_compute_dtype(input.dtype)),
-        lambda t: t.mean(dim=dims, keepdim=True),
-        eps,
-        family,
-        lam,
-        center=True,
+    if _parent(lam):
+        return F.layer_norm(input, shape, weight, bias, eps)
+    n = math.prod(shape)
+    y, _ = normalize(
+        input.reshape(-1, n), _view(weight, (1, n)), _view(bias, (1, n)), lam, dims=(1,), eps=eps, family=family, center=True
     )
-    return _affine(y, weight, bias, shape).to(input.dtype)
+    return y.reshape(input.shape)
 
 
 def ib_rms_norm(
@@ -164,16 +107,11 @@ def ib_rms_norm(
     check_eps(eps)
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
-    dims = tuple(range(-len(shape), 0))
-    y, _ = _ib_normalize(
-        input.to(_compute_dtype(input.dtype)),
-        lambda t: t.mean(dim=dims, keepdim=True),
-        eps,
-        family,
-        lam,
-        center=False,
-    )
-    return _affine(y, weight, None, shape).to(input.dtype)
+    if _parent(lam):
+        return F.rms_norm(input, shape, weight, eps)
+    n = math.prod(shape)
+    y, _ = normalize(input.reshape(-1, n), _view(weight, (1, n)), None, lam, dims=(1,), eps=eps, family=family, center=False)
+    return y.reshape(input.shape)
 
 
 def ib_group_norm(
@@ -195,37 +133,39 @@ def ib_group_norm(
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups != 0:
-        raise ValueError(
-            f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}"
-        )
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}")
     check_affine_shape(weight, (channels,), "weight")
     check_affine_shape(bias, (channels,), "bias")
-    grouped = input.to(_compute_dtype(input.dtype)).reshape(input.shape[0], num_groups, -1)
-    y, _ = _ib_normalize(grouped, lambda t: t.mean(dim=-1, keepdim=True), eps, family, lam, center=True)
-    affine_shape = (1, channels) + (1,) * (input.dim() - 2)
-    return _affine(y.reshape(input.shape), weight, bias, affine_shape).to(input.dtype)
+    if _parent(lam):
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    per_group = channels // num_groups
+    affine_shape = (1, num_groups, per_group, 1)
+    y, _ = normalize(
+        input.reshape(input.shape[0], num_groups, per_group, -1),
+        _view(weight, affine_shape),
+        _view(bias, affine_shape),
+        lam,
+        dims=(2, 3),
+        eps=eps,
+        family=family,
+        center=True,
+    )
+    return y.reshape(input.shape)
 
 
-def _channel_reducer(x: Tensor, process_group: Optional[object]) -> tuple[ReduceMean, int]:
-    """Mean over (N, *spatial) per channel, across ``process_group`` if one is given.
-
-    The distributed mean all-reduces per-channel sums through the differentiable
-    ``torch.distributed.nn.functional.all_reduce``, so gradients reach every rank.
-    """
-    dims = [0] + list(range(2, x.dim()))
-    local_count = x.numel() // x.shape[1]
-    if process_group is None:
-        return (lambda t: t.mean(dim=dims, keepdim=True)), local_count
-
+def _cross_process_mean(x: Tensor, process_group: object) -> tuple:
+    """Per-channel mean over (N, L) of an (N, C, L) view, summed across ``process_group``
+    through the differentiable ``torch.distributed.nn.functional.all_reduce`` (so gradients
+    reach every rank); returns the reducer and the global count per channel."""
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_reduce
 
-    count = torch.tensor([float(local_count)], dtype=torch.float64, device=x.device)
+    count = torch.tensor([float(x.shape[0] * x.shape[2])], dtype=torch.float64, device=x.device)
     dist.all_reduce(count, group=process_group)
     total = int(count.item())
 
     def reduce_mean(t: Tensor) -> Tensor:
-        return all_reduce(t.sum(dim=dims, keepdim=True), group=process_group) / total
+        return all_reduce(t.sum(dim=(0, 2), keepdim=True), group=process_group) / total
 
     return reduce_mean, total
 
@@ -261,55 +201,54 @@ def ib_batch_norm(
     if input.dim() < 2:
         raise ValueError(f"input must have shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}")
     channels = input.shape[1]
-    for name, tensor in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("running_mean_psi", running_mean_psi),
-        ("running_var_psi", running_var_psi),
-        ("weight", weight),
-        ("bias", bias),
-    ):
+    buffers = (running_mean, running_var, running_mean_psi, running_var_psi)
+    for name, tensor in zip(("running_mean", "running_var", "running_mean_psi", "running_var_psi"), buffers):
         check_affine_shape(tensor, (channels,), name)
-    needs_psi_stats = not _is_identity(lam)
+    check_affine_shape(weight, (channels,), "weight")
+    check_affine_shape(bias, (channels,), "bias")
     if not training:
-        missing = [
-            name
-            for name, tensor in (
-                ("running_mean", running_mean),
-                ("running_var", running_var),
-                ("running_mean_psi", running_mean_psi if needs_psi_stats else input),
-                ("running_var_psi", running_var_psi if needs_psi_stats else input),
-            )
-            if tensor is None
-        ]
+        needed = {"running_mean": running_mean, "running_var": running_var}
+        if not is_identity(lam):
+            needed.update(running_mean_psi=running_mean_psi, running_var_psi=running_var_psi)
+        missing = [name for name, tensor in needed.items() if tensor is None]
         if missing:
             raise ValueError(f"ib_batch_norm with training=False needs the running statistics {missing}")
 
-    cdtype = _compute_dtype(input.dtype)
-    x = input.to(cdtype)
-    stat_shape = (1, channels) + (1,) * (input.dim() - 2)
-    reduce_mean, count = _channel_reducer(x, process_group if training else None)
-
-    if training:
-        if count <= 1:
-            raise ValueError(
-                f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
-            )
-        y, stats = _ib_normalize(x, reduce_mean, eps, family, lam, center=True)
-        _update_running_stats(
-            stats,
-            (running_mean, running_var, running_mean_psi, running_var_psi),
-            momentum,
-            count,
+    x = input.reshape(input.shape[0], channels, -1)
+    reduce_mean, count = None, x.shape[0] * x.shape[2]
+    if training and process_group is not None:
+        reduce_mean, count = _cross_process_mean(x, process_group)
+    if training and count <= 1:
+        raise ValueError(
+            f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
-    else:
+    if _parent(lam) and reduce_mean is None:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
-        def view(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t.to(cdtype).reshape(stat_shape)
-
-        given = GroupStats(view(running_mean), view(running_var), view(running_mean_psi), view(running_var_psi))
-        y, _ = _ib_normalize(x, reduce_mean, eps, family, lam, center=True, given=given)
-    return _affine(y, weight, bias, stat_shape).to(input.dtype)
+    stat_shape = (1, channels, 1)
+    given = GroupStats()
+    if not training:
+        given = GroupStats(
+            mean=_view(running_mean, stat_shape),
+            var=_view(running_var, stat_shape),
+            mean_psi=_view(running_mean_psi, stat_shape),
+            var_psi=_view(running_var_psi, stat_shape),
+        )
+    y, stats = normalize(
+        x,
+        _view(weight, stat_shape),
+        _view(bias, stat_shape),
+        lam,
+        dims=(0, 2),
+        eps=eps,
+        family=family,
+        center=True,
+        given=given,
+        reduce_mean=reduce_mean,
+    )
+    if training:
+        _update_running_stats(stats, buffers, momentum, count)
+    return y.reshape(input.shape)
 
 
 def _update_running_stats(

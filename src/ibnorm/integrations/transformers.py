@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..compression import get_compression
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
@@ -27,7 +28,7 @@ def convert_hf_model(
     config = getattr(model, "config", None)
     if config is not None:
         config.ibnorm = {
-            "compression": compression,
+            "compression": get_compression(compression).name,
             "lam": lam,
             "learnable_lam": bool(convert_kwargs.get("learnable_lam", False)),
             "converted": len(record),

@@ -1,0 +1,92 @@
+"""The composite reference: IBNorm written as plain differentiable tensor ops.
+
+Autograd differentiates it (so it supports double backward, ``torch.func`` transforms and
+any custom family without a λ-derivative), and an outer ``torch.compile`` or
+``torch.export`` traces it like any other code. Every faster path is tested against it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..compression import Compression
+
+Lam = Union[float, Tensor]
+ReduceMean = Callable[[Tensor], Tensor]
+
+
+class GroupStats(NamedTuple):
+    """Per-group statistics, shaped to broadcast against the grouped input.
+
+    ``mean``/``mean_psi`` are ``None`` for RMS grouping, where ``var``/``var_psi`` are mean
+    squares; ``rstd = rsqrt(var + eps)``. The ``*_psi`` fields (of u = ψ(z)) are ``None``
+    when λ = 0 (no compression).
+    """
+
+    mean: Optional[Tensor] = None
+    var: Optional[Tensor] = None
+    rstd: Optional[Tensor] = None
+    mean_psi: Optional[Tensor] = None
+    var_psi: Optional[Tensor] = None
+    rstd_psi: Optional[Tensor] = None
+
+
+def is_identity(lam: Lam) -> bool:
+    """λ given as the float 0: ψ is the identity and the layer is its parent norm."""
+    return not isinstance(lam, Tensor) and lam == 0.0
+
+
+def mean_over(dims: tuple[int, ...]) -> ReduceMean:
+    return lambda t: t.mean(dim=dims, keepdim=True)
+
+
+def _standardize(
+    t: Tensor, reduce_mean: ReduceMean, eps: float, center: bool, mean: Optional[Tensor], var: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(t − μ)·rsqrt(σ² + eps) and μ, σ², rsqrt(σ² + eps); μ and σ² from ``reduce_mean`` unless given."""
+    if var is None:
+        if center:
+            mean = reduce_mean(t)
+            t = t - mean
+        var = reduce_mean(t * t)
+    elif center:
+        t = t - mean
+    rstd = torch.rsqrt(var + eps)
+    return t * rstd, mean, var, rstd
+
+
+def ib_normalize_reference(
+    x: Tensor,
+    reduce_mean: ReduceMean,
+    eps: float,
+    family: Compression,
+    lam: Lam,
+    center: bool,
+    given: GroupStats = GroupStats(),
+) -> tuple[Tensor, GroupStats]:
+    """û and the statistics: standardize, compress, standardize again (float ``lam == 0``:
+    standardize once). ``given`` (mean, var, mean_psi, var_psi) replaces computed
+    statistics, as batch grouping does in eval mode."""
+    z, mean, var, rstd = _standardize(x, reduce_mean, eps, center, given.mean, given.var)
+    if is_identity(lam):
+        return z, GroupStats(mean, var, rstd)
+    u = family.psi(z, lam)
+    y, mean_psi, var_psi, rstd_psi = _standardize(u, reduce_mean, eps, center, given.mean_psi, given.var_psi)
+    return y, GroupStats(mean, var, rstd, mean_psi, var_psi, rstd_psi)
+
+
+def affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """γ·y + β with γ, β already shaped to broadcast against ``y``."""
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
