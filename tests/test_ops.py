@@ -1,0 +1,242 @@
+"""The fused path (IBNormFunction, eager and compiled bodies) against the composite reference."""
+
+import warnings
+
+import pytest
+import torch
+
+import ibnorm
+import ibnorm.functional as IBF
+from ibnorm.ops import dispatch
+
+FAMILIES = ["S", "L", "T"]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def case(kind, shape, dtype, seed=0, noncontiguous=False):
+    """Inputs (x, weight, bias, λ tensor, running buffers) and the call for one grouping."""
+    gen = torch.Generator().manual_seed(seed)
+    if noncontiguous:  # same logical shape, strided storage
+        x = (torch.randn(*reversed(shape), generator=gen) * 2 + 0.5).permute(*reversed(range(len(shape))))
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*shape, generator=gen) * 2 + 0.5
+    x = x.to(dtype)
+    affine = (shape[-1],) if kind in ("layer", "rms") else (shape[1],)
+    w = (torch.rand(affine, generator=gen) + 0.5).to(dtype)
+    b = torch.randn(affine, generator=gen).to(dtype)
+    stats = [torch.randn(shape[1], generator=gen) * 0.1, torch.rand(shape[1], generator=gen) + 0.5]
+    stats = [t.to(dtype) for t in stats]
+    stats += [stats[0] * 0.3, stats[1] * 0.8]
+
+    def call(x, w, b, lam, family):
+        if kind == "layer":
+            return IBF.ib_layer_norm(x, affine, w, b, 1e-5, family, lam)
+        if kind == "rms":
+            return IBF.ib_rms_norm(x, affine, w, 1e-5, family, lam)
+        if kind == "batch":
+            return IBF.ib_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, family, lam)
+        if kind == "batch_eval":
+            return IBF.ib_batch_norm(x, *stats[:2], w, b, False, 0.1, 1e-5, family, lam, *stats[2:])
+        return IBF.ib_group_norm(x, 3, w, b, 1e-5, family, lam)
+
+    return x, w, (None if kind == "rms" else b), call
+
+
+def run(backend, kind, family, shape, dtype=torch.float32, lam=0.7, noncontiguous=False):
+    x, w, b, call = case(kind, shape, dtype, noncontiguous=noncontiguous)
+    lam_t = torch.tensor(lam, dtype=torch.float32, requires_grad=True)
+    leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None] + [lam_t]
+    with ibnorm.use_backend(backend):
+        y = call(x, w, b, lam_t, family)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+SHAPES = {"layer": (5, 123), "rms": (5, 123), "batch": (3, 6, 5, 5), "batch_eval": (3, 6, 5, 5), "group": (3, 6, 5, 5)}
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_eager_function_matches_reference(kind, family, noncontiguous):
+    expected = run("reference", kind, family, SHAPES[kind], noncontiguous=noncontiguous)
+    got = run("eager", kind, family, SHAPES[kind], noncontiguous=noncontiguous)
+    for name, g, e in zip(["y", "x", "weight", "bias", "lam"], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["layer", "group", "batch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eager_function_half_precision(kind, dtype):
+    expected = run("reference", kind, "T", SHAPES[kind], dtype=dtype)
+    got = run("eager", kind, "T", SHAPES[kind], dtype=dtype)
+    assert got[0].dtype == dtype
+    tol = TOLERANCE[dtype]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "batch", "group"])
+def test_tiny_lambda_tensor_is_continuous(kind):
+    """λ → 0 through the Function (a tensor λ never takes the parent shortcut). Batch eval
+    is left out: there the second standardization uses running ψ-statistics, which this
+    test sets arbitrarily."""
+    got = run("eager", kind, "L", SHAPES[kind], lam=1e-6)
+    with ibnorm.use_backend("reference"):
+        x, w, b, call = case(kind, SHAPES[kind], torch.float32)
+        parent = call(x, w, b, 0.0, "L")
+    torch.testing.assert_close(got[0], parent, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradcheck_through_function(family):
+    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    with ibnorm.use_backend("eager"):
+        for kind, shape in [("layer", (3, 7)), ("rms", (3, 7)), ("batch", (4, 6, 2)), ("batch_eval", (4, 6, 2)), ("group", (2, 6, 3))]:
+            x, w, b, call = case(kind, shape, torch.float64)
+            inputs = [t.requires_grad_(True) for t in (x, w, b) if t is not None] + [lam]
+            if b is None:
+                fn = lambda x, w, l: call(x, w, None, l, family)  # noqa: E731
+            else:
+                fn = lambda x, w, b, l: call(x, w, b, l, family)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, tuple(inputs)), kind
+
+
+def _function_node(y):
+    stack, seen = [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "IBNormFunction" in type(node).__name__:
+            return node
+        stack.extend(n for n, _ in node.next_functions)
+    raise AssertionError("no IBNormFunction node in the graph")
+
+
+@pytest.mark.parametrize(
+    "kind,shape,groups",
+    [("layer", (64, 96), 64), ("rms", (64, 96), 64), ("batch", (8, 6, 7, 7), 6), ("group", (8, 6, 7, 7), 8 * 3)],
+)
+def test_saved_tensors_are_input_weight_and_per_group_stats(kind, shape, groups):
+    x, w, b, call = case(kind, shape, torch.bfloat16)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with ibnorm.use_backend("eager"):
+        y = call(x, w, b, 0.5, "L")
+    saved = [t for t in _function_node(y).saved_tensors if t is not None]
+    sizes = sorted(t.numel() for t in saved)
+    # input, weight, λ, and the per-group float32 statistics (μ, rstd, m, rstd_ψ; RMS: rstd, rstd_ψ)
+    stats = [t for t in saved if t.numel() == groups and t.dtype == torch.float32]
+    assert len(stats) == (2 if kind == "rms" else 4), sizes
+    assert sizes.count(x.numel()) == 1, sizes  # the input itself, no full-size intermediate
+    full = [t for t in saved if t.numel() == x.numel()][0]
+    assert full.dtype == x.dtype and full.data_ptr() == x.data_ptr()
+    assert len(saved) == 1 + 1 + 1 + len(stats), sizes
+
+    def saved_bytes(backend):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with ibnorm.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            call(x, w, b, 0.5, "L")
+        return sum(total)
+
+    fused, reference = saved_bytes("eager"), saved_bytes("reference")
+    assert fused <= x.numel() * x.element_size() + w.numel() * w.element_size() + 4 * groups * 4 + 8
+    assert reference > 3 * fused  # the composite keeps several full-size float32 intermediates
+
+
+def test_backend_setting_env_and_errors(monkeypatch):
+    previous = ibnorm.get_backend()
+    with ibnorm.use_backend("reference"):
+        assert ibnorm.get_backend() == "reference"
+    assert ibnorm.get_backend() == previous
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'compiled', 'triton', 'eager', 'reference'\], got 'fast'"):
+        ibnorm.set_backend("fast")
+    monkeypatch.setattr(dispatch, "_backend", None)
+    monkeypatch.setenv("IBNORM_BACKEND", "Reference")
+    assert ibnorm.get_backend() == "reference"
+    monkeypatch.setenv("IBNORM_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"\$IBNORM_BACKEND must be one of"):
+        ibnorm.get_backend()
+
+
+def test_triton_request_on_cpu_warns_once_and_runs_eager(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with ibnorm.use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="'triton' needs CUDA"):
+            assert dispatch.resolve_backend(torch.device("cpu")) == "eager"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = run("triton", "layer", "T", (4, 16))
+    expected = run("eager", "layer", "T", (4, 16))
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(dispatch, "_compiled_cache", {})
+    monkeypatch.setattr(dispatch, "_compile_failed", False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="could not compile its kernels .*no C\\+\\+ compiler.*using 'eager'"):
+        got = run("compiled", "group", "S", SHAPES["group"])
+    assert dispatch.resolve_backend(torch.device("cpu")) == "eager"
+    expected = run("eager", "group", "S", SHAPES["group"])
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+# Compiled bodies: one configuration per grouping keeps the compile time of the suite bounded.
+COMPILED_CASES = [("layer", "L", torch.float32), ("rms", "S", torch.bfloat16), ("batch", "T", torch.float32), ("group", "L", torch.float32)]
+
+
+@pytest.mark.parametrize("kind,family,dtype", COMPILED_CASES)
+def test_compiled_matches_reference_and_is_deterministic(kind, family, dtype):
+    expected = run("reference", kind, family, SHAPES[kind], dtype=dtype)
+    first = run("compiled", kind, family, SHAPES[kind], dtype=dtype)
+    second = run("compiled", kind, family, SHAPES[kind], dtype=dtype)
+    tol = TOLERANCE[dtype]
+    for g, e, again in zip(first, expected, second):
+        torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+        assert torch.equal(g, again)  # bitwise reproducible on CPU
+
+
+def test_compiled_does_not_recompile_for_new_batch_sizes():
+    from torch._dynamo.utils import counters
+
+    layer = ibnorm.IBLayerNorm(40, compression="L", lam=0.5)
+    with ibnorm.use_backend("compiled"):
+        layer(torch.randn(6, 40, requires_grad=True)).sum().backward()
+        graphs = counters["stats"]["unique_graphs"]
+        for rows in (7, 19, 64, 3):
+            layer(torch.randn(rows, 40, requires_grad=True)).sum().backward()
+        assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_eager_gradients_are_bitwise_deterministic():
+    first = run("eager", "batch", "L", SHAPES["batch"])
+    second = run("eager", "batch", "L", SHAPES["batch"])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_outer_compile_traces_the_reference_composite():
+    layer = ibnorm.IBRMSNorm(16, compression="T", lam=0.8)
+    x = torch.randn(4, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with ibnorm.use_backend("compiled"):
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
