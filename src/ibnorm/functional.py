@@ -82,7 +82,7 @@ def ib_layer_norm(
         return F.layer_norm(input, shape, weight, bias, eps)
     n = math.prod(shape)
     y, _ = normalize(
-        input.reshape(-1, n), _view(weight, (1, n)), _view(bias, (1, n)), lam, dims=(1,), eps=eps, family=family, center=True
+        input.reshape(-1, n), _view(weight, (1, n)), _view(bias, (1, n)), lam, dims=(1,), dynamic_dims=(0,), eps=eps, family=family, center=True
     )
     return y.reshape(input.shape)
 
@@ -110,7 +110,8 @@ def ib_rms_norm(
     if _parent(lam):
         return F.rms_norm(input, shape, weight, eps)
     n = math.prod(shape)
-    y, _ = normalize(input.reshape(-1, n), _view(weight, (1, n)), None, lam, dims=(1,), eps=eps, family=family, center=False)
+    y, _ = normalize(input.reshape(-1, n), _view(weight, (1, n)), None, lam, dims=(1,), dynamic_dims=(0,), eps=eps, family=family, center=False
+    )
     return y.reshape(input.shape)
 
 
@@ -146,6 +147,7 @@ def ib_group_norm(
         _view(bias, affine_shape),
         lam,
         dims=(2, 3),
+        dynamic_dims=(0, 3),
         eps=eps,
         family=family,
         center=True,
@@ -240,6 +242,7 @@ def ib_batch_norm(
         _view(bias, stat_shape),
         lam,
         dims=(0, 2),
+        dynamic_dims=(0, 2),
         eps=eps,
         family=family,
         center=True,

@@ -7,9 +7,11 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
     ``compiled`` on CPU and on CUDA where Triton is importable, else ``eager``.
 ``compiled``
     :class:`IBNormFunction` whose forward and backward bodies are compiled by
-    ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA), with dynamic shapes
-    so a new batch size does not recompile. The first call per configuration (grouping,
-    family, eps, affine, dtype) pays the compile time.
+    ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA). The batch-like dims
+    (rows; N and spatial for batch/group grouping) are compiled as dynamic, so a new batch
+    size or sequence length does not recompile, while the reduced feature sizes (hidden
+    size, channels per group) stay static for vectorized code. The first call per
+    configuration (grouping, family, feature sizes, eps, affine, dtype) pays the compile time.
 ``triton``
     The same compiled bodies, required to run on CUDA through Inductor's Triton code;
     elsewhere it falls back to ``eager`` with a warning.
@@ -29,7 +31,6 @@ warns once and falls back to ``eager``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import types
 import warnings
@@ -147,11 +148,29 @@ def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
     return call
 
 
+def _marking_dynamic(fn: Callable, dims: tuple[int, ...]) -> Callable:
+    """Call ``fn`` after marking ``dims`` dynamic on every tensor argument that has them
+    (inputs, gradients and keepdim statistics share the rank); size-1 dims are left alone."""
+
+    def call(*args, **kwargs):
+        for t in args:
+            if isinstance(t, Tensor) and t.dim() > max(dims):
+                for d in dims:
+                    if t.shape[d] > 1:
+                        torch._dynamo.maybe_mark_dynamic(t, d)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _compiled_bodies(cfg: KernelConfig) -> Bodies:
     bodies = _compiled_cache.get(cfg)
     if bodies is None:
         tag = f"{cfg.family.name}_{len(_compiled_cache)}"
-        compile = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+
+        def compile(fn: Callable) -> Callable:
+            return _marking_dynamic(torch.compile(fn, dynamic=False, fullgraph=True), cfg.dynamic_dims)
+
         eager_forward, eager_backward = eager_bodies(cfg)
         bodies = (
             _with_fallback(
@@ -182,6 +201,7 @@ def normalize(
     lam: Union[float, Tensor],
     *,
     dims: tuple[int, ...],
+    dynamic_dims: tuple[int, ...],
     eps: float,
     family: Compression,
     center: bool,
@@ -190,14 +210,18 @@ def normalize(
 ) -> tuple[Tensor, GroupStats]:
     """IBNorm of ``x`` with statistics over ``dims`` (or ``reduce_mean``, e.g. across
     processes), λ > 0 as a float or tensor, then ``weight``/``bias`` (already shaped to
-    broadcast). Returns y in x's dtype and the statistics (for running buffers)."""
+    broadcast). ``dynamic_dims`` are the dims whose size may change between calls.
+    Returns y in x's dtype and the statistics (for running buffers)."""
     backend = "reference" if _needs_reference(lam, family, reduce_mean) else resolve_backend(x.device)
     if backend == "reference":
         y, stats = ib_normalize_reference(
             x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given
         )
         return affine(y, weight, bias).to(x.dtype), stats
-    cfg = KernelConfig(dims, float(eps), family, center, given.var is not None, weight is not None, bias is not None)
+    static_sizes = tuple(size for d, size in enumerate(x.shape) if d not in dynamic_dims)
+    cfg = KernelConfig(
+        dims, dynamic_dims, static_sizes, float(eps), family, center, given.var is not None, weight is not None, bias is not None
+    )
     lam_tensor = lam if isinstance(lam, Tensor) else torch.tensor(float(lam), dtype=compute_dtype(x.dtype), device=x.device)
     args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
     bodies = _compiled_bodies(cfg) if backend == "compiled" else eager_bodies(cfg)

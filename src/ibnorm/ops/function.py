@@ -46,6 +46,8 @@ class KernelConfig(NamedTuple):
     """Everything static about one call: the compiled bodies are cached per config."""
 
     dims: tuple[int, ...]
+    dynamic_dims: tuple[int, ...]  # dims whose size varies between calls (batch, sequence, spatial)
+    static_sizes: tuple[int, ...]  # the input's sizes at the other dims (hidden size, channels)
     eps: float
     family: Compression
     center: bool

@@ -1,0 +1,293 @@
+"""Speed and memory of IB layers against their torch parents (``ibnorm bench``).
+
+Kernel benchmark: for each grouping (layer, RMS, batch, group) at the shapes of the
+fused-path issue, in float32 and bfloat16, it times forward (with autograd recording, as
+in training), backward (repeated on one retained graph) and forward+backward, for
+
+* ``parent``: the torch layer (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm2d, nn.GroupNorm);
+* ``ib_compiled``: the IB layer on the compiled fused path (the CPU default);
+* ``ib_eager``: the IB layer's fused Function with uncompiled bodies;
+* ``composite``: the IB layer as plain ops differentiated by autograd (the reference);
+
+and records the median time, the ratio to the parent measured in the same run, the bytes
+autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
+``ib_compiled``, the first call's time (which includes compilation).
+
+Model-step benchmark: one AdamW training step of tiny GPT-2, LLaMA and ResNet models built
+from ``transformers`` configs, with the parent norms vs converted to IBNorm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import modules as ib
+from ._io import atomic_write_csv
+from .convert import convert_norms
+from .ops import dispatch, use_backend
+
+ROW_SHAPES = [(4096, 768), (8192, 1024), (2048, 4096)]
+IMAGE_SHAPES = [(64, 64, 32, 32)]
+IMPLEMENTATIONS = {"parent": None, "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float):
+    kw = {"dtype": dtype}
+    ibkw = {"compression": compression, "lam": lam, **kw}
+    if grouping == "layer":
+        return nn.LayerNorm(shape[-1], **kw), ib.IBLayerNorm(shape[-1], **ibkw)
+    if grouping == "rms":
+        return nn.RMSNorm(shape[-1], **kw), ib.IBRMSNorm(shape[-1], **ibkw)
+    if grouping == "batch":
+        return nn.BatchNorm2d(shape[1], **kw), ib.IBBatchNorm2d(shape[1], **ibkw)
+    return nn.GroupNorm(32, shape[1], **kw), ib.IBGroupNorm(32, shape[1], **ibkw)
+
+
+def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward of one forward, each storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def _time_modes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
+    def backward_only() -> None:
+        y.backward(grad, retain_graph=True)
+
+    y = module(x)
+    return {
+        "forward_s": _median_time(lambda: module(x), repeats),
+        "backward_s": _median_time(backward_only, repeats),
+        "fwd_bwd_s": _median_time(lambda: module(x).backward(grad), repeats),
+    }
+
+
+def kernel_benchmark(
+    groupings: Sequence[str] = ("layer", "rms", "batch", "group"),
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    repeats: int = 10,
+    compression: str = "L",
+    lam: float = 1.0,
+    row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
+    image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
+) -> list[dict[str, object]]:
+    cases = [
+        (g, tuple(s), d)
+        for g in groupings
+        for s in (row_shapes if g in ("layer", "rms") else image_shapes)
+        for d in dtypes
+    ]
+    rows: list[dict[str, object]] = []
+    for grouping, shape, dtype_name in tqdm(cases, desc="kernel benchmark"):
+        dtype = DTYPES[dtype_name]
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype).requires_grad_(True)
+        grad = torch.randn(shape, generator=gen).to(dtype)
+        parent, layer = _layers(grouping, shape, dtype, compression, lam)
+        results = {}
+        for impl, backend in IMPLEMENTATIONS.items():
+            module = parent if backend is None else layer
+            with use_backend(backend or "eager"):
+                first_call_s = float("nan")
+                if backend == "compiled":
+                    start = time.perf_counter()
+                    module(x).backward(grad)
+                    first_call_s = time.perf_counter() - start
+                timings = _time_modes(module, x, grad, repeats)
+                results[impl] = {**timings, "saved_bytes": saved_bytes(module, x), "first_call_s": first_call_s}
+        for impl, r in results.items():
+            base = results["parent"]
+            rows.append(
+                {
+                    "grouping": grouping,
+                    "shape": "x".join(map(str, shape)),
+                    "dtype": dtype_name,
+                    "impl": impl,
+                    **{k: round(v, 6) for k, v in r.items() if k.endswith("_s")},
+                    "saved_bytes": r["saved_bytes"],
+                    **{f"ratio_{m}": round(r[f"{m}_s"] / base[f"{m}_s"], 3) for m in ("forward", "backward", "fwd_bwd")},
+                    "saved_bytes_ratio": round(r["saved_bytes"] / base["saved_bytes"], 3),
+                    "input_bytes": x.numel() * x.element_size(),
+                }
+            )
+    return rows
+
+
+def _tiny_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]]:
+    import transformers
+
+    tokens = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(0))
+    images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+
+    def lm_loss(model: nn.Module) -> torch.Tensor:
+        return model(tokens, labels=tokens).loss
+
+    def image_loss(model: nn.Module) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(images).logits, labels)
+
+    return {
+        "gpt2": (
+            lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(vocab_size=512, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+            ),
+            lm_loss,
+        ),
+        "llama": (
+            lambda: transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    vocab_size=512,
+                    hidden_size=256,
+                    intermediate_size=688,
+                    num_hidden_layers=4,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    max_position_embeddings=128,
+                )
+            ),
+            lm_loss,
+        ),
+        "resnet": (
+            lambda: transformers.ResNetForImageClassification(
+                transformers.ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], num_labels=10)
+            ),
+            image_loss,
+        ),
+    }
+
+
+def model_step_benchmark(
+    models: Sequence[str] = ("gpt2", "llama", "resnet"), repeats: int = 10, compression: str = "L", lam: float = 1.0
+) -> list[dict[str, object]]:
+    specs = _tiny_models()
+    rows = []
+    for name in tqdm(models, desc="model-step benchmark"):
+        build, loss_fn = specs[name]
+        torch.manual_seed(0)
+        parent = build()
+        converted, record = convert_norms(copy.deepcopy(parent), compression, lam)
+        times = {}
+        for arm, model in (("parent", parent), ("ibnorm", converted)):
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model).backward()
+                opt.step()
+
+            times[arm] = _median_time(step, repeats, warmup=3)
+        rows.append(
+            {
+                "model": name,
+                "norm_layers": len(record),
+                "parent_step_s": round(times["parent"], 5),
+                "ibnorm_step_s": round(times["ibnorm"], 5),
+                "overhead_pct": round(100 * (times["ibnorm"] / times["parent"] - 1), 2),
+            }
+        )
+    return rows
+
+
+def plot_kernels(rows: list[dict[str, object]], path: Path) -> Optional[Path]:
+    """Bar chart of forward+backward time relative to the parent; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from ._io import atomic_write_bytes
+    import io
+
+    labels = sorted({(r["grouping"], r["shape"], r["dtype"]) for r in rows}, key=str)
+    impls = [i for i in IMPLEMENTATIONS if i != "parent"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 4.5))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        values = [
+            next(r["ratio_fwd_bwd"] for r in rows if (r["grouping"], r["shape"], r["dtype"]) == label and r["impl"] == impl)
+            for label in labels
+        ]
+        ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl)
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{g}\n{s}\n{d}" for g, s, d in labels], fontsize=7)
+    ax.set_ylabel("forward+backward time / torch parent")
+    ax.set_title(f"IBNorm vs torch parent, {torch.get_num_threads()} CPU threads (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def format_table(rows: list[dict[str, object]], columns: Sequence[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="ibnorm bench", description="IBNorm speed and memory vs the torch parents")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--groupings", nargs="+", default=["layer", "rms", "batch", "group"])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--models", nargs="*", default=["gpt2", "llama", "resnet"])
+    parser.add_argument("--compression", default="L")
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
+    args = parser.parse_args(argv)
+
+    shapes = {}
+    if args.quick:
+        args.repeats = 3
+        shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]}
+    kernels = kernel_benchmark(args.groupings, args.dtypes, args.repeats, args.compression, args.lam, **shapes)
+    atomic_write_csv(args.out / "kernels.csv", kernels)
+    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd", "saved_bytes_ratio", "first_call_s"]
+    print(format_table(kernels, columns))
+    plot = plot_kernels(kernels, args.out / "kernels.png")
+    print(f"\nwrote {args.out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
+    if args.models:
+        steps = model_step_benchmark(args.models, args.repeats, args.compression, args.lam)
+        atomic_write_csv(args.out / "model_step.csv", steps)
+        print()
+        print(format_table(steps, list(steps[0])))
+        print(f"\nwrote {args.out / 'model_step.csv'}")
+    print(f"backend resolved for cpu: {dispatch.resolve_backend(torch.device('cpu'))}; torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
