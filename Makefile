@@ -6,22 +6,25 @@ PY := $(VENV)/bin/python
 # a loose `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install data test demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# Fashion-MNIST and Jane Austen's novels from Debian packages (apt-get download, no root, no R).
+data:
+	bash scripts/fetch_data.sh || echo "make data: could not fetch the Debian data packages; tests that need them will be skipped"
+
+test: install data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
-demo: install
-	HF_HUB_OFFLINE=1 $(PY) examples/gpt2_pydoc_demo.py --out runs/demo
+demo: install data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ibnorm demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -183,6 +183,18 @@ def _tiny_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Modu
     }
 
 
+def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+        opt.step()
+
+    return step
+
+
 def model_step_benchmark(
     models: Sequence[str] = ("gpt2", "llama", "resnet"), repeats: int = 10, compression: str = "L", lam: float = 1.0
 ) -> list[dict[str, object]]:
@@ -193,17 +205,15 @@ def model_step_benchmark(
         torch.manual_seed(0)
         parent = build()
         converted, record = convert_norms(copy.deepcopy(parent), compression, lam)
-        times = {}
-        for arm, model in (("parent", parent), ("ibnorm", converted)):
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step() -> None:
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model).backward()
-                opt.step()
-
-            times[arm] = _median_time(step, repeats, warmup=3)
+        steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
+        for step in steps.values():  # compiles, allocator and thread-pool warm-up settle over the first steps
+            for _ in range(15):
+                step()
+        samples: dict[str, list[float]] = {arm: [] for arm in steps}
+        for _ in range(repeats):  # interleaved, so drift hits both arms alike
+            for arm, step in steps.items():
+                samples[arm].append(_median_time(step, 1, warmup=0))
+        times = {arm: statistics.median(v) for arm, v in samples.items()}
         rows.append(
             {
                 "model": name,

@@ -1,22 +1,104 @@
-"""The ``ibnorm`` command."""
+"""The ``ibnorm`` command: ``compare``, ``sweep``, ``demo`` and ``bench``.
+
+``compare`` and ``sweep`` also run under ``torchrun --nproc-per-node N``: the process group
+is initialized from the environment (gloo on CPU, nccl on CUDA) and rank 0 writes files.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder (results.jsonl, report.md, report.html)")
+    parser.add_argument("--seeds", type=int, help="seeds per arm (default: the task's, 5 image / 3 LM)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the task's)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run(args: argparse.Namespace, tasks: Sequence[str], arms: Sequence[str], title: str, tune_lr: int = 0) -> None:
+    from .experiments.compare import make_plans, run_plans
+    from .experiments.report import write_report
+
+    plans = make_plans(tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr)
+    _init_distributed()
+    try:
+        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {args.out / 'results.jsonl'}; run the same command to resume")
+        raise SystemExit(130)
+    if _is_writer():
+        report = write_report(args.out, title)
+        print(f"report: {report} and {report.with_suffix('.html')}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "speed and memory of IB layers vs the torch parents (CSV, PNG, table)"}
-    parser = argparse.ArgumentParser(prog="ibnorm", description="IBNorm for PyTorch")
-    parser.add_argument("command", choices=sorted(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "bench":
+    parser = argparse.ArgumentParser(prog="ibnorm", description="IBNorm for PyTorch: A/B experiments and benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare", help="A/B comparison of arms on tasks over several seeds")
+    compare.add_argument("--tasks", nargs="+", required=True, help="e.g. mnist1d-cnn fmnist-resnet austen-gpt2 text:PATH")
+    compare.add_argument("--arms", nargs="+", default=None, help="default: parent ib-S ib-L ib-T ib-learnable normalnorm (+dyt)")
+    compare.add_argument("--tune-lr", type=int, default=0, help="try K learning rates per arm on the validation split first")
+    _experiment_args(compare)
+
+    sweep = sub.add_parser("sweep", help="metric vs λ for each compression family")
+    sweep.add_argument("--task", required=True)
+    sweep.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
+    sweep.add_argument("--families", nargs="+", default=["S", "L", "T"])
+    _experiment_args(sweep)
+
+    demo = sub.add_parser("demo", help="the quick preset behind `make demo` (a few minutes on 2 cores)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+
+    sub.add_parser("bench", help="speed and memory of IB layers vs the torch parents", add_help=False)
+    if argv[:1] == ["bench"]:
         from .benchmark import main as bench
 
-        bench(argv[1:])
+        return bench(argv[1:])
+    args = parser.parse_args(argv)
+
+    if args.command == "compare":
+        from .experiments.arms import DEFAULT_ARMS
+        from .experiments.tasks import get_task
+
+        arms = args.arms
+        if arms is None:
+            parents = {get_task(t).parent for t in args.tasks}
+            arms = [a for a in DEFAULT_ARMS if a != "dyt" or parents == {"layer"}]
+        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", args.tune_lr)
+    elif args.command == "sweep":
+        from .experiments.compare import sweep_arms
+
+        _run(args, [args.task], sweep_arms(args.families, args.lams), f"ibnorm sweep: {args.task}")
+    elif args.command == "demo":
+        from .experiments.demo import run_demo
+
+        run_demo(args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+r"""DyT, Dynamic Tanh (Zhu et al., CVPR 2025, "Transformers without Normalization"),
+written from the paper's description: an elementwise replacement for LayerNorm::
+
+    y = weight ⊙ tanh(α · x) + bias
+
+with α one learnable scalar (initialised to ``alpha_init``, 0.5 by default) and ``weight``,
+``bias`` over the trailing ``normalized_shape`` dims, as LayerNorm's. No statistics are
+computed. It replaces LayerNorm only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_floating, check_trailing_shape, normalize_shape
+from ..convert import ConversionRecord, Selector, _factory_kwargs, replace_modules
+
+__all__ = ["DyT", "convert_to_dyt"]
+
+_shape_t = Union[int, Sequence[int], torch.Size]
+
+
+def _check_alpha_init(alpha_init: object) -> float:
+    if isinstance(alpha_init, bool) or not isinstance(alpha_init, numbers.Real):
+        raise TypeError(f"alpha_init must be a finite real number, got {type(alpha_init).__name__} {alpha_init!r}")
+    value = float(alpha_init)
+    if not math.isfinite(value):
+        raise ValueError(f"alpha_init must be a finite real number, got {alpha_init!r}")
+    return value
+
+
+class DyT(nn.Module):
+    r"""Dynamic Tanh: ``y = weight ⊙ tanh(alpha · x) + bias``, a drop-in for :class:`torch.nn.LayerNorm`.
+
+    ``alpha`` is one learnable scalar Parameter (a 0-dim tensor) initialised to
+    ``alpha_init``; ``weight`` (ones) and ``bias`` (zeros) have shape ``normalized_shape`` and
+    exist only with ``elementwise_affine=True`` (``bias=False`` drops the bias), as in
+    LayerNorm, whose ``state_dict`` therefore loads with ``strict=True`` (``alpha`` keeps its
+    value). The input must end with ``normalized_shape``. Half-precision inputs are computed in
+    float32; the output has the input's dtype.
+    """
+
+    _optional_state = ("alpha",)
+
+    def __init__(
+        self,
+        normalized_shape: _shape_t,
+        alpha_init: float = 0.5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = normalize_shape(normalized_shape)
+        self.alpha_init = _check_alpha_init(alpha_init)
+        self.elementwise_affine = elementwise_affine
+        self.alpha = nn.Parameter(torch.empty((), **factory_kwargs))
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_floating(input)
+        check_trailing_shape(input, self.normalized_shape)
+        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        y = torch.tanh(self.alpha.to(dtype) * input.to(dtype))
+        if self.weight is not None:
+            y = y * self.weight.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(input.dtype)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A LayerNorm checkpoint has no alpha: keep its current value.
+        for name in self._optional_state:
+            key = prefix + name
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, alpha_init={self.alpha_init}, elementwise_affine={self.elementwise_affine}"
+
+
+def _dyt_builder(alpha_init: float):
+    def build(module: nn.Module) -> Union[nn.Module, str, None]:
+        if type(module) is nn.LayerNorm:
+            return DyT(
+                module.normalized_shape,
+                alpha_init,
+                module.elementwise_affine,
+                module.bias is not None,
+                **_factory_kwargs(module),
+            )
+        if isinstance(module, nn.LayerNorm):
+            return "subclass of a torch norm with its own forward"
+        if isinstance(module, (nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+            return "DyT replaces LayerNorm only"
+        return None
+
+    return build
+
+
+def convert_to_dyt(
+    model: nn.Module,
+    *,
+    include: Optional[Iterable[Selector]] = None,
+    exclude: Optional[Iterable[Selector]] = None,
+    alpha_init: float = 0.5,
+) -> tuple[nn.Module, ConversionRecord]:
+    """Replace every ``nn.LayerNorm`` (exact class) of ``model`` by :class:`DyT`, in place.
+
+    The LayerNorm's very ``weight`` and ``bias`` Parameters become the DyT's (not
+    re-initialised), with the ``training`` flag, device and dtype; ``alpha`` starts at
+    ``alpha_init``; LayerNorm's ``eps`` has no counterpart. ``include``/``exclude`` select
+    subtrees as in :func:`ibnorm.convert_norms`. Returns ``(model, record)``; ``model`` is a new
+    object only when ``model`` itself was a LayerNorm. LayerNorm subclasses and other torch
+    norms (RMSNorm, GroupNorm, BatchNorm) are left as they are and listed in ``record.skipped``.
+    """
+    return replace_modules(model, _dyt_builder(_check_alpha_init(alpha_init)), include=include, exclude=exclude)

@@ -1,0 +1,1 @@
+"""Experiments comparing IBNorm against standard normalization layers: data, models, tasks and runs."""

@@ -1,0 +1,79 @@
+"""Arms of an A/B comparison: what each arm does to the task's parent model.
+
+Spec strings: ``parent``; ``ib-S`` / ``ib-L`` / ``ib-T`` (that family at the default λ);
+``ib-learnable`` (family L, learnable λ); ``ib:<family>:<λ>`` and
+``ib:<family>:<λ>:learnable`` for any registered family and λ; ``normalnorm``; ``dyt``
+(LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
+the parent's Parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from .._validation import check_lam
+from ..baselines import convert_to_dyt, convert_to_normalnorm
+from ..compression import get_compression
+from ..convert import convert_norms
+
+# The library defaults (IBLayerNorm & co. use compression="L", lam=1.0); `ibnorm sweep` measures them.
+DEFAULT_COMPRESSION = "L"
+DEFAULT_LAM = 1.0
+DEFAULT_ARMS = ("parent", "ib-S", "ib-L", "ib-T", "ib-learnable", "normalnorm", "dyt")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str  # parent | ib | normalnorm | dyt
+    compression: Optional[str] = None
+    lam: Optional[float] = None
+    learnable_lam: bool = False
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        if self.kind == "ib":
+            model, _ = convert_norms(model, self.compression, self.lam, learnable_lam=self.learnable_lam)
+        elif self.kind == "normalnorm":
+            model, _ = convert_to_normalnorm(model)
+        elif self.kind == "dyt":
+            model, _ = convert_to_dyt(model)
+        return model
+
+
+def parse_arm(spec: str, parent: str) -> Arm:
+    """An :class:`Arm` from its spec string, checked against the task's parent grouping."""
+    if not isinstance(spec, str):
+        raise TypeError(f"arm must be a str, got {type(spec).__name__}")
+    if spec == "parent":
+        return Arm("parent", "parent")
+    if spec in ("normalnorm", "dyt"):
+        if spec == "dyt" and parent != "layer":
+            raise ValueError(f"arm 'dyt' replaces LayerNorm only; this task's parent norm is {parent!r}")
+        if spec == "normalnorm" and parent == "rms":
+            raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
+        return Arm(spec, spec)
+    if spec == "ib-learnable":
+        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, True)
+    if spec.startswith("ib-") and len(spec) > 3:
+        family = get_compression(spec[3:]).name
+        return Arm(spec, "ib", family, DEFAULT_LAM)
+    if spec.startswith("ib:"):
+        parts = spec.split(":")
+        if len(parts) in (3, 4) and (len(parts) == 3 or parts[3] == "learnable"):
+            family = get_compression(parts[1]).name
+            try:
+                lam = float(parts[2])
+            except ValueError:
+                raise ValueError(f"arm {spec!r}: lam {parts[2]!r} is not a number") from None
+            lam = check_lam(lam)
+            learnable = len(parts) == 4
+            if learnable and lam <= 0:
+                raise ValueError(f"arm {spec!r}: a learnable lam needs an initial value > 0")
+            return Arm(spec, "ib", family, lam, learnable)
+    raise ValueError(
+        f"arm={spec!r} is not known; accepted: 'parent', 'ib-S', 'ib-L', 'ib-T', 'ib-learnable', "
+        "'ib:<family>:<lam>[:learnable]', 'normalnorm', 'dyt'"
+    )

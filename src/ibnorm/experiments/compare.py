@@ -1,0 +1,186 @@
+"""``ibnorm compare`` and ``ibnorm sweep``: A/B runs over tasks × arms × seeds.
+
+Every finished run is one line of ``<out>/results.jsonl`` (task, arm, seed, phase,
+metrics, curve, step time, activation bytes, config, versions), rewritten atomically after
+each run. Running the same command again skips finished runs and resumes an interrupted
+one from its checkpoint; an interrupt (Ctrl-C) leaves a valid results file. Arguments are
+all checked, and data loaded, before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from .._io import atomic_write_bytes, atomic_write_text
+from .arms import Arm, parse_arm
+from .tasks import Task, get_task
+from .train import TrainConfig, train_run
+
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: Task
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    config: TrainConfig
+    tune_lr: int = 0
+
+
+def make_plans(
+    tasks: Sequence[str],
+    arms: Sequence[str],
+    seeds: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    eval_every: Optional[int] = None,
+    tune_lr: int = 0,
+    eval_items: int = 10_000,
+    checkpoint_every: Optional[int] = None,
+) -> list[Plan]:
+    """Validate everything up front: unknown tasks/arms, bad λ and bad budgets raise here."""
+    if not tasks:
+        raise ValueError("tasks must name at least one task")
+    if not arms:
+        raise ValueError("arms must name at least one arm")
+    for name, value in (("seeds", seeds), ("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(tune_lr, int) or tune_lr < 0 or tune_lr == 1:
+        raise ValueError(f"tune_lr must be 0 (off) or the number of rates to try (>= 2), got {tune_lr!r}")
+    plans = []
+    for name in tasks:
+        task = get_task(name)
+        d = task.defaults
+        total = steps or d.steps
+        cfg = TrainConfig(
+            steps=total,
+            batch_size=batch_size or d.batch_size,
+            lr=lr or d.lr,
+            weight_decay=d.weight_decay,
+            eval_every=min(eval_every or d.eval_every, total),
+            checkpoint_every=checkpoint_every or max(1, min(200, total // 4)),
+            eval_items=eval_items,
+        )
+        parsed = tuple(parse_arm(a, task.parent) for a in dict.fromkeys(arms))
+        plans.append(Plan(task, parsed, tuple(range(seeds or d.seeds)), cfg, tune_lr))
+    return plans
+
+
+def _config_key(cfg: TrainConfig, arm: Arm) -> str:
+    blob = json.dumps({"config": cfg.as_dict(), "arm": arm.__dict__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_result(out: Path, row: dict[str, Any]) -> None:
+    rows = read_results(out) + [row]
+    atomic_write_text(Path(out) / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _versions() -> dict[str, str]:
+    return {"ibnorm": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _run_one(
+    out: Path, task: Task, data: Any, arm: Arm, seed: int, cfg: TrainConfig, phase: str, done: set, progress: bool
+) -> Optional[dict[str, Any]]:
+    key = (task.name, arm.name, seed, phase, _config_key(cfg, arm))
+    if key in done:
+        return None
+    run_dir = Path(out) / "runs" / task.name / arm.name.replace(":", "_") / f"{phase}-lr{cfg.lr:g}-seed{seed}"
+    result = train_run(task, data, arm, seed, cfg, run_dir, progress=progress)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    buffer = io.BytesIO()
+    torch.save(result.pop("model").state_dict(), buffer)
+    atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
+    row = {
+        "task": task.name,
+        "arm": arm.name,
+        "seed": seed,
+        "phase": phase,
+        "config_key": key[-1],
+        "config": cfg.as_dict(),
+        "arm_spec": arm.__dict__,
+        "parent": task.parent,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "run_dir": str(run_dir.relative_to(out)),
+        "versions": _versions(),
+        **result,
+    }
+    _append_result(out, row)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    done.add(key)
+    return row
+
+
+def _lr_grid(base: float, k: int) -> list[float]:
+    """k rates log-spaced over [base/3, base*3]."""
+    return [base * 3 ** (-1 + 2 * i / (k - 1)) for i in range(k)]
+
+
+def run_plans(plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, progress: bool = True) -> list[dict]:
+    """Run every plan (loading each task's data once), skipping runs already in results."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    plans = list(plans)
+    loaded = {plan.task.name: plan.task.load(data_dir) for plan in plans}  # fail on missing data before training
+    done = {(r["task"], r["arm"], r["seed"], r["phase"], r["config_key"]) for r in read_results(out)}
+    total = sum(len(p.arms) * (len(p.seeds) + p.tune_lr) for p in plans)
+    bar = tqdm(total=total, desc="runs", disable=not progress, dynamic_ncols=True)
+    for plan in plans:
+        data = loaded[plan.task.name]
+        for arm in plan.arms:
+            cfg = plan.config
+            if plan.tune_lr:
+                scores = {}
+                for lr in _lr_grid(plan.config.lr, plan.tune_lr):
+                    trial = replace(plan.config, lr=lr)
+                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress)
+                    row = next(
+                        r
+                        for r in read_results(out)
+                        if (r["task"], r["arm"], r["phase"], r["config_key"]) == (plan.task.name, arm.name, "tune", _config_key(trial, arm))
+                    )
+                    val_metric = plan.task.metric.replace("test_", "val_")
+                    sign = 1 if plan.task.higher_is_better else -1
+                    scores[lr] = sign * row["metrics"][val_metric]
+                    bar.update(1)
+                cfg = replace(plan.config, lr=max(scores, key=scores.get))
+            for seed in plan.seeds:
+                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress)
+                bar.update(1)
+    bar.close()
+    return read_results(out)
+
+
+def sweep_arms(families: Sequence[str], lams: Sequence[float]) -> list[str]:
+    """Arm specs for a λ × family grid; λ = 0 is the parent itself, listed once."""
+    arms = ["parent"] if any(lam == 0 for lam in lams) else []
+    arms += [f"ib:{f}:{lam:g}" for f in families for lam in lams if lam != 0]
+    return arms

@@ -1,0 +1,208 @@
+"""One training run (task × arm × seed) with checkpoint/resume and optional DDP.
+
+Every arm of a comparison gets the same steps, batch size, AdamW optimizer and
+warmup+cosine schedule. Checkpoints (model, optimizer, schedule, step, curve) are written
+atomically every ``checkpoint_every`` steps; a run started again with the same directory
+resumes from its last checkpoint and, since batches are a pure function of (seed, step),
+finishes with the same result as an uninterrupted run. Under ``torchrun`` (an initialized
+process group) the model is wrapped in DistributedDataParallel, batch-grouped norms become
+their synchronized versions, and each rank takes its share of the same global batch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .._io import atomic_write_bytes
+from ..convert import convert_norms, convert_sync_ibbatchnorm
+from .arms import Arm
+from .tasks import Task
+
+INTERRUPT_ENV = "IBNORM_INTERRUPT_AT"  # "<task>/<arm>/<seed>:<step>": raise KeyboardInterrupt there (resume tests)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    warmup_fraction: float = 0.05
+    checkpoint_every: int = 200
+    eval_items: int = 10_000  # examples (or characters) per evaluation
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _schedule(cfg: TrainConfig) -> Any:
+    warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def activation_bytes(task: Task, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one training forward (each storage once): the
+    activation-memory cost of a step, measured the same way on every device."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task.loss(model, inputs, targets)
+    return sum(storages.values())
+
+
+def _interrupt_step(label: str) -> Optional[int]:
+    target = os.environ.get(INTERRUPT_ENV, "")
+    if target.rpartition(":")[0] == label:
+        return int(target.rpartition(":")[2])
+    return None
+
+
+def train_run(
+    task: Task,
+    data: Any,
+    arm: Arm,
+    seed: int,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and return ``{"metrics", "curve", "step_time_s", "activation_bytes", ...}``."""
+    rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    torch.manual_seed(seed)
+    model = arm.apply(task.build(data))
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(_synchronize_batch_norms(model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    start, curve, step_times = 0, [], []
+    checkpoint = Path(run_dir) / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, curve, step_times = state["step"], state["curve"], state["step_times"]
+
+    label = f"{task.name}/{arm.name}/{seed}"
+    interrupt_at = _interrupt_step(label)
+    local = cfg.batch_size // world
+    probe = task.batch(data, seed, 0, cfg.batch_size)
+    act_bytes = activation_bytes(task, model, probe[0][:local], probe[1][:local])
+    losses: list[float] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=label, leave=False, dynamic_ncols=True)
+    model.train()
+    for step in range(start, cfg.steps):
+        if interrupt_at is not None and step == interrupt_at:
+            raise KeyboardInterrupt(f"{INTERRUPT_ENV} reached at {label}:{step}")
+        inputs, targets = task.batch(data, seed, step, cfg.batch_size)
+        inputs, targets = inputs[rank * local : (rank + 1) * local], targets[rank * local : (rank + 1) * local]
+        began = time.perf_counter()
+        loss = task.loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step_times.append(time.perf_counter() - began)
+        losses.append(_global_mean(loss.detach(), world))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            point = {"step": step + 1, "train_loss": sum(losses) / len(losses)}
+            point.update(task.evaluate(_unwrap(model), data, "val", cfg.eval_items))
+            curve.append(point)
+            losses = []
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and rank == 0:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, curve, step_times)
+    if bar is not None:
+        bar.close()
+    metrics = task.evaluate(_unwrap(model), data, "test", cfg.eval_items)
+    metrics.update({k: v for k, v in curve[-1].items() if k != "step"} if curve else {})
+    return {
+        "metrics": metrics,
+        "curve": curve,
+        "step_time_s": statistics.median(step_times) if step_times else float("nan"),
+        "activation_bytes": act_bytes,
+        "world_size": world,
+        "model": _unwrap(model),
+    }
+
+
+def _synchronize_batch_norms(model: nn.Module) -> nn.Module:
+    """Batch statistics over the global batch. torch's SyncBatchNorm syncs only on GPUs, so
+    on CPU the parent's BatchNorms become SyncIBBatchNorm with λ = 0, which is BatchNorm
+    exactly and all-reduces through any backend (gloo included)."""
+    if any(p.is_cuda for p in model.parameters()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model, _ = convert_norms(model, lam=0.0, include=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
+    return convert_sync_ibbatchnorm(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, curve: list, step_times: list) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "curve": curve,
+            "step_times": step_times,
+        },
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())
