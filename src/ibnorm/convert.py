@@ -32,7 +32,7 @@ from .modules import (
     _IBBatchNorm,
 )
 
-__all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "ConversionRecord"]
+__all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "replace_modules", "ConversionRecord"]
 
 Selector = Union[str, type]
 
@@ -192,6 +192,41 @@ def convert_norms(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ib = {"compression": get_compression(compression).name, "lam": check_lam(lam), "learnable_lam": learnable_lam}
+
+    def build(module: nn.Module) -> Union[nn.Module, str, None]:
+        mismatch = _rmsnorm_mismatch(module) if _is_hf_style_rmsnorm(module) else None
+        if mismatch is not None:
+            return mismatch
+        new = _build_replacement(module, ib)
+        if new is None and isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+            return "subclass of a torch norm with its own forward"
+        return new
+
+    return replace_modules(model, build, include=include, exclude=exclude)
+
+
+def replace_modules(
+    model: nn.Module,
+    build: Callable[[nn.Module], Union[nn.Module, str, None]],
+    *,
+    include: Optional[Iterable[Selector]] = None,
+    exclude: Optional[Iterable[Selector]] = None,
+) -> tuple[nn.Module, ConversionRecord]:
+    """Generic model surgery: replace, in place, every selected module for which ``build``
+    returns a new module, keeping the old one's Parameters, buffers and ``training`` flag.
+
+    Modules are visited from the root down. ``build(module)`` returns a new module (recorded
+    in ``record.converted`` and given the old module's state; its children are not visited),
+    a ``str`` (why it is left as it is, recorded in ``record.skipped``; its children are
+    visited) or None (not a candidate; its children are visited). ``include``/``exclude``
+    take fnmatch patterns over qualified module names or classes and select a module with
+    everything under it; ``include=None`` means every module; ``exclude`` wins. Returns
+    ``(model, record)``; ``model`` is a new object only when the root itself was replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(build):
+        raise TypeError(f"build must be a callable taking a module, got {type(build).__name__}")
     include = _check_selectors(include, "include")
     exclude = _check_selectors(exclude, "exclude")
     record = ConversionRecord()
@@ -201,16 +236,17 @@ def convert_norms(
             return module
         included = included or _selected(name, module, include)
         if included:
-            cls = type(module).__name__
-            mismatch = _rmsnorm_mismatch(module) if _is_hf_style_rmsnorm(module) else None
-            new = _build_replacement(module, ib) if mismatch is None else None
-            if new is not None:
-                record.converted.append((name, cls, type(new).__name__))
+            new = build(module)
+            if isinstance(new, nn.Module):
+                record.converted.append((name, type(module).__name__, type(new).__name__))
                 return _move_state(module, new)
-            if mismatch is not None:
-                record.skipped.append((name, cls, mismatch))
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-                record.skipped.append((name, cls, "subclass of a torch norm with its own forward"))
+            if isinstance(new, str):
+                record.skipped.append((name, type(module).__name__, new))
+            elif new is not None:
+                raise TypeError(
+                    f"build must return an nn.Module, a str (why the module is skipped) or None, "
+                    f"got {type(new).__name__} for {name or '<root>'}"
+                )
         for child_name, child in list(module.named_children()):
             new_child = visit(f"{name}.{child_name}" if name else child_name, child, included)
             if new_child is not child:
