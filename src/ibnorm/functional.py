@@ -54,6 +54,15 @@ def _parent(lam: Lam) -> bool:
     return is_identity(lam) and get_backend() != "reference"
 
 
+def _channels(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> int:
+    """C of an (N, C, *) input, with per-channel ``weight``/``bias`` checked against it."""
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}")
+    check_affine_shape(weight, (input.shape[1],), "weight")
+    check_affine_shape(bias, (input.shape[1],), "bias")
+    return input.shape[1]
+
+
 def _view(t: Optional[Tensor], shape: Sequence[int]) -> Optional[Tensor]:
     return None if t is None else t.reshape(shape)
 
@@ -128,15 +137,11 @@ def ib_group_norm(
     spatial positions, as :func:`torch.nn.functional.group_norm`; affine per channel."""
     family, lam = _prepare(input, compression, lam)
     check_eps(eps)
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}")
-    channels = input.shape[1]
+    channels = _channels(input, weight, bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}")
-    check_affine_shape(weight, (channels,), "weight")
-    check_affine_shape(bias, (channels,), "bias")
     if _parent(lam):
         return F.group_norm(input, num_groups, weight, bias, eps)
     per_group = channels // num_groups
@@ -200,14 +205,10 @@ def ib_batch_norm(
     """
     family, lam = _prepare(input, compression, lam)
     check_eps(eps)
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}")
-    channels = input.shape[1]
+    channels = _channels(input, weight, bias)
     buffers = (running_mean, running_var, running_mean_psi, running_var_psi)
     for name, tensor in zip(("running_mean", "running_var", "running_mean_psi", "running_var_psi"), buffers):
         check_affine_shape(tensor, (channels,), name)
-    check_affine_shape(weight, (channels,), "weight")
-    check_affine_shape(bias, (channels,), "bias")
     if not training:
         needed = {"running_mean": running_mean, "running_var": running_var}
         if not is_identity(lam):

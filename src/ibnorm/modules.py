@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as IBF
+from ._norm_parts import NormBase
 from ._validation import check_eps, check_lam, check_momentum, check_positive_int, normalize_shape
 from .compression import Compression, gaussian_second_moment, get_compression
 
@@ -40,8 +41,9 @@ def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
-class _IBNorm(nn.Module):
-    """Shared compression/λ handling: the family name, a fixed or learnable λ, repr and loading."""
+class _IBNorm(NormBase):
+    """Shared compression/λ handling: the family name, a fixed or learnable λ and its repr.
+    A parent's checkpoint has no IB-only entries (``_optional_state``); they keep their values."""
 
     _version = 1
     _optional_state: tuple[str, ...] = ("lam_raw",)
@@ -102,17 +104,6 @@ class _IBNorm(nn.Module):
             return f"compression={self.compression}, lam={self.lam_value():.4g} (learnable)"
         return f"compression={self.compression}, lam={self.lam}"
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # A parent's checkpoint has no IB-only entries: keep their current values.
-        for name in self._optional_state:
-            key = prefix + name
-            if key in missing_keys:
-                missing_keys.remove(key)
 
 
 class IBLayerNorm(_IBNorm):
@@ -141,23 +132,12 @@ class IBLayerNorm(_IBNorm):
         check_eps(eps)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, bias, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_layer_norm(
@@ -197,16 +177,12 @@ class IBRMSNorm(_IBNorm):
             check_eps(eps)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, False, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.compression, self.lam)
@@ -246,23 +222,12 @@ class IBGroupNorm(_IBNorm):
         check_eps(eps)
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(num_channels, affine, bias, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -312,15 +277,7 @@ class _IBBatchNorm(_IBNorm):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(num_features, affine, bias, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, factory_kwargs)
         if track_running_stats:
             for name in ("running_mean", "running_var", "running_mean_psi", "running_var_psi"):
@@ -346,10 +303,7 @@ class _IBBatchNorm(_IBNorm):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def _check_input_dim(self, input: Tensor) -> None:
         if self._input_dims and input.dim() not in self._input_dims:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_floating, check_trailing_shape, normalize_shape
+from .._norm_parts import NormBase
 from ..convert import ConversionRecord, Selector, _factory_kwargs, replace_modules
 
 __all__ = ["DyT", "convert_to_dyt"]
@@ -34,7 +35,7 @@ def _check_alpha_init(alpha_init: object) -> float:
     return value
 
 
-class DyT(nn.Module):
+class DyT(NormBase):
     r"""Dynamic Tanh: ``y = weight ⊙ tanh(alpha · x) + bias``, a drop-in for :class:`torch.nn.LayerNorm`.
 
     ``alpha`` is one learnable scalar Parameter (a 0-dim tensor) initialised to
@@ -62,24 +63,13 @@ class DyT(nn.Module):
         self.alpha_init = _check_alpha_init(alpha_init)
         self.elementwise_affine = elementwise_affine
         self.alpha = nn.Parameter(torch.empty((), **factory_kwargs))
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, bias, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.alpha.fill_(self.alpha_init)
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)
@@ -91,18 +81,6 @@ class DyT(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(input.dtype)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # A LayerNorm checkpoint has no alpha: keep its current value.
-        for name in self._optional_state:
-            key = prefix + name
-            if key in missing_keys:
-                missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, alpha_init={self.alpha_init}, elementwise_affine={self.elementwise_affine}"

@@ -68,6 +68,7 @@ from .._validation import (
     check_trailing_shape,
     normalize_shape,
 )
+from .._norm_parts import NormBase
 from ..convert import ConversionRecord, Selector, _factory_kwargs, replace_modules
 
 __all__ = [
@@ -176,11 +177,9 @@ def _check_xi(xi: object) -> float:
     return value
 
 
-class _NormalNorm(nn.Module):
-    """Shared by both groupings: ``xi`` (validated), the training noise, and loading a parent's
-    checkpoint that lacks the NormalNorm-only buffers."""
-
-    _optional_state: tuple[str, ...] = ()
+class _NormalNorm(NormBase):
+    """Shared by both groupings: ``xi`` (validated) and the training noise. A torch parent's
+    checkpoint lacks the NormalNorm-only entries (``_optional_state``); they keep their values."""
 
     @property
     def xi(self) -> float:
@@ -198,17 +197,6 @@ class _NormalNorm(nn.Module):
             scale = (u - u.mean(dim=dims, keepdim=True)).abs().mean(dim=dims, keepdim=True)
         return u + (self._xi * scale) * torch.randn_like(u)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # A torch parent's checkpoint has no NormalNorm-only entries: keep their current values.
-        for name in self._optional_state:
-            key = prefix + name
-            if key in missing_keys:
-                missing_keys.remove(key)
 
 
 class NormalBatchNorm(_NormalNorm):
@@ -253,12 +241,7 @@ class NormalBatchNorm(_NormalNorm):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.xi = xi
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(num_features, affine, True, factory_kwargs)
         if track_running_stats:
             for name in ("running_mean", "running_var", "running_lam"):
                 self.register_buffer(name, torch.empty(num_features, **factory_kwargs))
@@ -277,9 +260,7 @@ class NormalBatchNorm(_NormalNorm):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def _check_input(self, input: Tensor) -> None:
         check_floating(input)
@@ -380,22 +361,11 @@ class NormalLayerNorm(_NormalNorm):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.xi = xi
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, bias, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)

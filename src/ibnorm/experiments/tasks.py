@@ -126,27 +126,16 @@ def _lm_task(name: str, corpus: str, parent: str, builder: Callable[..., nn.Modu
     )
 
 
+def _mnist1d_task(name: str, parent: str, model: Callable[[], nn.Module], lr: float) -> Task:
+    defaults = Defaults(steps=3000, batch_size=100, lr=lr, eval_every=250, seeds=5)
+    return Task(name, parent, "test_acc", True, defaults, lambda data_dir: D.load_mnist1d(seed=42), lambda data: model())
+
+
 _LM_DEFAULTS = Defaults(steps=1500, batch_size=32, lr=2e-3, weight_decay=0.01, eval_every=250, seeds=3)
 
 TASKS: dict[str, Task] = {
-    "mnist1d-cnn": Task(
-        "mnist1d-cnn",
-        "batch",
-        "test_acc",
-        True,
-        Defaults(steps=3000, batch_size=100, lr=1e-2, eval_every=250, seeds=5),
-        lambda data_dir: D.load_mnist1d(seed=42),
-        lambda data: M.MNIST1DCNN(),
-    ),
-    "mnist1d-mlp": Task(
-        "mnist1d-mlp",
-        "layer",
-        "test_acc",
-        True,
-        Defaults(steps=3000, batch_size=100, lr=1e-3, eval_every=250, seeds=5),
-        lambda data_dir: D.load_mnist1d(seed=42),
-        lambda data: M.MNIST1DMLP(),
-    ),
+    "mnist1d-cnn": _mnist1d_task("mnist1d-cnn", "batch", M.MNIST1DCNN, lr=1e-2),
+    "mnist1d-mlp": _mnist1d_task("mnist1d-mlp", "layer", M.MNIST1DMLP, lr=1e-3),
     "fmnist-resnet": Task(
         "fmnist-resnet",
         "batch",
