@@ -1,4 +1,4 @@
-"""The ``ibnorm`` command: ``compare``, ``sweep``, ``demo`` and ``bench``.
+"""The ``ibnorm`` command: ``compare``, ``sweep``, ``demo``, ``analyze`` and ``bench``.
 
 ``compare`` and ``sweep`` also run under ``torchrun --nproc-per-node N``: the process group
 is initialized from the environment (gloo on CPU, nccl on CUDA) and rank 0 writes files.
@@ -76,10 +76,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
 
     sub.add_parser("bench", help="speed and memory of IB layers vs the torch parents", add_help=False)
+    sub.add_parser("analyze", help="activation statistics and mutual information of a finished compare run", add_help=False)
     if argv[:1] == ["bench"]:
         from .benchmark import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["analyze"]:
+        from .analysis import main as analyze
+
+        analyze(argv[1:])
+        return None
     args = parser.parse_args(argv)
 
     if args.command == "compare":

@@ -1,0 +1,294 @@
+"""``ibnorm analyze``: representation analysis of the finished runs of an ``ibnorm compare``.
+
+For every ``final`` run in ``<out>/results.jsonl`` (optionally filtered by task and arm) the
+model is rebuilt exactly as it was trained (``task.build`` → ``arm.apply`` →
+``load_state_dict(final.pt)``), run in eval mode on a probe set, and every normalization
+layer's output is captured (:mod:`ibnorm.analysis.capture`). Per layer the activation
+statistics and the mutual-information estimates of :func:`layer_information` are computed.
+
+The rebuilt model is checked by a strict ``load_state_dict``.
+
+Probe set: the first ``max_examples`` examples of the task's test split (classification;
+representations are channels averaged over spatial positions, ``spatial="mean"``), or,
+for language models, the first ``ceil(max_examples / block_size)`` windows of the test text
+with each token position one example (``spatial="examples"``; labels are the next
+characters; the first ``max_examples`` positions are kept). With ``spatial="mean"`` the
+statistics of a convolutional layer describe channel averages over positions, not the
+per-element distribution the norm acts on. The probe classifier behind the I(T;Y) lower
+bound is trained on a seeded half of the probe set and evaluated on the other half (for
+language models, positions of one window can land on both sides).
+
+Outputs, written atomically into ``<out>`` (into the run folder when one run folder is
+given): ``analysis.jsonl`` (one row per run × layer,
+all estimates in bits; non-finite numbers as null), ``analysis.md`` (per task, per arm and
+layer the mean over seeds of kurtosis, Hoyer sparsity, I(X;T) and I(T;Y), and one sentence
+per non-parent arm stating the measured direction against the parent), and
+``plots/analysis-<task>-plane.png`` / ``-stats.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .._io import atomic_write_bytes, atomic_write_text
+from .information_plane import information_plane, plot_information_plane, plot_layer_stats
+
+__all__ = ["analyze_run", "find_out_folder", "output_folder", "summarize_analysis", "ANALYSIS"]
+
+ANALYSIS = "analysis.jsonl"
+
+# (row key, table header, summary name) of the quantities the report compares.
+_REPORTED = (
+    ("kurtosis", "kurtosis", "kurtosis"),
+    ("hoyer", "Hoyer", "sparsity (Hoyer)"),
+    ("I_XT_kernel", "I(X;T) kernel", "I(X;T) (kernel)"),
+    ("I_TY_kernel", "I(T;Y) kernel", "I(T;Y) (kernel)"),
+    ("I_TY_probe", "I(T;Y) probe", "I(T;Y) (probe bound)"),
+)
+
+
+def find_out_folder(path: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """``(out, run_dir)``: ``path`` itself when it holds ``results.jsonl``; for a single run
+    folder (holding ``final.pt``), the nearest parent holding ``results.jsonl`` and the run
+    folder relative to it."""
+    path = Path(path).resolve()
+    if (path / "results.jsonl").exists():
+        return path, None
+    if (path / "final.pt").exists():
+        for parent in path.parents:
+            if (parent / "results.jsonl").exists():
+                return parent, str(path.relative_to(parent))
+    raise FileNotFoundError(f"{path} is neither an `ibnorm compare` output folder (results.jsonl) nor a run folder inside one")
+
+
+def output_folder(run_dir_or_out: Union[str, Path]) -> Path:
+    """Where :func:`analyze_run` writes: the output folder itself, or for a single run folder
+    that run folder (so analyzing one run never overwrites the analysis of the whole set)."""
+    out, only_run = find_out_folder(run_dir_or_out)
+    return out if only_run is None else out / only_run
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _probe(task: Any, data: Any, max_examples: int) -> tuple[Any, torch.Tensor, str]:
+    """(inputs, labels, spatial mode) of the probe set; see the module docstring."""
+    if task.kind == "lm":
+        text = data["test"]
+        windows = min(math.ceil(max_examples / task.block_size), (len(text) - 1) // task.block_size)
+        idx = (torch.arange(windows) * task.block_size)[:, None] + torch.arange(task.block_size + 1)
+        seq = text[idx]
+        return seq[:, :-1], seq[:, 1:].reshape(-1)[:max_examples], "examples"
+    x, y = data.test
+    return x[:max_examples], y[:max_examples], "mean"
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """``load_state_dict(strict=True)``, except that the ψ running statistics a parent's
+    BatchNorm gains when trained under torchrun on CPU (it runs as SyncIBBatchNorm with
+    λ = 0, which is BatchNorm exactly) are dropped when the rebuilt layer has none."""
+    own = model.state_dict()
+    extra = [k for k in state if k not in own and k.endswith(("running_mean_psi", "running_var_psi"))]
+    model.load_state_dict({k: v for k, v in state.items() if k not in extra})
+
+
+def _layer_types(model: torch.nn.Module) -> dict[str, str]:
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+def analyze_run(
+    run_dir_or_out: Union[str, Path],
+    *,
+    tasks: Optional[Sequence[str]] = None,
+    arms: Optional[Sequence[str]] = None,
+    max_examples: int = 2000,
+    seed: int = 0,
+    data_dir: Optional[str] = None,
+    max_units: int = 256,
+    n_bins: int = 30,
+    noise_var: float = 0.2,
+    probe_epochs: int = 100,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Analyze the ``final`` runs of an ``ibnorm compare`` output folder (or one run folder
+    inside it) and write ``analysis.jsonl``, ``analysis.md`` and ``plots/analysis-*.png``
+    into the output folder, or into the run folder when given one (:func:`output_folder`;
+    see the module docstring). Returns the rows (one per run and
+    norm layer). ``noise_var`` is the kernel estimator's σ² relative to each layer's total
+    variance (the sum of its unit variances); ``data_dir`` is where Fashion-MNIST lives, as for ``ibnorm compare``.
+    """
+    from ..experiments.arms import parse_arm
+    from ..experiments.compare import read_results
+    from ..experiments.tasks import get_task
+
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
+        raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
+    out, only_run = find_out_folder(run_dir_or_out)
+    runs = [
+        r
+        for r in read_results(out)
+        if r["phase"] == "final"
+        and (tasks is None or r["task"] in tasks)
+        and (arms is None or r["arm"] in arms)
+        and (only_run is None or Path(r["run_dir"]) == Path(only_run))
+    ]
+    if not runs:
+        raise ValueError(f"no finished 'final' runs to analyze in {out / 'results.jsonl'} (tasks={tasks}, arms={arms})")
+    runs.sort(key=lambda r: (r["task"], r["arm"] != "parent", r["arm"], r["seed"]))
+    rows: list[dict[str, Any]] = []
+    data_cache: dict[str, Any] = {}
+    for i, run in enumerate(runs):
+        task = get_task(run["task"])
+        if task.name not in data_cache:
+            data_cache = {task.name: task.load(data_dir)}  # one task's data in memory at a time
+        data = data_cache[task.name]
+        model = parse_arm(run["arm"], task.parent).apply(task.build(data))
+        _load_state(model, torch.load(out / run["run_dir"] / "final.pt", map_location="cpu", weights_only=True))
+        inputs, labels, spatial = _probe(task, data, max_examples)
+        layer_rows = information_plane(
+            model,
+            inputs,
+            labels,
+            forward=task.logits,
+            spatial=spatial,
+            max_units=max_units,
+            max_examples=max_examples,
+            batch_size=250 if task.kind != "lm" else 8,
+            seed=seed,
+            n_bins=n_bins,
+            noise_var=noise_var,
+            relative_noise=True,
+            probe_epochs=probe_epochs,
+        )
+        types = _layer_types(model)
+        for lr in layer_rows:
+            row = {
+                "task": run["task"],
+                "arm": run["arm"],
+                "seed": run["seed"],
+                "phase": run["phase"],
+                "run_dir": run["run_dir"],
+                "layer_type": types.get(lr["layer"], ""),
+                "spatial": spatial,
+                "n_bins": n_bins,
+                "units": "bits",
+                **lr,
+            }
+            rows.append({k: _finite(v) for k, v in row.items()})
+        if progress:
+            print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {len(layer_rows)} layers", flush=True)
+    target = out if only_run is None else out / only_run
+    atomic_write_text(target / ANALYSIS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    _write_markdown(target, rows, noise_var)
+    return rows
+
+
+# =============================================================================== report
+def _mean(values: Sequence[Any]) -> float:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
+def summarize_analysis(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task: ``{"layers": [names in depth order], "arms": {arm: {layer: {key: mean over
+    seeds}}}, "seeds": {arm: n}, "sentences": [...]}``."""
+    out: dict[str, dict[str, Any]] = {}
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    for task, trows in by_task.items():
+        order: dict[str, int] = {}
+        for r in trows:
+            order.setdefault(r["layer"], r["layer_index"])
+        layers = sorted(order, key=order.get)
+        cells: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        seeds: dict[str, set] = defaultdict(set)
+        for r in trows:
+            seeds[r["arm"]].add(r["seed"])
+            for key, _, _ in _REPORTED:
+                cells[r["arm"]][r["layer"]][key].append(r.get(key))
+        arms_sorted = sorted(cells, key=lambda a: (a != "parent", a))
+        means = {arm: {layer: {k: _mean(v) for k, v in cells[arm][layer].items()} for layer in cells[arm]} for arm in arms_sorted}
+        out[task] = {
+            "layers": layers,
+            "arms": means,
+            "seeds": {arm: len(seeds[arm]) for arm in arms_sorted},
+            "sentences": _sentences(means, {arm: len(seeds[arm]) for arm in arms_sorted}),
+        }
+    return out
+
+
+def _direction(value: float, reference: float) -> str:
+    if math.isnan(value) or math.isnan(reference):
+        return "not comparable"
+    if math.isclose(value, reference, rel_tol=1e-6, abs_tol=1e-9):
+        return "equal"
+    return "lower" if value < reference else "higher"
+
+
+def _sentences(means: dict[str, dict[str, dict[str, float]]], seeds: dict[str, int]) -> list[str]:
+    """For each non-parent arm: the measured direction of each quantity against the parent,
+    averaged over the layers both have (a description of this measurement, nothing more)."""
+    parent = means.get("parent")
+    if parent is None:
+        return ["no parent arm: no comparison."]
+    sentences = []
+    for arm, layers in means.items():
+        if arm == "parent":
+            continue
+        shared = [layer for layer in layers if layer in parent]
+        if not shared:
+            sentences.append(f"{arm}: no layer in common with the parent; no comparison.")
+            continue
+        parts = []
+        for key, _, name in _REPORTED:
+            mine = _mean([layers[layer][key] for layer in shared])
+            ref = _mean([parent[layer][key] for layer in shared])
+            parts.append(f"{name} {_direction(mine, ref)} ({_fmt(mine)} vs {_fmt(ref)})")
+        sentences.append(
+            f"{arm} vs parent, mean over {len(shared)} layer(s) and {seeds[arm]} vs {seeds['parent']} seed(s): " + "; ".join(parts) + "."
+        )
+    return sentences
+
+
+def _fmt(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.3f}"
+
+
+def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float) -> Path:
+    summary = summarize_analysis(rows)
+    md = [
+        "# ibnorm representation analysis",
+        "",
+        f"{len(rows)} layer rows in `{ANALYSIS}`. All information quantities are in bits; I(X;T) is the kernel "
+        f"(noise σ² = {noise_var:g} × the layer's total variance) pairwise upper bound on I(X; T + noise), bounded by "
+        "log2(#probe examples); I(T;Y) kernel is Saxe et al.'s difference of bounds; the probe value is a "
+        "linear-decoder lower bound (≤ H(Y)). Values are means over seeds.",
+        "",
+    ]
+    for task, info in summary.items():
+        md += [f"## {task}", "", "| arm | layer | " + " | ".join(h for _, h, _ in _REPORTED) + " |", "|---|---|" + "---|" * len(_REPORTED)]
+        for arm, layers in info["arms"].items():
+            for layer in info["layers"]:
+                if layer in layers:
+                    md.append(f"| {arm} (n={info['seeds'][arm]}) | {layer} | " + " | ".join(_fmt(layers[layer][k]) for k, _, _ in _REPORTED) + " |")
+        md += [""] + [f"- {s}" for s in info["sentences"]] + [""]
+        trows = [r for r in rows if r["task"] == task]
+        safe = task.replace(":", "_").replace("/", "_")
+        for name, png in (
+            ("plane", plot_information_plane(trows, title=f"{task}: information plane (mean over seeds)")),
+            ("stats", plot_layer_stats(trows, title=f"{task}: activation statistics (mean over seeds)")),
+        ):
+            path = atomic_write_bytes(out / "plots" / f"analysis-{safe}-{name}.png", png)
+            md += [f"![{task} {name}](plots/{path.name})", ""]
+    return atomic_write_text(out / "analysis.md", "\n".join(md) + "\n")

@@ -1,0 +1,237 @@
+"""Activation statistics of a layer's representation ``(examples, units)`` and a monitor that
+computes them during training.
+
+Conventions (all computed in float64 from a float32 or float64 input):
+
+- *Per-unit* statistics use the examples of one unit (one column); the layer value is their
+  mean over units (units with zero variance, e.g. dead ReLUs, are left out and counted in
+  ``dead_fraction``).
+- *Excess kurtosis* is Fisher's, with the biased moments: ``m4 / m2² − 3``, 0 for a Gaussian,
+  the same as ``scipy.stats.kurtosis(x, fisher=True, bias=True)`` (scipy's defaults).
+- *Hoyer sparsity* of a vector ``v`` of ``n ≥ 2`` entries is
+  ``(√n − ‖v‖₁/‖v‖₂) / (√n − 1)``: 1 for a one-hot vector, 0 for a constant one (any
+  sign pattern: it uses ``|v|``). It is computed per example over the units (how
+  concentrated one representation is) and averaged over examples; an all-zero row is 0.
+- *Near-zero fraction* and *3σ tail mass* use each unit standardized over the examples,
+  ``z = (x − mean) / std``: the fraction of entries with ``|z| < 0.1`` (0.080 for a
+  Gaussian) and with ``|z| > 3`` (0.0027 for a Gaussian).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+from torch import Tensor, nn
+
+from .capture import LayerSelector, capture_activations
+
+__all__ = [
+    "excess_kurtosis",
+    "hoyer_sparsity",
+    "near_zero_fraction",
+    "tail_mass",
+    "activation_stats",
+    "ActivationMonitor",
+    "STAT_KEYS",
+]
+
+ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
+
+STAT_KEYS = (
+    "kurtosis",
+    "kurtosis_median",
+    "hoyer",
+    "near_zero_fraction",
+    "tail_mass_3sigma",
+    "unit_mean_mean",
+    "unit_mean_std",
+    "unit_std_mean",
+    "unit_std_min",
+    "unit_std_max",
+    "dead_fraction",
+)
+
+_DEAD_STD = 1e-8
+
+
+def _as_float64(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def excess_kurtosis(x: ArrayLike, axis: int = 0) -> np.ndarray:
+    """Fisher's excess kurtosis ``m4/m2² − 3`` (biased moments) along ``axis``, as
+    ``scipy.stats.kurtosis`` with its defaults; NaN where the variance is 0."""
+    x = _as_float64(x)
+    d = x - x.mean(axis=axis, keepdims=True)
+    m2 = (d**2).mean(axis=axis)
+    m4 = (d**4).mean(axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, np.nan)
+
+
+def hoyer_sparsity(x: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Hoyer's sparsity ``(√n − ‖x‖₁/‖x‖₂)/(√n − 1)`` along ``axis`` (n ≥ 2 entries):
+    1 for one non-zero entry, 0 when all ``|x|`` are equal; 0 for an all-zero vector."""
+    x = np.abs(_as_float64(x))
+    n = x.shape[axis]
+    if n < 2:
+        raise ValueError(f"Hoyer sparsity needs at least 2 entries along axis {axis}, got {n}")
+    l1 = x.sum(axis=axis)
+    l2 = np.sqrt((x**2).sum(axis=axis))
+    root = math.sqrt(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(l2 > 0, l1 / np.where(l2 > 0, l2, 1.0), root)
+    return np.clip((root - ratio) / (root - 1.0), 0.0, 1.0)
+
+
+def _standardized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns standardized over rows (biased std) and the mask of live columns."""
+    std = x.std(axis=0)
+    live = std > _DEAD_STD
+    z = (x[:, live] - x[:, live].mean(axis=0)) / std[live]
+    return z, live
+
+
+def near_zero_fraction(x: ArrayLike, threshold: float = 0.1) -> float:
+    """Fraction of entries with ``|z| < threshold`` after standardizing each unit (column)
+    over the examples (rows); dead units are left out. 0.080 for Gaussian data at 0.1."""
+    z, _ = _standardized(_as_float64(x))
+    return float(np.mean(np.abs(z) < threshold)) if z.size else float("nan")
+
+
+def tail_mass(x: ArrayLike, k: float = 3.0) -> float:
+    """Fraction of entries with ``|z| > k`` after standardizing each unit (column) over
+    the examples (rows); dead units are left out. 0.0027 for Gaussian data at k = 3."""
+    z, _ = _standardized(_as_float64(x))
+    return float(np.mean(np.abs(z) > k)) if z.size else float("nan")
+
+
+def activation_stats(x: ArrayLike) -> dict[str, float]:
+    """All statistics of one layer's ``(examples, units)`` matrix as a flat dict of floats
+    (keys :data:`STAT_KEYS` plus ``n_examples`` and ``n_units``); see the module docstring."""
+    x = _as_float64(x)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"activation_stats needs a (examples >= 2, units) matrix, got shape {x.shape}")
+    n, u = x.shape
+    means, stds = x.mean(axis=0), x.std(axis=0)
+    live = stds > _DEAD_STD
+    kurt = excess_kurtosis(x[:, live], axis=0) if live.any() else np.array([np.nan])
+    z, _ = _standardized(x)
+    nan = float("nan")
+    return {
+        "n_examples": float(n),
+        "n_units": float(u),
+        "kurtosis": float(np.mean(kurt)) if live.any() else nan,
+        "kurtosis_median": float(np.median(kurt)) if live.any() else nan,
+        "hoyer": float(np.mean(hoyer_sparsity(x, axis=1))) if u >= 2 else nan,
+        "near_zero_fraction": float(np.mean(np.abs(z) < 0.1)) if z.size else nan,
+        "tail_mass_3sigma": float(np.mean(np.abs(z) > 3.0)) if z.size else nan,
+        "unit_mean_mean": float(means.mean()),
+        "unit_mean_std": float(means.std()),
+        "unit_std_mean": float(stds.mean()),
+        "unit_std_min": float(stds.min()),
+        "unit_std_max": float(stds.max()),
+        "dead_fraction": float(1.0 - live.mean()),
+    }
+
+
+class ActivationMonitor:
+    """Activation statistics of chosen layers on a fixed probe batch, every ``every`` steps.
+
+    Call :meth:`step` once per training step; on steps where ``step % every == 0`` it runs
+    ``model`` on ``probe`` (eval mode, no gradients, hooks attached only for that forward;
+    the training flag is restored and BatchNorm running statistics are untouched) and
+    returns ``{"<layer>/<stat>": value}`` (also appended to :attr:`history` with the step);
+    on other steps it returns None. ``stats`` picks the statistics (default: kurtosis,
+    hoyer, near_zero_fraction, tail_mass_3sigma). ``forward(model, probe)`` replaces
+    ``model(probe)``; ``spatial``, ``max_units``, ``seed`` are passed to the capture.
+
+    Logging: ``writer`` is any object with ``add_scalar(tag, value, step)`` (e.g. a
+    ``torch.utils.tensorboard.SummaryWriter``); ``log_dir`` creates a SummaryWriter there,
+    which needs the ``tensorboard`` package (ImportError otherwise). Tags are
+    ``"<prefix><layer>/<stat>"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any,
+        *,
+        every: int = 100,
+        layers: LayerSelector = None,
+        stats: Sequence[str] = ("kurtosis", "hoyer", "near_zero_fraction", "tail_mass_3sigma"),
+        forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+        spatial: str = "mean",
+        max_units: Optional[int] = 256,
+        seed: int = 0,
+        writer: Any = None,
+        log_dir: Optional[str] = None,
+        prefix: str = "activations/",
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        unknown = [s for s in stats if s not in STAT_KEYS]
+        if unknown:
+            raise ValueError(f"unknown stats {unknown}; accepted: {list(STAT_KEYS)}")
+        if writer is not None and log_dir is not None:
+            raise ValueError("pass writer or log_dir, not both")
+        if log_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(f"log_dir needs tensorboard (`pip install tensorboard`): {exc}") from exc
+            writer = SummaryWriter(log_dir)
+        self.model = model
+        self.probe = probe
+        self.every = every
+        self.layers = layers
+        self.stats = tuple(stats)
+        self.forward = forward
+        self.spatial = spatial
+        self.max_units = max_units
+        self.seed = seed
+        self.writer = writer
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+
+    def compute(self) -> dict[str, float]:
+        """The statistics now, whatever the step."""
+        acts = capture_activations(
+            self.model,
+            [self.probe],
+            self.layers,
+            forward=self.forward,
+            spatial=self.spatial,
+            max_units=self.max_units,
+            max_examples=None,
+            seed=self.seed,
+        )
+        out: dict[str, float] = {}
+        for name, x in acts.items():
+            values = activation_stats(x)
+            for key in self.stats:
+                out[f"{name}/{key}"] = values[key]
+        return out
+
+    def step(self, step: int) -> Optional[dict[str, float]]:
+        """Statistics on steps that are multiples of ``every`` (logged and recorded), else None."""
+        if step % self.every:
+            return None
+        values = self.compute()
+        self.history.append({"step": step, **values})
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(self.prefix + tag, value, step)
+        return values
+
+    def close(self) -> None:
+        """Flush and close the writer when it has ``close``."""
+        if self.writer is not None and hasattr(self.writer, "close"):
+            self.writer.close()
