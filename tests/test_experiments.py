@@ -174,3 +174,15 @@ def test_missing_data_fails_before_any_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="make data|dataset-fashion-mnist"):
         run_plans(plans, tmp_path, data_dir=str(tmp_path / "nowhere"), progress=False)
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_analyze_records_information_plane_trajectories(tmp_path):
+    plans = make_plans(["mnist1d-cnn"], ["parent", "ib-T"], seeds=1, steps=4, batch_size=16, eval_every=2, eval_items=100, analyze_every=2)
+    rows = run_plans(plans, tmp_path, progress=False)
+    for r in rows:
+        assert [p["step"] for p in r["curve"]] == [2, 4]
+        layers = r["curve"][-1]["layers"]
+        assert len(layers) == 3 and all({"I_XT_kernel", "I_TY_kernel", "kurtosis", "hoyer"} <= set(layer) for layer in layers)
+    write_report(tmp_path)
+    assert (tmp_path / "plots/mnist1d-cnn-information-plane.png").stat().st_size > 1000
+    assert (tmp_path / "plots/mnist1d-cnn-layer-stats.png").exists()

@@ -39,11 +39,15 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _run(args: argparse.Namespace, tasks: Sequence[str], arms: Sequence[str], title: str, tune_lr: int = 0) -> None:
+def _run(
+    args: argparse.Namespace, tasks: Sequence[str], arms: Sequence[str], title: str, tune_lr: int = 0, analyze: int = 0
+) -> None:
     from .experiments.compare import make_plans, run_plans
     from .experiments.report import write_report
 
-    plans = make_plans(tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr)
+    plans = make_plans(
+        tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr, analyze_every=analyze
+    )
     _init_distributed()
     try:
         run_plans(plans, args.out, args.data_dir, progress=not args.no_progress)
@@ -64,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     compare.add_argument("--tasks", nargs="+", required=True, help="e.g. mnist1d-cnn fmnist-resnet austen-gpt2 text:PATH")
     compare.add_argument("--arms", nargs="+", default=None, help="default: parent ib-S ib-L ib-T ib-learnable normalnorm (+dyt)")
     compare.add_argument("--tune-lr", type=int, default=0, help="try K learning rates per arm on the validation split first")
+    compare.add_argument(
+        "--analyze", type=int, default=0, metavar="K", help="information-plane snapshot every K steps (at evaluations)"
+    )
     _experiment_args(compare)
 
     sweep = sub.add_parser("sweep", help="metric vs λ for each compression family")
@@ -96,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if arms is None:
             parents = {get_task(t).parent for t in args.tasks}
             arms = [a for a in DEFAULT_ARMS if a != "dyt" or parents == {"layer"}]
-        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", args.tune_lr)
+        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", args.tune_lr, args.analyze)
     elif args.command == "sweep":
         from .experiments.compare import sweep_arms
 

@@ -81,16 +81,35 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _probe(task: Any, data: Any, max_examples: int) -> tuple[Any, torch.Tensor, str]:
+def _probe(task: Any, data: Any, max_examples: int, split: str = "test") -> tuple[Any, torch.Tensor, str]:
     """(inputs, labels, spatial mode) of the probe set; see the module docstring."""
     if task.kind == "lm":
-        text = data["test"]
+        text = data[split]
         windows = min(math.ceil(max_examples / task.block_size), (len(text) - 1) // task.block_size)
         idx = (torch.arange(windows) * task.block_size)[:, None] + torch.arange(task.block_size + 1)
         seq = text[idx]
         return seq[:, :-1], seq[:, 1:].reshape(-1)[:max_examples], "examples"
-    x, y = data.test
+    x, y = getattr(data, split)
     return x[:max_examples], y[:max_examples], "mean"
+
+
+def information_snapshot(task: Any, data: Any, model: torch.nn.Module, max_examples: int = 500, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-layer statistics and MI estimates (binning and kernel, no probe) of ``model`` on
+    the first ``max_examples`` of the validation split: what ``ibnorm compare --analyze``
+    records at every evaluation, to draw information-plane trajectories."""
+    inputs, labels, spatial = _probe(task, data, max_examples, split="val")
+    rows = information_plane(
+        model,
+        inputs,
+        labels,
+        forward=task.logits,
+        spatial=spatial,
+        max_examples=max_examples,
+        batch_size=250 if task.kind != "lm" else 8,
+        seed=seed,
+        probe=False,
+    )
+    return [{k: _finite(v) for k, v in row.items()} for row in rows]
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ def make_plans(
     tune_lr: int = 0,
     eval_items: int = 10_000,
     checkpoint_every: Optional[int] = None,
+    analyze_every: int = 0,
 ) -> list[Plan]:
     """Validate everything up front: unknown tasks/arms, bad λ and bad budgets raise here."""
     if not tasks:
@@ -60,6 +61,8 @@ def make_plans(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(analyze_every, int) or isinstance(analyze_every, bool) or analyze_every < 0:
+        raise ValueError(f"analyze_every must be 0 (off) or a positive number of steps, got {analyze_every!r}")
     if not isinstance(tune_lr, int) or tune_lr < 0 or tune_lr == 1:
         raise ValueError(f"tune_lr must be 0 (off) or the number of rates to try (>= 2), got {tune_lr!r}")
     plans = []
@@ -75,6 +78,7 @@ def make_plans(
             eval_every=min(eval_every or d.eval_every, total),
             checkpoint_every=checkpoint_every or max(1, min(200, total // 4)),
             eval_items=eval_items,
+            analyze_every=analyze_every,
         )
         parsed = tuple(parse_arm(a, task.parent) for a in dict.fromkeys(arms))
         plans.append(Plan(task, parsed, tuple(range(seeds or d.seeds)), cfg, tune_lr))

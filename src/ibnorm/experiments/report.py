@@ -223,6 +223,27 @@ def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
     return _png(fig)
 
 
+def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, Optional[bytes]]]:
+    """From runs trained with ``--analyze``: information-plane trajectories over training
+    (per arm and layer, mean over seeds) and the last snapshot's kurtosis/sparsity by layer."""
+    points = [
+        {**layer, "arm": r["arm"], "seed": r["seed"], "step": p["step"], "arm_layer": f"{r['arm']} {layer['layer']}"}
+        for r in rows
+        if r["task"] == task and r["phase"] == "final"
+        for p in r["curve"]
+        for layer in p.get("layers", ())
+    ]
+    if not points:
+        return []
+    from ..analysis.information_plane import plot_information_plane, plot_layer_stats
+
+    last = max(p["step"] for p in points)
+    return [
+        ("information-plane", plot_information_plane(points, group="arm_layer", along="step", title=f"{task}: I(X;T) vs I(T;Y) over training")),
+        ("layer-stats", plot_layer_stats([p for p in points if p["step"] == last], title=f"{task}: activation statistics at step {last}")),
+    ]
+
+
 def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` for ``out/results.jsonl``."""
     out = Path(out)
@@ -240,6 +261,7 @@ def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
             ("curves", plot_curves(rows, task)),
             ("arms", plot_arms(table, task)),
             ("sweep", plot_sweep(table, task)),
+            *plot_information(rows, task),
         ):
             if png is None:
                 continue

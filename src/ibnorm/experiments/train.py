@@ -41,6 +41,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     checkpoint_every: int = 200
     eval_items: int = 10_000  # examples (or characters) per evaluation
+    analyze_every: int = 0  # steps between information-plane snapshots (0: none); taken at evaluations
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +150,10 @@ def train_run(
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             point = {"step": step + 1, "train_loss": sum(losses) / len(losses)}
             point.update(task.evaluate(_unwrap(model), data, "val", cfg.eval_items))
+            if cfg.analyze_every and ((step + 1) % cfg.analyze_every == 0 or step + 1 == cfg.steps) and rank == 0:
+                from ..analysis.run_analysis import information_snapshot
+
+                point["layers"] = information_snapshot(task, data, _unwrap(model), seed=seed)
             curve.append(point)
             losses = []
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and rank == 0:
@@ -156,7 +161,7 @@ def train_run(
     if bar is not None:
         bar.close()
     metrics = task.evaluate(_unwrap(model), data, "test", cfg.eval_items)
-    metrics.update({k: v for k, v in curve[-1].items() if k != "step"} if curve else {})
+    metrics.update({k: v for k, v in curve[-1].items() if k not in ("step", "layers")} if curve else {})
     return {
         "metrics": metrics,
         "curve": curve,
