@@ -4,7 +4,14 @@ IBNorm standardizes each normalization group, compresses it with a bounded ψ_λ
 the tails toward the centre, and standardizes again, then applies the usual affine.
 """
 
-from .compression import Compression, available_compressions, get_compression, register_compression
+from .compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LAM,
+    Compression,
+    available_compressions,
+    get_compression,
+    register_compression,
+)
 from .convert import ConversionRecord, convert_norms, convert_sync_ibbatchnorm, get_norm_layer
 from .functional import ib_batch_norm, ib_group_norm, ib_layer_norm, ib_rms_norm
 from .ops import get_backend, set_backend, use_backend
@@ -21,6 +28,8 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_COMPRESSION",
+    "DEFAULT_LAM",
     "Compression",
     "register_compression",
     "get_compression",

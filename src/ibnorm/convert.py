@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._validation import check_lam
-from .compression import available_compressions, get_compression
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, available_compressions, get_compression
 from .modules import (
     IBBatchNorm1d,
     IBBatchNorm2d,
@@ -167,8 +167,8 @@ def _check_selectors(selectors: Optional[Iterable[Selector]], arg: str) -> Optio
 
 def convert_norms(
     model: nn.Module,
-    compression: str = "L",
-    lam: float = 1.0,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
     *,
     learnable_lam: bool = False,
     include: Optional[Iterable[Selector]] = None,

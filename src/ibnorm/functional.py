@@ -36,7 +36,7 @@ from ._validation import (
     check_trailing_shape,
     normalize_shape,
 )
-from .compression import Compression, get_compression
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, Compression, get_compression
 from .ops import GroupStats, get_backend, is_identity, normalize
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
@@ -73,8 +73,8 @@ def ib_layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    compression: str | Compression = "L",
-    lam: Lam = 1.0,
+    compression: str | Compression = DEFAULT_COMPRESSION,
+    lam: Lam = DEFAULT_LAM,
 ) -> Tensor:
     """IBNorm with layer grouping: each row over the trailing ``normalized_shape`` dims.
 
@@ -101,8 +101,8 @@ def ib_rms_norm(
     normalized_shape: Sequence[int],
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
-    compression: str | Compression = "L",
-    lam: Lam = 1.0,
+    compression: str | Compression = DEFAULT_COMPRESSION,
+    lam: Lam = DEFAULT_LAM,
 ) -> Tensor:
     """IBNorm with RMS grouping (no centering), as :func:`torch.nn.functional.rms_norm`.
 
@@ -130,8 +130,8 @@ def ib_group_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    compression: str | Compression = "L",
-    lam: Lam = 1.0,
+    compression: str | Compression = DEFAULT_COMPRESSION,
+    lam: Lam = DEFAULT_LAM,
 ) -> Tensor:
     """IBNorm with group grouping: per sample, over ``C / num_groups`` channels and all
     spatial positions, as :func:`torch.nn.functional.group_norm`; affine per channel."""
@@ -186,8 +186,8 @@ def ib_batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    compression: str | Compression = "L",
-    lam: Lam = 1.0,
+    compression: str | Compression = DEFAULT_COMPRESSION,
+    lam: Lam = DEFAULT_LAM,
     running_mean_psi: Optional[Tensor] = None,
     running_var_psi: Optional[Tensor] = None,
     process_group: Optional[object] = None,

@@ -1,7 +1,8 @@
 """``nn.Module`` wrappers over :mod:`ibnorm.functional`, with torch's signatures.
 
 Every layer takes its torch parent's arguments in the parent's order, then the keyword-only
-``compression`` (a registered family name, default ``"L"``), ``lam`` (λ ≥ 0, default 1.0)
+``compression`` (a registered family name, default ``"S"``), ``lam`` (λ ≥ 0, default 0.25; both
+from the sweeps in README)
 and ``learnable_lam`` (one scalar per layer, λ = softplus(lam_raw) ≥ 0). Parameter and
 buffer names are the parent's, so a parent's ``state_dict`` loads into the IB layer; the
 only additions are ``lam_raw`` (learnable λ) and, for batch grouping,
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from . import functional as IBF
 from ._norm_parts import NormBase
 from ._validation import check_eps, check_lam, check_momentum, check_positive_int, normalize_shape
-from .compression import Compression, gaussian_second_moment, get_compression
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, Compression, gaussian_second_moment, get_compression
 
 __all__ = [
     "IBLayerNorm",
@@ -122,8 +123,8 @@ class IBLayerNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: str = "L",
-        lam: float = 1.0,
+        compression: str = DEFAULT_COMPRESSION,
+        lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -166,8 +167,8 @@ class IBRMSNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: str = "L",
-        lam: float = 1.0,
+        compression: str = DEFAULT_COMPRESSION,
+        lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -207,8 +208,8 @@ class IBGroupNorm(_IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = "L",
-        lam: float = 1.0,
+        compression: str = DEFAULT_COMPRESSION,
+        lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -264,8 +265,8 @@ class _IBBatchNorm(_IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = "L",
-        lam: float = 1.0,
+        compression: str = DEFAULT_COMPRESSION,
+        lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -394,8 +395,8 @@ class SyncIBBatchNorm(_IBBatchNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = "L",
-        lam: float = 1.0,
+        compression: str = DEFAULT_COMPRESSION,
+        lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
     ) -> None:
         super().__init__(

@@ -1,7 +1,8 @@
 """Arms of an A/B comparison: what each arm does to the task's parent model.
 
-Spec strings: ``parent``; ``ib-S`` / ``ib-L`` / ``ib-T`` (that family at the default λ);
-``ib-learnable`` (family L, learnable λ); ``ib:<family>:<λ>`` and
+Spec strings: ``parent``; ``ib`` (the library default, S at λ = 0.25); ``ib-S`` / ``ib-L`` /
+``ib-T`` (that family at λ = 1); ``ib-learnable`` (family L, learnable λ from 1);
+``ib:<family>:<λ>`` and
 ``ib:<family>:<λ>:learnable`` for any registered family and λ; ``normalnorm``; ``dyt``
 (LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
 the parent's Parameters.
@@ -16,13 +17,12 @@ from torch import nn
 
 from .._validation import check_lam
 from ..baselines import convert_to_dyt, convert_to_normalnorm
-from ..compression import get_compression
+from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, get_compression
 from ..convert import convert_norms
 
-# The library defaults (IBLayerNorm & co. use compression="L", lam=1.0); `ibnorm sweep` measures them.
-DEFAULT_COMPRESSION = "L"
-DEFAULT_LAM = 1.0
-DEFAULT_ARMS = ("parent", "ib-S", "ib-L", "ib-T", "ib-learnable", "normalnorm", "dyt")
+# λ of the family arms ib-S/ib-L/ib-T and the starting λ of ib-learnable (family L).
+FAMILY_ARM_LAM = 1.0
+DEFAULT_ARMS = ("parent", "ib", "ib-S", "ib-L", "ib-T", "ib-learnable", "normalnorm", "dyt")
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,13 @@ def parse_arm(spec: str, parent: str) -> Arm:
         if spec == "normalnorm" and parent == "rms":
             raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
         return Arm(spec, spec)
+    if spec == "ib":
+        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM)
     if spec == "ib-learnable":
-        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, True)
+        return Arm(spec, "ib", "L", FAMILY_ARM_LAM, True)
     if spec.startswith("ib-") and len(spec) > 3:
         family = get_compression(spec[3:]).name
-        return Arm(spec, "ib", family, DEFAULT_LAM)
+        return Arm(spec, "ib", family, FAMILY_ARM_LAM)
     if spec.startswith("ib:"):
         parts = spec.split(":")
         if len(parts) in (3, 4) and (len(parts) == 3 or parts[3] == "learnable"):
@@ -74,6 +76,6 @@ def parse_arm(spec: str, parent: str) -> Arm:
                 raise ValueError(f"arm {spec!r}: a learnable lam needs an initial value > 0")
             return Arm(spec, "ib", family, lam, learnable)
     raise ValueError(
-        f"arm={spec!r} is not known; accepted: 'parent', 'ib-S', 'ib-L', 'ib-T', 'ib-learnable', "
+        f"arm={spec!r} is not known; accepted: 'parent', 'ib', 'ib-S', 'ib-L', 'ib-T', 'ib-learnable', "
         "'ib:<family>:<lam>[:learnable]', 'normalnorm', 'dyt'"
     )

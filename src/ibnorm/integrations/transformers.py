@@ -13,14 +13,14 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..compression import get_compression
+from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, get_compression
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
 
 
 def convert_hf_model(
-    model: nn.Module, compression: str = "L", lam: float = 1.0, **convert_kwargs: Any
+    model: nn.Module, compression: str = DEFAULT_COMPRESSION, lam: float = DEFAULT_LAM, **convert_kwargs: Any
 ) -> tuple[nn.Module, ConversionRecord]:
     """:func:`ibnorm.convert_norms` for a ``transformers`` model, noting the settings in
     ``model.config.ibnorm`` (``compression``, ``lam``, ``learnable_lam``, ``converted``)."""
@@ -38,8 +38,8 @@ def convert_hf_model(
 
 def ib_model_from_config(
     config: Any,
-    compression: str = "L",
-    lam: float = 1.0,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
     auto_class: Optional[type] = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, ConversionRecord]:
