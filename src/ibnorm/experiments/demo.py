@@ -18,7 +18,7 @@ ARMS = ("parent", "ib-L", "ib-T")
 
 def run_demo(out: Path, progress: bool = True) -> Path:
     plans = make_plans(["mnist1d-cnn"], ARMS, seeds=3, steps=1500, eval_every=250) + make_plans(
-        ["pydoc-gpt2"], ARMS, seeds=2, steps=300, eval_every=100
+        ["pydoc-gpt2"], ARMS, seeds=2, steps=150, batch_size=16, eval_every=50, eval_items=4096
     )
     run_plans(plans, out, progress=progress)
     report = write_report(out, "ibnorm demo: parent vs IBNorm-L/T")
