@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ibnorm
 from ibnorm import IBBatchNorm2d, IBLayerNorm, IBRMSNorm, convert_norms
 
 transformers = pytest.importorskip("transformers")

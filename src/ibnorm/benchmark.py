@@ -31,7 +31,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import modules as ib
-from ._io import atomic_write_csv
+from ._io import atomic_write_bytes, atomic_write_csv
+from ._measure import saved_tensor_bytes
+from ._plotting import figure_png, pyplot
 from .convert import convert_norms
 from .ops import dispatch, use_backend
 
@@ -62,19 +64,6 @@ def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> flo
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward of one forward, each storage counted once."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
 
 
 def _time_modes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -121,7 +110,7 @@ def kernel_benchmark(
                     module(x).backward(grad)
                     first_call_s = time.perf_counter() - start
                 timings = _time_modes(module, x, grad, repeats)
-                results[impl] = {**timings, "saved_bytes": saved_bytes(module, x), "first_call_s": first_call_s}
+                results[impl] = {**timings, "saved_bytes": saved_tensor_bytes(lambda: module(x)), "first_call_s": first_call_s}
         for impl, r in results.items():
             base = results["parent"]
             rows.append(
@@ -229,14 +218,9 @@ def model_step_benchmark(
 def plot_kernels(rows: list[dict[str, object]], path: Path) -> Optional[Path]:
     """Bar chart of forward+backward time relative to the parent; None if matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
-    from ._io import atomic_write_bytes
-    import io
 
     labels = sorted({(r["grouping"], r["shape"], r["dtype"]) for r in rows}, key=str)
     impls = [i for i in IMPLEMENTATIONS if i != "parent"]
@@ -255,10 +239,7 @@ def plot_kernels(rows: list[dict[str, object]], path: Path) -> Optional[Path]:
     ax.set_title(f"IBNorm vs torch parent, {torch.get_num_threads()} CPU threads (lower is better)")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, figure_png(fig, dpi=120))
 
 
 def format_table(rows: list[dict[str, object]], columns: Sequence[str]) -> str:

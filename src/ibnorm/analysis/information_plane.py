@@ -18,7 +18,6 @@ estimate).
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from collections import defaultdict
@@ -35,6 +34,7 @@ from .mutual_information import (
     probe_mutual_information,
     train_test_split,
 )
+from .._plotting import figure_png, pyplot
 from .stats import activation_stats
 
 __all__ = ["layer_information", "information_plane", "plot_information_plane", "plot_layer_stats", "LABELS"]
@@ -156,24 +156,6 @@ def information_plane(
 
 
 # =============================================================================== plots
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _key(row: Mapping[str, Any], keys: Union[str, Sequence[str]]) -> Any:
     if isinstance(keys, str):
         return row.get(keys, "")
@@ -220,7 +202,7 @@ def plot_information_plane(
     order of ``along`` (default: layer depth; use ``"step"`` for a training trajectory).
     Rows sharing (group, along), e.g. seeds, are averaged. The first and last point of each
     line are labelled with their layer name. Returns PNG bytes."""
-    plt = _pyplot()
+    plt = pyplot()
     points = _mean_points(rows, group, along, (x, y))
     fig, ax = plt.subplots(figsize=(7, 5))
     for g, pts in sorted(points.items(), key=lambda item: (_label(item[0]) != "parent", _label(item[0]))):
@@ -238,7 +220,7 @@ def plot_information_plane(
     if points:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_layer_stats(
@@ -252,7 +234,7 @@ def plot_layer_stats(
     """One panel per statistic in ``stats`` (default: excess kurtosis and Hoyer sparsity),
     its value against layer depth (``along``), one line per ``group`` (default: arm),
     averaging rows that share (group, layer), e.g. seeds. Returns PNG bytes."""
-    plt = _pyplot()
+    plt = pyplot()
     points = _mean_points(rows, group, along, tuple(stats))
     fig, axes = plt.subplots(1, len(stats), figsize=(5 * len(stats), 4), squeeze=False)
     ticks: dict[Any, str] = {}
@@ -270,4 +252,4 @@ def plot_layer_stats(
         ax.legend(fontsize=7)
     fig.suptitle(title or "activation statistics by layer")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import statistics
 from collections import defaultdict
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .._io import atomic_write_bytes, atomic_write_text
+from .._plotting import figure_png, pyplot
 from .compare import read_results
 
 
@@ -129,22 +129,9 @@ def _table_md(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def plot_curves(rows: list[dict[str, Any]], task: str) -> Optional[bytes]:
     """Validation metric vs step, mean over seeds with a min–max band, one line per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in rows if r["task"] == task and r["phase"] == "final" and r["curve"]]
     if not runs:
         return None
@@ -162,16 +149,12 @@ def plot_curves(rows: list[dict[str, Any]], task: str) -> Optional[bytes]:
     ax.set_title(f"{task}: validation {key} (mean over seeds, band = min–max)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_arms(table: list[dict[str, Any]], task: str) -> bytes:
     """Test metric per arm with 95% confidence intervals; the parent's mean as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(table)), 4))
     xs = range(len(table))
     means = [r["mean"] for r in table]
@@ -185,16 +168,12 @@ def plot_arms(table: list[dict[str, Any]], task: str) -> bytes:
     ax.set_ylabel(table[0]["metric"])
     ax.set_title(f"{task}: {table[0]['metric']} by arm (95% CI)")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
     """Metric vs λ per family for ``ib:<family>:<λ>`` arms; the parent is λ = 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points: dict[str, list[tuple[float, dict]]] = defaultdict(list)
     parent = next((r for r in table if r["arm"] == "parent"), None)
     for r in table:
@@ -220,7 +199,7 @@ def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
     ax.set_title(f"{task}: λ sweep (mean, 95% CI band)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, Optional[bytes]]]:

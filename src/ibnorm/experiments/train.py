@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
+from .._measure import saved_tensor_bytes
 from ..convert import convert_norms, convert_sync_ibbatchnorm
 from .arms import Arm
 from .tasks import Task
@@ -68,17 +69,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def activation_bytes(task: Task, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one training forward (each storage once): the
-    activation-memory cost of a step, measured the same way on every device."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        task.loss(model, inputs, targets)
-    return sum(storages.values())
+    """Bytes autograd saves for backward in one training forward: the activation-memory
+    cost of a step."""
+    return saved_tensor_bytes(lambda: task.loss(model, inputs, targets))
 
 
 def _interrupt_step(label: str) -> Optional[int]:
