@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # a loose `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install data test demo clean
+.PHONY: install data test demo results clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install data
 
 demo: install data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ibnorm demo --out runs/demo
+
+# The evidence campaign (docs/results/plan.json): runs or resumes every entry, rewrites every report.
+# Hours of CPU; stop it any time and run it again to continue. RESULTS_ARGS="--only NAME" runs one entry.
+results: install data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ibnorm results $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -7,6 +7,8 @@ the tails toward the centre, and standardizes again, then applies the usual affi
 from .compression import (
     DEFAULT_COMPRESSION,
     DEFAULT_LAM,
+    DEFAULT_PLACEMENT,
+    PLACEMENTS,
     Compression,
     available_compressions,
     get_compression,
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_COMPRESSION",
     "DEFAULT_LAM",
+    "DEFAULT_PLACEMENT",
+    "PLACEMENTS",
     "Compression",
     "register_compression",
     "get_compression",

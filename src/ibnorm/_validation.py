@@ -14,6 +14,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from .compression import PLACEMENTS
+
 Lam = Union[float, Tensor]
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +36,13 @@ def check_lam(lam: object, name: str = "lam") -> Lam:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite real number >= 0, got {lam!r}")
     return value
+
+
+def check_placement(placement: object, name: str = "placement") -> str:
+    """One of :data:`ibnorm.compression.PLACEMENTS` (case-insensitive), returned lower-case."""
+    if not isinstance(placement, str) or placement.strip().lower() not in PLACEMENTS:
+        raise ValueError(f"{name} must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement.strip().lower()
 
 
 def check_floating(input: Tensor, name: str = "input") -> None:

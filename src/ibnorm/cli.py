@@ -1,4 +1,5 @@
-"""The ``ibnorm`` command: ``compare``, ``sweep``, ``demo``, ``analyze`` and ``bench``.
+"""The ``ibnorm`` command: ``compare``, ``sweep``, ``results``, ``roi``, ``demo``, ``analyze``
+and ``bench``.
 
 ``compare`` and ``sweep`` also run under ``torchrun --nproc-per-node N``: the process group
 is initialized from the environment (gloo on CPU, nccl on CUDA) and rank 0 writes files.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,10 +39,17 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
 
 
 def _run(
-    args: argparse.Namespace, tasks: Sequence[str], arms: Sequence[str], title: str, tune_lr: int = 0, analyze: int = 0
+    args: argparse.Namespace,
+    tasks: Sequence[str],
+    arms: Sequence[str],
+    title: str,
+    command: str,
+    tune_lr: int = 0,
+    analyze: int = 0,
 ) -> None:
     from .experiments.compare import make_plans, run_plans
     from .experiments.report import write_report
@@ -48,9 +57,13 @@ def _run(
     plans = make_plans(
         tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr, analyze_every=analyze
     )
+    if args.report_only:
+        report = write_report(args.out, title)
+        print(f"report: {report} and {report.with_suffix('.html')}")
+        return
     _init_distributed()
     try:
-        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress)
+        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are in {args.out / 'results.jsonl'}; run the same command to resume")
         raise SystemExit(130)
@@ -77,13 +90,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sweep.add_argument("--task", required=True)
     sweep.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
     sweep.add_argument("--families", nargs="+", default=["S", "L", "T"])
+    sweep.add_argument("--placements", nargs="+", default=["standardized"], help="standardized and/or centered")
     _experiment_args(sweep)
+
+    results = sub.add_parser("results", help="run or resume the evidence campaign of a recorded plan (make results)")
+    results.add_argument("--plan", type=Path, default=None, help="plan file (default: docs/results/plan.json)")
+    results.add_argument("--only", nargs="+", help="run only these plan entries")
+    results.add_argument("--report-only", action="store_true", help="rewrite every report; train nothing")
+    results.add_argument("--no-progress", action="store_true")
 
     demo = sub.add_parser("demo", help="the quick preset behind `make demo` (a few minutes on 2 cores)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
 
     sub.add_parser("bench", help="speed and memory of IB layers vs the torch parents", add_help=False)
     sub.add_parser("analyze", help="activation statistics and mutual information of a finished compare run", add_help=False)
+    sub.add_parser("roi", help="compute-equivalent gain vs time overhead of each arm of a run folder", add_help=False)
+    if argv[:1] == ["roi"]:
+        from .experiments.roi import main as roi
+
+        roi(argv[1:])
+        return None
     if argv[:1] == ["bench"]:
         from .benchmark import main as bench
 
@@ -94,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         analyze(argv[1:])
         return None
     args = parser.parse_args(argv)
+    command = "ibnorm " + shlex.join(argv)
 
     if args.command == "compare":
         from .experiments.arms import DEFAULT_ARMS
@@ -103,11 +130,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if arms is None:
             parents = {get_task(t).parent for t in args.tasks}
             arms = [a for a in DEFAULT_ARMS if a != "dyt" or parents == {"layer"}]
-        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", args.tune_lr, args.analyze)
+        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", command, args.tune_lr, args.analyze)
     elif args.command == "sweep":
         from .experiments.compare import sweep_arms
 
-        _run(args, [args.task], sweep_arms(args.families, args.lams), f"ibnorm sweep: {args.task}")
+        arms = sweep_arms(args.families, args.lams, args.placements)
+        _run(args, [args.task], arms, f"ibnorm sweep: {args.task}", command)
+    elif args.command == "results":
+        from .experiments.campaign import DEFAULT_PLAN, run_campaign
+
+        run_campaign(main, args.plan or DEFAULT_PLAN, args.only, report_only=args.report_only, progress=not args.no_progress)
     elif args.command == "demo":
         from .experiments.demo import run_demo
 

@@ -30,6 +30,8 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_COMPRESSION",
     "DEFAULT_LAM",
+    "DEFAULT_PLACEMENT",
+    "PLACEMENTS",
     "Compression",
     "register_compression",
     "get_compression",
@@ -100,6 +102,12 @@ _REGISTRY: dict[str, Compression] = {}
 # S at λ = 0.25 was the only setting indistinguishable from the parent norm.
 DEFAULT_COMPRESSION = "S"
 DEFAULT_LAM = 0.25
+
+# Where ψ acts (DESIGN §1): on the standardized z, then the group is standardized again
+# ("standardized"), or on the centered input in its own units, then standardized once
+# ("centered"; RMS grouping: on x itself). Not scale-invariant by design.
+PLACEMENTS = ("standardized", "centered")
+DEFAULT_PLACEMENT = "standardized"
 
 
 def _check_derivative(name: str, psi: PsiFn, dpsi: PsiFn, dpsi_dlam: Optional[PsiFn]) -> None:

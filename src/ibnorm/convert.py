@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ._validation import check_lam
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, available_compressions, get_compression
+from ._validation import check_lam, check_placement
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, available_compressions, get_compression
 from .modules import (
     IBBatchNorm1d,
     IBBatchNorm2d,
@@ -171,6 +171,7 @@ def convert_norms(
     lam: float = DEFAULT_LAM,
     *,
     learnable_lam: bool = False,
+    placement: str = DEFAULT_PLACEMENT,
     include: Optional[Iterable[Selector]] = None,
     exclude: Optional[Iterable[Selector]] = None,
 ) -> tuple[nn.Module, ConversionRecord]:
@@ -185,13 +186,19 @@ def convert_norms(
     (``"transformer.h.*.ln_1"``) or classes; a match selects the module and everything
     under it (``exclude=["transformer.h.0"]`` keeps that whole block as it is).
     ``include=None`` means every norm; ``exclude`` wins over ``include``.
+    ``compression``, ``lam``, ``learnable_lam`` and ``placement`` are the IB layers' own.
 
     Returns ``(model, record)``: ``model`` is a new object only when ``model`` itself was a
     norm layer. ``print(record)`` lists what was converted and what was skipped and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ib = {"compression": get_compression(compression).name, "lam": check_lam(lam), "learnable_lam": learnable_lam}
+    ib = {
+        "compression": get_compression(compression).name,
+        "lam": check_lam(lam),
+        "learnable_lam": learnable_lam,
+        "placement": check_placement(placement),
+    }
 
     def build(module: nn.Module) -> Union[nn.Module, str, None]:
         mismatch = _rmsnorm_mismatch(module) if _is_hf_style_rmsnorm(module) else None
@@ -272,6 +279,7 @@ def convert_sync_ibbatchnorm(module: nn.Module, process_group: Optional[Any] = N
             compression=module.compression,
             lam=module.lam_value(),
             learnable_lam=module.learnable_lam,
+            placement=module.placement,
         )
         return _move_state(module, new)
     for name, child in list(module.named_children()):
@@ -294,17 +302,20 @@ _NORM_CLASSES: dict[str, type[nn.Module]] = {
 
 
 def _norm_layer_names() -> list[str]:
-    return [f"ib_{kind}[_<compression>]" for kind in _NORM_CLASSES] + [
-        f"compression one of {available_compressions()}"
+    return [f"ib_{kind}[_<compression>[_<placement>]]" for kind in _NORM_CLASSES] + [
+        f"compression one of {available_compressions()}",
+        f"placement one of {list(PLACEMENTS)}",
     ]
 
 
 def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
     """A norm-layer constructor for ``norm_layer=`` arguments (timm style).
 
-    Names are ``"ib_<kind>"`` or ``"ib_<kind>_<compression>"`` (case-insensitive), with kind
-    one of layernorm, rmsnorm, batchnorm (2d), batchnorm1d/2d/3d, syncbatchnorm, groupnorm,
-    e.g. ``"ib_layernorm_t"`` → ``functools.partial(IBLayerNorm, compression="T")``.
+    Names are ``"ib_<kind>"``, ``"ib_<kind>_<compression>"`` or
+    ``"ib_<kind>_<compression>_<placement>"`` (case-insensitive), with kind one of layernorm,
+    rmsnorm, batchnorm (2d), batchnorm1d/2d/3d, syncbatchnorm, groupnorm, e.g.
+    ``"ib_layernorm_t"`` → ``functools.partial(IBLayerNorm, compression="T")`` and
+    ``"ib_rmsnorm_l_centered"`` → ``partial(IBRMSNorm, compression="L", placement="centered")``.
     A class or a ``functools.partial`` passes through unchanged.
     """
     if isinstance(norm_layer, functools.partial) or (
@@ -319,12 +330,19 @@ def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[...,
         )
     key = norm_layer.strip().lower().replace("-", "_")
     if key.startswith("ib_"):
-        kind, _, family = key[3:].partition("_")
+        kind, _, rest = key[3:].partition("_")
+        family, _, placement = rest.rpartition("_") if rest.endswith(PLACEMENTS) else (rest, "", "")
         if kind in _NORM_CLASSES:
-            if not family:
-                return _NORM_CLASSES[kind]
+            options = {}
             try:
-                return functools.partial(_NORM_CLASSES[kind], compression=get_compression(family).name)
+                if family:
+                    options["compression"] = get_compression(family).name
+                if placement:
+                    options["placement"] = check_placement(placement)
             except ValueError:
-                pass
+                options = None
+            if options == {}:
+                return _NORM_CLASSES[kind]
+            if options:
+                return functools.partial(_NORM_CLASSES[kind], **options)
     raise ValueError(f"norm_layer={norm_layer!r} is not a known name; accepted: {_norm_layer_names()}")

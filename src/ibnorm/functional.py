@@ -8,7 +8,10 @@ For one normalization group ``x`` of ``n`` elements (biased variances, as torch)
     y = γ·û + β
 
 RMS grouping drops both centerings: ``z = x / sqrt(mean(x²) + eps)``, ``u = ψ_λ(z)``,
-``y = γ · u / sqrt(mean(u²) + eps)``. With a float ``lam == 0`` ψ is the identity and
+``y = γ · u / sqrt(mean(u²) + eps)``. That is ``placement="standardized"`` (default);
+``placement="centered"`` applies ψ to the centered input in its own units and standardizes
+once: ``u = ψ_λ(x − μ)`` (RMS: ``ψ_λ(x)``), ``û = (u − mean u) / sqrt(var u + eps)``, so the
+strength follows the activation scale (not scale-invariant, by design). With a float ``lam == 0`` ψ is the identity and
 the second standardization is skipped, so the result *is* the parent norm (LayerNorm,
 RMSNorm, BatchNorm, GroupNorm) and not a re-standardization of it.
 
@@ -33,10 +36,11 @@ from ._validation import (
     check_eps,
     check_floating,
     check_lam,
+    check_placement,
     check_trailing_shape,
     normalize_shape,
 )
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, Compression, get_compression
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, Compression, get_compression
 from .ops import GroupStats, get_backend, is_identity, normalize
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
@@ -44,9 +48,9 @@ __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 Lam = Union[float, Tensor]
 
 
-def _prepare(input: Tensor, compression: str | Compression, lam: Lam) -> tuple[Compression, Lam]:
+def _prepare(input: Tensor, compression: str | Compression, lam: Lam, placement: str) -> tuple[Compression, Lam, str]:
     check_floating(input)
-    return get_compression(compression), check_lam(lam)
+    return get_compression(compression), check_lam(lam), check_placement(placement)
 
 
 def _parent(lam: Lam) -> bool:
@@ -75,13 +79,14 @@ def ib_layer_norm(
     eps: float = 1e-5,
     compression: str | Compression = DEFAULT_COMPRESSION,
     lam: Lam = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
 ) -> Tensor:
     """IBNorm with layer grouping: each row over the trailing ``normalized_shape`` dims.
 
     Same arguments as :func:`torch.nn.functional.layer_norm`, plus ``compression`` and
     ``lam``. ``y = weight · û + bias`` with û as in the module docstring.
     """
-    family, lam = _prepare(input, compression, lam)
+    family, lam, placement = _prepare(input, compression, lam, placement)
     shape = normalize_shape(normalized_shape)
     check_eps(eps)
     check_trailing_shape(input, shape)
@@ -91,7 +96,16 @@ def ib_layer_norm(
         return F.layer_norm(input, shape, weight, bias, eps)
     n = math.prod(shape)
     y, _ = normalize(
-        input.reshape(-1, n), _view(weight, (1, n)), _view(bias, (1, n)), lam, dims=(1,), dynamic_dims=(0,), eps=eps, family=family, center=True
+        input.reshape(-1, n),
+        _view(weight, (1, n)),
+        _view(bias, (1, n)),
+        lam,
+        dims=(1,),
+        dynamic_dims=(0,),
+        eps=eps,
+        family=family,
+        center=True,
+        placement=placement,
     )
     return y.reshape(input.shape)
 
@@ -103,13 +117,14 @@ def ib_rms_norm(
     eps: Optional[float] = None,
     compression: str | Compression = DEFAULT_COMPRESSION,
     lam: Lam = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
 ) -> Tensor:
     """IBNorm with RMS grouping (no centering), as :func:`torch.nn.functional.rms_norm`.
 
     ``z = x / sqrt(mean(x²) + eps)``, ``u = ψ_λ(z)``, ``y = weight · u / sqrt(mean(u²) + eps)``.
     ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
     """
-    family, lam = _prepare(input, compression, lam)
+    family, lam, placement = _prepare(input, compression, lam, placement)
     shape = normalize_shape(normalized_shape)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -119,7 +134,17 @@ def ib_rms_norm(
     if _parent(lam):
         return F.rms_norm(input, shape, weight, eps)
     n = math.prod(shape)
-    y, _ = normalize(input.reshape(-1, n), _view(weight, (1, n)), None, lam, dims=(1,), dynamic_dims=(0,), eps=eps, family=family, center=False
+    y, _ = normalize(
+        input.reshape(-1, n),
+        _view(weight, (1, n)),
+        None,
+        lam,
+        dims=(1,),
+        dynamic_dims=(0,),
+        eps=eps,
+        family=family,
+        center=False,
+        placement=placement,
     )
     return y.reshape(input.shape)
 
@@ -132,10 +157,11 @@ def ib_group_norm(
     eps: float = 1e-5,
     compression: str | Compression = DEFAULT_COMPRESSION,
     lam: Lam = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
 ) -> Tensor:
     """IBNorm with group grouping: per sample, over ``C / num_groups`` channels and all
     spatial positions, as :func:`torch.nn.functional.group_norm`; affine per channel."""
-    family, lam = _prepare(input, compression, lam)
+    family, lam, placement = _prepare(input, compression, lam, placement)
     check_eps(eps)
     channels = _channels(input, weight, bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
@@ -156,6 +182,7 @@ def ib_group_norm(
         eps=eps,
         family=family,
         center=True,
+        placement=placement,
     )
     return y.reshape(input.shape)
 
@@ -191,6 +218,7 @@ def ib_batch_norm(
     running_mean_psi: Optional[Tensor] = None,
     running_var_psi: Optional[Tensor] = None,
     process_group: Optional[object] = None,
+    placement: str = DEFAULT_PLACEMENT,
 ) -> Tensor:
     """IBNorm with batch grouping: per channel over (N, *spatial), as
     :func:`torch.nn.functional.batch_norm`.
@@ -203,7 +231,7 @@ def ib_batch_norm(
     ``process_group`` (training only): reduce batch statistics across that group, so the
     result equals one process on the concatenated batch.
     """
-    family, lam = _prepare(input, compression, lam)
+    family, lam, placement = _prepare(input, compression, lam, placement)
     check_eps(eps)
     channels = _channels(input, weight, bias)
     buffers = (running_mean, running_var, running_mean_psi, running_var_psi)
@@ -247,6 +275,7 @@ def ib_batch_norm(
         eps=eps,
         family=family,
         center=True,
+        placement=placement,
         given=given,
         reduce_mean=reduce_mean,
     )

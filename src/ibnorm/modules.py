@@ -1,9 +1,10 @@
 """``nn.Module`` wrappers over :mod:`ibnorm.functional`, with torch's signatures.
 
 Every layer takes its torch parent's arguments in the parent's order, then the keyword-only
-``compression`` (a registered family name, default ``"S"``), ``lam`` (λ ≥ 0, default 0.25; both
-from the sweeps in README)
-and ``learnable_lam`` (one scalar per layer, λ = softplus(lam_raw) ≥ 0). Parameter and
+``compression`` (a registered family name), ``lam`` (λ ≥ 0), ``learnable_lam`` (one scalar per
+layer, λ = softplus(lam_raw) ≥ 0) and ``placement`` (``"standardized"`` or ``"centered"``, see
+:mod:`ibnorm.functional`); the defaults are :data:`ibnorm.DEFAULT_COMPRESSION`,
+:data:`ibnorm.DEFAULT_LAM` and :data:`ibnorm.DEFAULT_PLACEMENT`. Parameter and
 buffer names are the parent's, so a parent's ``state_dict`` loads into the IB layer; the
 only additions are ``lam_raw`` (learnable λ) and, for batch grouping,
 ``running_mean_psi``/``running_var_psi``. These may be absent from a loaded state_dict
@@ -21,8 +22,15 @@ from torch import Tensor, nn
 
 from . import functional as IBF
 from ._norm_parts import NormBase
-from ._validation import check_eps, check_lam, check_momentum, check_positive_int, normalize_shape
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, Compression, gaussian_second_moment, get_compression
+from ._validation import check_eps, check_lam, check_momentum, check_placement, check_positive_int, normalize_shape
+from .compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LAM,
+    DEFAULT_PLACEMENT,
+    Compression,
+    gaussian_second_moment,
+    get_compression,
+)
 
 __all__ = [
     "IBLayerNorm",
@@ -50,9 +58,10 @@ class _IBNorm(NormBase):
     _optional_state: tuple[str, ...] = ("lam_raw",)
 
     def _init_compression(
-        self, compression: str | Compression, lam: float, learnable_lam: bool, factory_kwargs: dict[str, Any]
+        self, compression: str | Compression, lam: float, learnable_lam: bool, placement: str, factory_kwargs: dict[str, Any]
     ) -> None:
         self.compression = compression
+        self.placement = check_placement(placement)
         if isinstance(lam, Tensor):
             raise TypeError(f"lam must be a real number >= 0 when building a layer, got a tensor {lam!r}")
         lam = check_lam(lam)
@@ -101,10 +110,8 @@ class _IBNorm(NormBase):
         return float(lam.detach()) if isinstance(lam, Tensor) else lam
 
     def _compression_repr(self) -> str:
-        if self.lam_raw is not None:
-            return f"compression={self.compression}, lam={self.lam_value():.4g} (learnable)"
-        return f"compression={self.compression}, lam={self.lam}"
-
+        lam = f"{self.lam_value():.4g} (learnable)" if self.lam_raw is not None else f"{self.lam}"
+        return f"compression={self.compression}, lam={lam}, placement={self.placement}"
 
 
 class IBLayerNorm(_IBNorm):
@@ -126,6 +133,7 @@ class IBLayerNorm(_IBNorm):
         compression: str = DEFAULT_COMPRESSION,
         lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
+        placement: str = DEFAULT_PLACEMENT,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -134,7 +142,7 @@ class IBLayerNorm(_IBNorm):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self._init_affine(self.normalized_shape, elementwise_affine, bias, factory_kwargs)
-        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,7 +150,7 @@ class IBLayerNorm(_IBNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, self.compression, self.lam
+            input, self.normalized_shape, self.weight, self.bias, self.eps, self.compression, self.lam, self.placement
         )
 
     def extra_repr(self) -> str:
@@ -170,6 +178,7 @@ class IBRMSNorm(_IBNorm):
         compression: str = DEFAULT_COMPRESSION,
         lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
+        placement: str = DEFAULT_PLACEMENT,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -179,14 +188,16 @@ class IBRMSNorm(_IBNorm):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self._init_affine(self.normalized_shape, elementwise_affine, False, factory_kwargs)
-        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
-        return IBF.ib_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.compression, self.lam)
+        return IBF.ib_rms_norm(
+            input, self.normalized_shape, self.weight, self.eps, self.compression, self.lam, self.placement
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -211,6 +222,7 @@ class IBGroupNorm(_IBNorm):
         compression: str = DEFAULT_COMPRESSION,
         lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
+        placement: str = DEFAULT_PLACEMENT,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -224,7 +236,7 @@ class IBGroupNorm(_IBNorm):
         self.eps = eps
         self.affine = affine
         self._init_affine(num_channels, affine, bias, factory_kwargs)
-        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -236,7 +248,9 @@ class IBGroupNorm(_IBNorm):
                 f"{type(self).__name__} expected input with num_channels={self.num_channels} at dim 1, "
                 f"got shape {tuple(input.shape)}"
             )
-        return IBF.ib_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.compression, self.lam)
+        return IBF.ib_group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, self.compression, self.lam, self.placement
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, " + self._compression_repr()
@@ -268,6 +282,7 @@ class _IBBatchNorm(_IBNorm):
         compression: str = DEFAULT_COMPRESSION,
         lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
+        placement: str = DEFAULT_PLACEMENT,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -279,7 +294,7 @@ class _IBBatchNorm(_IBNorm):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self._init_affine(num_features, affine, bias, factory_kwargs)
-        self._init_compression(compression, lam, learnable_lam, factory_kwargs)
+        self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         if track_running_stats:
             for name in ("running_mean", "running_var", "running_mean_psi", "running_var_psi"):
                 self.register_buffer(name, torch.empty(num_features, **factory_kwargs))
@@ -345,6 +360,7 @@ class _IBBatchNorm(_IBNorm):
             self.running_mean_psi if track else None,
             self.running_var_psi if track else None,
             process_group=self._process_group() if use_batch_stats else None,
+            placement=self.placement,
         )
 
     def extra_repr(self) -> str:
@@ -398,6 +414,7 @@ class SyncIBBatchNorm(_IBBatchNorm):
         compression: str = DEFAULT_COMPRESSION,
         lam: float = DEFAULT_LAM,
         learnable_lam: bool = False,
+        placement: str = DEFAULT_PLACEMENT,
     ) -> None:
         super().__init__(
             num_features,
@@ -411,6 +428,7 @@ class SyncIBBatchNorm(_IBBatchNorm):
             compression=compression,
             lam=lam,
             learnable_lam=learnable_lam,
+            placement=placement,
         )
         self.process_group = process_group
 

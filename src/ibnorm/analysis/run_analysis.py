@@ -18,12 +18,26 @@ per-element distribution the norm acts on. The probe classifier behind the I(T;Y
 bound is trained on a seeded half of the probe set and evaluated on the other half (for
 language models, positions of one window can land on both sides).
 
+Sites. The per-layer rows above are the ``norm_out`` site (``site`` field ``"norm_out"``); ``sites``
+adds, for kurtosis and sparsity only, the norm inputs (``norm_in``), the block outputs
+(``block_out``, the residual stream) and the activation-module outputs (``act_out``) of
+:func:`~ibnorm.analysis.capture.find_sites`: one row per run × site × layer with
+``spatial="examples"``, i.e. per-element values (every position of a feature map or
+sequence is an example, the channels are the units) rather than channel means, drawn as a
+seeded uniform subsample of at most ``max_values`` values per layer (``max_values //
+units`` positions; :class:`~ibnorm.analysis.capture.ActivationCapture`) from all positions
+of the probe set, after the ``max_units`` unit subsample. Sites a model does not expose
+as modules (an activation applied functionally in ``forward``) are named in
+``analysis.md`` as unavailable.
+
 Outputs, written atomically into ``<out>`` (into the run folder when one run folder is
-given): ``analysis.jsonl`` (one row per run × layer,
+given): ``analysis.jsonl`` (one row per run × site × layer with its ``site``,
 all estimates in bits; non-finite numbers as null), ``analysis.md`` (per task, per arm and
-layer the mean over seeds of kurtosis, Hoyer sparsity, I(X;T) and I(T;Y), and one sentence
-per non-parent arm stating the measured direction against the parent), and
-``plots/analysis-<task>-plane.png`` / ``-stats.png``.
+norm layer the mean over seeds of kurtosis, Hoyer sparsity, I(X;T) and I(T;Y), and one
+sentence per non-parent arm stating the measured direction against the parent; per site
+and arm the layer-averaged kurtosis, Hoyer sparsity and fraction |z| < 0.1, and the
+seed-paired comparison of :func:`site_comparison`), and
+``plots/analysis-<task>-plane.png`` / ``-stats.png`` (norm outputs).
 """
 
 from __future__ import annotations
@@ -38,9 +52,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .._io import atomic_write_bytes, atomic_write_text
+from .capture import SITES, _check_sites, capture_activations, find_sites, split_site_key
 from .information_plane import information_plane, plot_information_plane, plot_layer_stats
+from .stats import activation_stats, paired_difference
 
-__all__ = ["analyze_run", "find_out_folder", "output_folder", "summarize_analysis", "ANALYSIS"]
+__all__ = ["analyze_run", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
 
 ANALYSIS = "analysis.jsonl"
 
@@ -52,6 +68,17 @@ _REPORTED = (
     ("I_TY_kernel", "I(T;Y) kernel", "I(T;Y) (kernel)"),
     ("I_TY_probe", "I(T;Y) probe", "I(T;Y) (probe bound)"),
 )
+
+# Statistics averaged per site, and those of them compared seed-paired against the parent.
+_SITE_MEANS = ("kurtosis", "hoyer", "near_zero_fraction")
+_SITE_PAIRED = ("kurtosis", "hoyer")
+_SITE_WORDS = {
+    "norm_in": "norm input",
+    "norm_out": "norm output",
+    "block_out": "block output",
+    "act_out": "activation output",
+}
+_SPATIAL_WORDS = {"mean": "channel means", "flatten": "flattened", "examples": "per element"}
 
 
 def find_out_folder(path: Union[str, Path]) -> tuple[Path, Optional[str]]:
@@ -137,14 +164,19 @@ def analyze_run(
     n_bins: int = 30,
     noise_var: float = 0.2,
     probe_epochs: int = 100,
+    sites: Sequence[str] = ("norm_out",),
+    max_values: int = 100_000,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Analyze the ``final`` runs of an ``ibnorm compare`` output folder (or one run folder
     inside it) and write ``analysis.jsonl``, ``analysis.md`` and ``plots/analysis-*.png``
     into the output folder, or into the run folder when given one (:func:`output_folder`;
-    see the module docstring). Returns the rows (one per run and
-    norm layer). ``noise_var`` is the kernel estimator's σ² relative to each layer's total
+    see the module docstring). Returns the rows (one per run, site and layer).
+    ``noise_var`` is the kernel estimator's σ² relative to each layer's total
     variance (the sum of its unit variances); ``data_dir`` is where Fashion-MNIST lives, as for ``ibnorm compare``.
+    ``sites`` (a subset of :data:`~ibnorm.analysis.capture.SITES`): ``norm_out`` is always
+    analysed; the others add per-element kurtosis/sparsity rows of at most ``max_values``
+    values per layer (at least ``2 × max_units``, so that every layer keeps two positions).
     """
     from ..experiments.arms import parse_arm
     from ..experiments.compare import read_results
@@ -152,6 +184,9 @@ def analyze_run(
 
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
         raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
+    extra_sites = [site for site in _check_sites(sites) if site != "norm_out"]
+    if extra_sites and (isinstance(max_values, bool) or not isinstance(max_values, int) or max_values < 2 * max_units):
+        raise ValueError(f"max_values must be an int >= 2 * max_units = {2 * max_units}, got {max_values!r}")
     out, only_run = find_out_folder(run_dir_or_out)
     runs = [
         r
@@ -165,6 +200,7 @@ def analyze_run(
         raise ValueError(f"no finished 'final' runs to analyze in {out / 'results.jsonl'} (tasks={tasks}, arms={arms})")
     runs.sort(key=lambda r: (r["task"], r["arm"] != "parent", r["arm"], r["seed"]))
     rows: list[dict[str, Any]] = []
+    unavailable: dict[str, dict[str, str]] = defaultdict(dict)
     data_cache: dict[str, Any] = {}
     for i, run in enumerate(runs):
         task = get_task(run["task"])
@@ -190,13 +226,11 @@ def analyze_run(
             probe_epochs=probe_epochs,
         )
         types = _layer_types(model)
+        ident = {k: run[k] for k in ("task", "arm", "seed", "phase", "run_dir")}
         for lr in layer_rows:
             row = {
-                "task": run["task"],
-                "arm": run["arm"],
-                "seed": run["seed"],
-                "phase": run["phase"],
-                "run_dir": run["run_dir"],
+                **ident,
+                "site": "norm_out",
                 "layer_type": types.get(lr["layer"], ""),
                 "spatial": spatial,
                 "n_bins": n_bins,
@@ -204,11 +238,51 @@ def analyze_run(
                 **lr,
             }
             rows.append({k: _finite(v) for k, v in row.items()})
+        site_rows = []
+        if extra_sites:
+            found = find_sites(model, extra_sites)
+            for site, reason in found.unavailable.items():
+                unavailable[run["task"]].setdefault(site, reason)
+            present = [site for site in extra_sites if found.modules[site]]
+            acts = {}
+            if present:
+                acts = capture_activations(
+                    model,
+                    inputs,
+                    sites=present,
+                    forward=task.logits,
+                    batch_size=250 if task.kind != "lm" else 8,
+                    spatial="examples",
+                    max_units=max_units,
+                    max_examples=None,
+                    max_values=max_values,
+                    seed=seed,
+                )
+            depth: dict[str, int] = defaultdict(int)
+            for key, values in acts.items():
+                site, layer = split_site_key(key)
+                row = {
+                    **ident,
+                    "site": site,
+                    "layer": layer,
+                    "layer_index": depth[site],
+                    "layer_type": types.get(layer, ""),
+                    "spatial": "examples",
+                    "max_values": max_values,
+                    **activation_stats(values),
+                }
+                depth[site] += 1
+                site_rows.append({k: _finite(v) for k, v in row.items()})
+        rows += site_rows
         if progress:
-            print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {len(layer_rows)} layers", flush=True)
+            print(
+                f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {len(layer_rows)} layers"
+                + (f", {len(site_rows)} site rows" if extra_sites else ""),
+                flush=True,
+            )
     target = out if only_run is None else out / only_run
     atomic_write_text(target / ANALYSIS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    _write_markdown(target, rows, noise_var)
+    _write_markdown(target, rows, noise_var, unavailable)
     return rows
 
 
@@ -218,13 +292,18 @@ def _mean(values: Sequence[Any]) -> float:
     return statistics.fmean(vals) if vals else float("nan")
 
 
+def _site(row: dict[str, Any]) -> str:
+    return row.get("site", "norm_out")  # rows written before sites existed are norm outputs
+
+
 def summarize_analysis(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per task: ``{"layers": [names in depth order], "arms": {arm: {layer: {key: mean over
-    seeds}}}, "seeds": {arm: n}, "sentences": [...]}``."""
+    """Per task, over the ``norm_out`` rows: ``{"layers": [names in depth order], "arms":
+    {arm: {layer: {key: mean over seeds}}}, "seeds": {arm: n}, "sentences": [...]}``."""
     out: dict[str, dict[str, Any]] = {}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_task[r["task"]].append(r)
+        if _site(r) == "norm_out":
+            by_task[r["task"]].append(r)
     for task, trows in by_task.items():
         order: dict[str, int] = {}
         for r in trows:
@@ -284,8 +363,130 @@ def _fmt(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:.3f}"
 
 
-def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float) -> Path:
+def site_comparison(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per task, site and arm (sites in :data:`~ibnorm.analysis.capture.SITES` order, the
+    parent first): ``{"task", "site", "arm", "seeds", "layers", "spatial", "kurtosis",
+    "hoyer", "near_zero_fraction", "paired"}``.
+
+    For each run (task, site, arm, seed) a statistic is first averaged over the site's layers
+    (those where it is finite), giving one value per seed; the arm's entry is the mean of
+    these over its seeds. ``paired`` (None for the parent, and when there is no parent) maps
+    ``kurtosis`` and ``hoyer`` to :func:`~ibnorm.analysis.stats.paired_difference` of the
+    arm's per-seed values against the parent's over the seeds both have (Δ = arm − parent;
+    paired t-test, no interval or p for fewer than 3 seeds or zero-variance differences).
+    Rows without a ``site`` count as ``norm_out``."""
+    per_seed: dict[tuple[str, str, str], dict[int, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    layers: dict[tuple[str, str, str], set] = defaultdict(set)
+    spatial: dict[tuple[str, str, str], set] = defaultdict(set)
+    for r in rows:
+        cell = (r["task"], _site(r), r["arm"])
+        layers[cell].add(r["layer"])
+        spatial[cell].add(r.get("spatial", ""))
+        for key in _SITE_MEANS:
+            per_seed[cell][r["seed"]][key].append(r.get(key))
+    averaged = {cell: {seed: {k: _mean(v) for k, v in stats.items()} for seed, stats in seeds.items()} for cell, seeds in per_seed.items()}
+    out = []
+    for task, site, arm in sorted(averaged, key=lambda c: (c[0], SITES.index(c[1]) if c[1] in SITES else len(SITES), c[2] != "parent", c[2])):
+        mine = averaged[(task, site, arm)]
+        parent = averaged.get((task, site, "parent"))
+        paired = None
+        if arm != "parent" and parent is not None:
+            shared = sorted(set(mine) & set(parent))
+            paired = {
+                key: paired_difference([mine[s][key] for s in shared], [parent[s][key] for s in shared], confidence) for key in _SITE_PAIRED
+            }
+        out.append(
+            {
+                "task": task,
+                "site": site,
+                "arm": arm,
+                "seeds": len(mine),
+                "layers": len(layers[(task, site, arm)]),
+                "spatial": ", ".join(sorted(spatial[(task, site, arm)])),
+                **{key: _mean([v[key] for v in mine.values()]) for key in _SITE_MEANS},
+                "paired": paired,
+            }
+        )
+    return out
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _paired_cell(result: dict[str, Any]) -> str:
+    """``Δ [CI] p`` of one paired comparison for a table cell."""
+    if result["delta"] is None:
+        return f"– ({result['note']})"
+    if result["p"] is None:
+        return f"{_signed(result['delta'])} ({result['note']}, n={result['n']})"
+    return f"{_signed(result['delta'])} [{_signed(result['ci_low'])}, {_signed(result['ci_high'])}] p={result['p']:.3g} (n={result['n']})"
+
+
+def _paired_phrase(name: str, result: dict[str, Any]) -> str:
+    """``"kurtosis higher (Δ +0.1, 95% CI [...], p = ...)"``: the measured direction in words."""
+    delta = result["delta"]
+    if delta is None:
+        return f"{name} not compared ({result['note']})"
+    direction = "higher" if delta > 0 else "lower" if delta < 0 else "equal"
+    if result["p"] is None:
+        return f"{name} {direction} (Δ {_signed(delta)}, {result['n']} paired seeds: {result['note']}, no test)"
+    return (
+        f"{name} {direction} (Δ {_signed(delta)}, 95% CI [{_signed(result['ci_low'])}, {_signed(result['ci_high'])}], "
+        f"p = {result['p']:.3g}, {result['n']} paired seeds)"
+    )
+
+
+def _site_markdown(entries: Sequence[dict[str, Any]], unavailable: dict[str, str], max_values: Optional[int]) -> list[str]:
+    """The per-site means table, the paired table, one sentence per site and the unavailable sites."""
+    cap = f"at most {max_values} values per layer" if max_values else "a capped number of values per layer"
+    md = [
+        "### Kurtosis and sparsity by site",
+        "",
+        "Each statistic is averaged over the site's layers per seed, then over seeds. norm_out uses the rows above; "
+        "the other sites use per-element values (every position of a feature map or sequence an example, channels "
+        f"the units), a seeded uniform subsample of {cap}.",
+        "",
+        "| site | arm | layers | values | excess kurtosis | Hoyer | fraction \\|z\\| < 0.1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        values = ", ".join(_SPATIAL_WORDS.get(v, v) for v in e["spatial"].split(", "))
+        md.append(
+            f"| {e['site']} | {e['arm']} (n={e['seeds']}) | {e['layers']} | {values} | "
+            + " | ".join(_fmt(e[k]) for k in _SITE_MEANS)
+            + " |"
+        )
+    md += [
+        "",
+        "### Does IBNorm raise kurtosis and sparsity? (paired over seeds)",
+        "",
+        "Δ = arm − parent of the layer-averaged value, paired over the seeds both have: mean Δ, 95% t-interval and "
+        "the paired t-test p (scipy.stats.ttest_rel); none for fewer than 3 paired seeds or zero-variance differences.",
+        "",
+        "| site | arm | Δ kurtosis [95% CI] p | Δ Hoyer [95% CI] p |",
+        "|---|---|---|---|",
+    ]
+    compared = [e for e in entries if e["paired"] is not None]
+    for e in compared:
+        md.append(f"| {e['site']} | {e['arm']} | {_paired_cell(e['paired']['kurtosis'])} | {_paired_cell(e['paired']['hoyer'])} |")
+    if not compared:
+        md.append("| – | – | no parent arm, or no other arm: no comparison | |")
+    md.append("")
+    for site in dict.fromkeys(e["site"] for e in compared):
+        parts = [
+            f"{e['arm']}: " + ", ".join(_paired_phrase(n, e["paired"][k]) for k, n in (("kurtosis", "excess kurtosis"), ("hoyer", "Hoyer sparsity")))
+            for e in compared
+            if e["site"] == site
+        ]
+        md.append(f"- At the {_SITE_WORDS.get(site, site)} ({site}), measured against the parent: " + "; ".join(parts) + ".")
+    md += [f"- {site} unavailable for this model: {reason}." for site, reason in unavailable.items()]
+    return md + [""]
+
+
+def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float, unavailable: dict[str, dict[str, str]]) -> Path:
     summary = summarize_analysis(rows)
+    sites = site_comparison(rows)
     md = [
         "# ibnorm representation analysis",
         "",
@@ -302,7 +503,9 @@ def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float)
                 if layer in layers:
                     md.append(f"| {arm} (n={info['seeds'][arm]}) | {layer} | " + " | ".join(_fmt(layers[layer][k]) for k, _, _ in _REPORTED) + " |")
         md += [""] + [f"- {s}" for s in info["sentences"]] + [""]
-        trows = [r for r in rows if r["task"] == task]
+        caps = {r.get("max_values") for r in rows if r["task"] == task and _site(r) != "norm_out"}
+        md += _site_markdown([e for e in sites if e["task"] == task], unavailable.get(task, {}), max(caps) if caps else None)
+        trows = [r for r in rows if r["task"] == task and _site(r) == "norm_out"]
         safe = task.replace(":", "_").replace("/", "_")
         for name, png in (
             ("plane", plot_information_plane(trows, title=f"{task}: information plane (mean over seeds)")),

@@ -15,6 +15,8 @@ Conventions (all computed in float64 from a float32 or float64 input):
 - *Near-zero fraction* and *3σ tail mass* use each unit standardized over the examples,
   ``z = (x − mean) / std``: the fraction of entries with ``|z| < 0.1`` (0.080 for a
   Gaussian) and with ``|z| > 3`` (0.0027 for a Gaussian).
+
+:func:`paired_difference` is the seed-paired comparison of two arms' per-seed values.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ __all__ = [
     "tail_mass",
     "activation_stats",
     "ActivationMonitor",
+    "paired_difference",
     "STAT_KEYS",
+    "MIN_PAIRED_SEEDS",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
@@ -55,6 +59,9 @@ STAT_KEYS = (
 )
 
 _DEAD_STD = 1e-8
+
+# Fewest seed pairs for which paired_difference reports an interval and a p-value.
+MIN_PAIRED_SEEDS = 3
 
 
 def _as_float64(x: ArrayLike) -> np.ndarray:
@@ -140,6 +147,40 @@ def activation_stats(x: ArrayLike) -> dict[str, float]:
         "unit_std_max": float(stds.max()),
         "dead_fraction": float(1.0 - live.mean()),
     }
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Seed-paired comparison of ``values`` against ``reference`` (aligned: entry i of both
+    is seed i; pairs with a non-finite entry are dropped).
+
+    With dᵢ = valuesᵢ − referenceᵢ over the n pairs, mean d̄ and sample standard deviation
+    s (n − 1 in the denominator): ``delta`` = d̄, the interval d̄ ± t_{(1+c)/2, n−1} · s/√n,
+    and ``p`` the two-sided p-value of the paired t-test t = d̄ / (s/√n) on n − 1 degrees of
+    freedom, from ``scipy.stats.ttest_rel(values, reference)``. Returns ``{"n", "delta",
+    "ci_low", "ci_high", "p", "note"}``; with fewer than :data:`MIN_PAIRED_SEEDS` pairs or
+    identical differences (s = 0, t undefined) the interval and p are None and ``note``
+    says why (``"too few seeds"``, ``"zero-variance differences"``; ``"no paired seeds"``
+    with none); otherwise ``note`` is None."""
+    from scipy import stats
+
+    if len(values) != len(reference):
+        raise ValueError(f"values and reference must be aligned, got {len(values)} and {len(reference)} entries")
+    pairs = [(float(a), float(b)) for a, b in zip(values, reference) if math.isfinite(a) and math.isfinite(b)]
+    out: dict[str, Any] = {"n": len(pairs), "delta": None, "ci_low": None, "ci_high": None, "p": None, "note": None}
+    if not pairs:
+        out["note"] = "no paired seeds"
+        return out
+    a, b = np.array(pairs).T
+    d = a - b
+    out["delta"] = float(d.mean())
+    if len(d) < MIN_PAIRED_SEEDS:
+        out["note"] = "too few seeds"
+    elif np.all(d == d[0]):
+        out["note"] = "zero-variance differences"
+    else:
+        half = float(stats.t.ppf((1 + confidence) / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+        out.update(ci_low=out["delta"] - half, ci_high=out["delta"] + half, p=float(stats.ttest_rel(a, b).pvalue))
+    return out
 
 
 class ActivationMonitor:

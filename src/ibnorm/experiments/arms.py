@@ -1,10 +1,10 @@
 """Arms of an A/B comparison: what each arm does to the task's parent model.
 
-Spec strings: ``parent``; ``ib`` (the library default, S at λ = 0.25); ``ib-S`` / ``ib-L`` /
-``ib-T`` (that family at λ = 1); ``ib-learnable`` (family L, learnable λ from 1);
-``ib:<family>:<λ>`` and
-``ib:<family>:<λ>:learnable`` for any registered family and λ; ``normalnorm``; ``dyt``
-(LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
+Spec strings: ``parent``; ``ib`` (the library default family, λ and placement); ``ib-S`` /
+``ib-L`` / ``ib-T`` (that family at λ = 1, default placement); ``ib-learnable`` (family L,
+learnable λ from 1); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any registered family,
+λ and placement (``standardized`` or ``centered``), e.g. ``ib:L:1:centered``; ``normalnorm``;
+``dyt`` (LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
 the parent's Parameters.
 """
 
@@ -15,9 +15,9 @@ from typing import Optional
 
 from torch import nn
 
-from .._validation import check_lam
+from .._validation import check_lam, check_placement
 from ..baselines import convert_to_dyt, convert_to_normalnorm
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, get_compression
+from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
 from ..convert import convert_norms
 
 # λ of the family arms ib-S/ib-L/ib-T and the starting λ of ib-learnable (family L).
@@ -32,10 +32,13 @@ class Arm:
     compression: Optional[str] = None
     lam: Optional[float] = None
     learnable_lam: bool = False
+    placement: str = DEFAULT_PLACEMENT
 
     def apply(self, model: nn.Module) -> nn.Module:
         if self.kind == "ib":
-            model, _ = convert_norms(model, self.compression, self.lam, learnable_lam=self.learnable_lam)
+            model, _ = convert_norms(
+                model, self.compression, self.lam, learnable_lam=self.learnable_lam, placement=self.placement
+            )
         elif self.kind == "normalnorm":
             model, _ = convert_to_normalnorm(model)
         elif self.kind == "dyt":
@@ -56,7 +59,7 @@ def parse_arm(spec: str, parent: str) -> Arm:
             raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
         return Arm(spec, spec)
     if spec == "ib":
-        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM)
+        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, placement=DEFAULT_PLACEMENT)
     if spec == "ib-learnable":
         return Arm(spec, "ib", "L", FAMILY_ARM_LAM, True)
     if spec.startswith("ib-") and len(spec) > 3:
@@ -64,18 +67,22 @@ def parse_arm(spec: str, parent: str) -> Arm:
         return Arm(spec, "ib", family, FAMILY_ARM_LAM)
     if spec.startswith("ib:"):
         parts = spec.split(":")
-        if len(parts) in (3, 4) and (len(parts) == 3 or parts[3] == "learnable"):
+        options = parts[3:]
+        learnable = options[-1:] == ["learnable"]
+        if learnable:
+            options = options[:-1]
+        if len(parts) >= 3 and len(options) <= 1:
             family = get_compression(parts[1]).name
             try:
                 lam = float(parts[2])
             except ValueError:
                 raise ValueError(f"arm {spec!r}: lam {parts[2]!r} is not a number") from None
             lam = check_lam(lam)
-            learnable = len(parts) == 4
+            placement = check_placement(options[0], f"arm {spec!r}: placement") if options else DEFAULT_PLACEMENT
             if learnable and lam <= 0:
                 raise ValueError(f"arm {spec!r}: a learnable lam needs an initial value > 0")
-            return Arm(spec, "ib", family, lam, learnable)
+            return Arm(spec, "ib", family, lam, learnable, placement)
     raise ValueError(
         f"arm={spec!r} is not known; accepted: 'parent', 'ib', 'ib-S', 'ib-L', 'ib-T', 'ib-learnable', "
-        "'ib:<family>:<lam>[:learnable]', 'normalnorm', 'dyt'"
+        "'ib:<family>:<lam>[:<placement>][:learnable]', 'normalnorm', 'dyt'"
     )

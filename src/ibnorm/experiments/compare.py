@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from .._io import atomic_write_bytes, atomic_write_text
+from ..compression import DEFAULT_PLACEMENT
 from .arms import Arm, parse_arm
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
@@ -107,7 +108,16 @@ def _versions() -> dict[str, str]:
 
 
 def _run_one(
-    out: Path, task: Task, data: Any, arm: Arm, seed: int, cfg: TrainConfig, phase: str, done: set, progress: bool
+    out: Path,
+    task: Task,
+    data: Any,
+    arm: Arm,
+    seed: int,
+    cfg: TrainConfig,
+    phase: str,
+    done: set,
+    progress: bool,
+    command: Optional[str],
 ) -> Optional[dict[str, Any]]:
     key = (task.name, arm.name, seed, phase, _config_key(cfg, arm))
     if key in done:
@@ -132,6 +142,8 @@ def _run_one(
         "parent": task.parent,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
+        "equivalence_margin": task.equivalence_margin,
+        "command": command,
         "run_dir": str(run_dir.relative_to(out)),
         "versions": _versions(),
         **result,
@@ -147,8 +159,15 @@ def _lr_grid(base: float, k: int) -> list[float]:
     return [base * 3 ** (-1 + 2 * i / (k - 1)) for i in range(k)]
 
 
-def run_plans(plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, progress: bool = True) -> list[dict]:
-    """Run every plan (loading each task's data once), skipping runs already in results."""
+def run_plans(
+    plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, progress: bool = True, command: Optional[str] = None
+) -> list[dict]:
+    """Run every plan (loading each task's data once), skipping runs already in results.
+    ``command`` (the command line that asked for these runs) is recorded in every row.
+
+    With ``tune_lr = K`` each arm first trains seed 0 at K rates log-spaced over
+    [lr/3, 3·lr] and keeps the rate with the best *validation* metric (a diverged trial
+    scores worst); the test split is never looked at."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -165,7 +184,7 @@ def run_plans(plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, 
                 scores = {}
                 for lr in _lr_grid(plan.config.lr, plan.tune_lr):
                     trial = replace(plan.config, lr=lr)
-                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress)
+                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress, command)
                     row = next(
                         r
                         for r in read_results(out)
@@ -173,18 +192,31 @@ def run_plans(plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, 
                     )
                     val_metric = plan.task.metric.replace("test_", "val_")
                     sign = 1 if plan.task.higher_is_better else -1
-                    scores[lr] = sign * row["metrics"][val_metric]
+                    score = row["metrics"].get(val_metric)
+                    scores[lr] = sign * score if score is not None and math.isfinite(score) else -math.inf
                     bar.update(1)
                 cfg = replace(plan.config, lr=max(scores, key=scores.get))
             for seed in plan.seeds:
-                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress)
+                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress, command)
                 bar.update(1)
     bar.close()
     return read_results(out)
 
 
-def sweep_arms(families: Sequence[str], lams: Sequence[float]) -> list[str]:
-    """Arm specs for a λ × family grid; λ = 0 is the parent itself, listed once."""
+def _lam_text(lam: float) -> str:
+    """λ as written in an arm spec: short, and parsed back to exactly the same float."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
+
+
+def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = ("standardized",)) -> list[str]:
+    """Arm specs for a family × λ × placement grid; λ = 0 is the parent itself, listed once."""
     arms = ["parent"] if any(lam == 0 for lam in lams) else []
-    arms += [f"ib:{f}:{lam:g}" for f in families for lam in lams if lam != 0]
+    arms += [
+        f"ib:{f}:{_lam_text(lam)}" + ("" if placement == DEFAULT_PLACEMENT else f":{placement}")
+        for placement in placements
+        for f in families
+        for lam in lams
+        if lam != 0
+    ]
     return arms

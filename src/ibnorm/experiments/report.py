@@ -1,149 +1,324 @@
 """Statistics, tables and plots for ``results.jsonl``: ``report.md`` and a self-contained
 ``report.html`` (PNG plots embedded).
 
-Per task and arm: mean ± sample std over seeds, a 95% t-interval, and against the parent
-the seed-paired mean difference with a paired t-test (scipy), plus the median step time
-and activation bytes with their overhead relative to the parent. The verdict line says
-plainly whether an arm beat the parent, lost to it, or could not be told apart (p ≥ 0.05).
+Final runs are grouped by task, arm and budget (the training config without the learning
+rate, which each arm may tune) and learning rate; groups are never pooled. Each group is
+paired by seed with the parent group of the same budget: Δ = arm − parent with its 95%
+t-interval and paired t-test. Within a task the p-values of all comparisons with the
+parent that have at least three pairs form one Holm family, and verdicts use the adjusted
+p at α = 0.05. An arm whose Δ interval lies inside ±margin (the task's equivalence margin)
+is called equivalent, whatever its p. Diverged runs are counted and shown, and left out of
+means and pairs. The report adds the generalization-gap comparison, step time and
+activation memory overheads, and a cost/benefit table (:mod:`.roi`).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
-import statistics
-from collections import defaultdict
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from statistics import fmean, median, stdev
+from typing import Any, Iterable, Mapping, Optional
 
 from .._io import atomic_write_bytes, atomic_write_text
 from .._plotting import figure_png, pyplot
+from .arms import Arm, parse_arm
 from .compare import read_results
+from .statistics import holm, paired_difference, t_interval, within_margin
+from .timing import TIMING, read_timing
+
+ALPHA = 0.05
+MIN_SEEDS = 3
+DEFAULT_MARGINS = {"acc": 0.5, "bpc": 0.02}  # metric suffix → equivalence margin in the metric's units
+QUIET_TIMES = f"step times: quiet interleaved measurement ({TIMING})"
+TRAINING_TIMES = "step times: median of training steps (runs may have shared the CPU; indicative only)"
 
 
-def _ci95(values: list[float]) -> tuple[float, float]:
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return float("nan"), float("nan")
-    mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(n)
-    half = stats.t.ppf(0.975, n - 1) * sem
-    return mean - half, mean + half
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _paired(values: dict[int, float], parent: dict[int, float]) -> tuple[float, float, int]:
-    from scipy import stats
-
-    seeds = sorted(set(values) & set(parent))
-    diffs = [values[s] - parent[s] for s in seeds]
-    if len(diffs) < 2:
-        return (diffs[0] if diffs else float("nan")), float("nan"), len(diffs)
-    if all(d == diffs[0] for d in diffs):
-        return diffs[0], (1.0 if diffs[0] == 0 else 0.0), len(diffs)
-    return statistics.fmean(diffs), float(stats.ttest_rel([values[s] for s in seeds], [parent[s] for s in seeds]).pvalue), len(diffs)
+def is_diverged(row: Mapping[str, Any]) -> bool:
+    """A run diverged if it says so or its ranked metric is missing or non-finite."""
+    return bool(row.get("diverged")) or not _finite((row.get("metrics") or {}).get(row["metric"]))
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per task, one summary row per arm (phase ``final`` only), parent first."""
-    by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+def equivalence_margin(rows: Iterable[Mapping[str, Any]]) -> float:
+    """The rows' ``equivalence_margin``, else the default for the metric (NaN if none)."""
+    rows = list(rows)
+    for r in rows:
+        if _finite(r.get("equivalence_margin")):
+            return float(r["equivalence_margin"])
+    metric = rows[0]["metric"]
+    return next((m for suffix, m in DEFAULT_MARGINS.items() if metric.endswith(suffix)), float("nan"))
+
+
+@dataclass(eq=False)
+class Group:
+    """The final runs of one arm in one task at one budget and learning rate."""
+
+    task: str
+    arm: str
+    budget: str  # JSON of the config without lr: equal budgets, equal strings
+    lr: float
+    runs: list[dict[str, Any]]
+    label: str = ""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.budget)
+
+    @property
+    def valid(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if not is_diverged(r)]
+
+    def values(self, key: str) -> dict[int, float]:
+        """Seed → finite ``metrics[key]`` of the non-diverged runs."""
+        pairs = ((r["seed"], (r.get("metrics") or {}).get(key)) for r in self.valid)
+        return {seed: float(v) for seed, v in pairs if _finite(v)}
+
+    def median(self, key: str) -> float:
+        """Median of a finite per-run number (step time, activation bytes) over all runs."""
+        xs = [r[key] for r in self.runs if _finite(r.get(key))]
+        return median(xs) if xs else float("nan")
+
+
+def group_runs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Group]]:
+    """Task → its groups of final runs, parent first; labels name the budget (and lr) only
+    where a task has several."""
+    by_key: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["phase"] == "final":
-            by_task[r["task"]][r["arm"]].append(r)
+            budget = json.dumps({k: v for k, v in r["config"].items() if k != "lr"}, sort_keys=True)
+            by_key.setdefault((r["task"], r["arm"], budget, r["config"]["lr"]), []).append(dict(r))
+    tasks: dict[str, list[Group]] = {}
+    for (task, arm, budget, lr), runs in by_key.items():
+        tasks.setdefault(task, []).append(Group(task, arm, budget, lr, runs))
+    for groups in tasks.values():
+        groups.sort(key=lambda g: (g.arm != "parent", g.arm, g.config.get("steps", 0), g.budget, g.lr))
+        budgets = [json.loads(b) for b in dict.fromkeys(g.budget for g in groups)]
+        varying = sorted({k for b in budgets for k in b if any(b.get(k) != o.get(k) for o in budgets)}, key=lambda k: (k != "steps", k))
+        for g in groups:
+            parts = [f"{g.config.get(k)} steps" if k == "steps" else f"{k}={g.config.get(k)}" for k in varying]
+            if sum(o.arm == g.arm and o.budget == g.budget for o in groups) > 1:
+                parts.append(f"lr={g.lr:g}")
+            g.label = g.arm + (f" @ {', '.join(parts)}" if parts else "")
+    return tasks
+
+
+def parent_group(group: Group, groups: list[Group]) -> Optional[Group]:
+    """The parent group of the same budget: the one with the same lr if any, else the one
+    with the most non-diverged runs."""
+    parents = [g for g in groups if g.arm == "parent" and g.budget == group.budget]
+    if not parents:
+        return None
+    return next((p for p in parents if p.lr == group.lr), max(parents, key=lambda p: len(p.valid)))
+
+
+def step_times(groups: list[Group], timing: Mapping[str, Any]) -> tuple[dict[Group, float], str]:
+    """Step seconds per group and where they come from: ``timing.json`` when its entry
+    for the task covers every arm at the groups' batch size, else the training medians."""
+    entry = timing.get(groups[0].task) if groups else None
+    if entry and all(g.arm in entry["step_time_s"] and entry.get("batch_size") in (None, g.config.get("batch_size")) for g in groups):
+        return {g: float(entry["step_time_s"][g.arm]) for g in groups}, QUIET_TIMES
+    return {g: g.median("step_time_s") for g in groups}, TRAINING_TIMES
+
+
+def _overhead_pct(value: float, reference: float) -> float:
+    return 100 * (value / reference - 1) if _finite(value) and _finite(reference) and reference > 0 else float("nan")
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    nan = float("nan")
+    return (fmean(values) if values else nan), (stdev(values) if len(values) > 1 else nan)
+
+
+def _summary_row(group: Group, parent: Optional[Group], times: Mapping[Group, float], source: str, margin: float) -> dict[str, Any]:
+    first = group.runs[0]
+    metric = first["metric"]
+    values = group.values(metric)
+    mean, std = _spread(list(values.values()))
+    low, high = t_interval(list(values.values()))
+    is_parent = group.arm == "parent"
+    diff = paired_difference(values, parent.values(metric) if parent and not is_parent else {})
+    gaps = group.values("gen_gap")
+    gap_mean, gap_std = _spread(list(gaps.values()))
+    gap = paired_difference(gaps, parent.values("gen_gap") if parent and not is_parent else {})
+    reference = parent or group
+    return {
+        "task": group.task,
+        "arm": group.arm,
+        "label": group.label,
+        "budget_label": group.label[len(group.arm) :].strip(),
+        "parent_norm": first.get("parent"),
+        "steps": group.config.get("steps"),
+        "lr": group.lr,
+        "metric": metric,
+        "higher_is_better": first["higher_is_better"],
+        "margin": margin,
+        "runs": len(group.runs),
+        "diverged": len(group.runs) - len(group.valid),
+        "n": len(values),
+        "mean": mean,
+        "std": std,
+        "ci_low": low,
+        "ci_high": high,
+        "compared": parent is not None and not is_parent,
+        "pairs": diff.n,
+        "diff": diff.mean,
+        "diff_low": diff.ci_low,
+        "diff_high": diff.ci_high,
+        "p": diff.p,
+        "identical": diff.identical,
+        "p_holm": float("nan"),
+        "family": "",
+        "step_time_s": times[group],
+        "step_time_source": source,
+        "time_overhead_pct": _overhead_pct(times[group], times[reference]),
+        "activation_bytes": group.median("activation_bytes"),
+        "memory_overhead_pct": _overhead_pct(group.median("activation_bytes"), reference.median("activation_bytes")),
+        "gap_n": len(gaps),
+        "gap_mean": gap_mean,
+        "gap_std": gap_std,
+        "gap_pairs": gap.n,
+        "gap_diff": gap.mean,
+        "gap_low": gap.ci_low,
+        "gap_high": gap.ci_high,
+        "gap_p": gap.p,
+    }
+
+
+def summarize(rows: list[dict[str, Any]], timing: Optional[Mapping[str, Any]] = None) -> dict[str, list[dict[str, Any]]]:
+    """Per task, one summary row per group (phase ``final`` only), parent first, with the
+    Holm-adjusted p over the task's comparisons with the parent. ``timing`` is the content
+    of ``timing.json`` (:func:`.timing.read_timing`)."""
     summary = {}
-    for task, arms in by_task.items():
-        any_row = next(iter(arms.values()))[0]
-        metric, higher = any_row["metric"], any_row["higher_is_better"]
-        parent_runs = arms.get("parent", [])
-        parent_vals = {r["seed"]: r["metrics"][metric] for r in parent_runs}
-        parent_time = statistics.median(r["step_time_s"] for r in parent_runs) if parent_runs else float("nan")
-        parent_bytes = statistics.median(r["activation_bytes"] for r in parent_runs) if parent_runs else float("nan")
-        table = []
-        for arm in sorted(arms, key=lambda a: (a != "parent", a)):
-            runs = arms[arm]
-            vals = {r["seed"]: r["metrics"][metric] for r in runs}
-            values = list(vals.values())
-            low, high = _ci95(values)
-            diff, p, n_pairs = _paired(vals, parent_vals) if arm != "parent" and parent_vals else (float("nan"), float("nan"), 0)
-            step = statistics.median(r["step_time_s"] for r in runs)
-            act = statistics.median(r["activation_bytes"] for r in runs)
-            table.append(
-                {
-                    "arm": arm,
-                    "n": len(values),
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
-                    "ci_low": low,
-                    "ci_high": high,
-                    "diff": diff,
-                    "p": p,
-                    "pairs": n_pairs,
-                    "step_time_s": step,
-                    "time_overhead_pct": 100 * (step / parent_time - 1),
-                    "activation_bytes": act,
-                    "memory_overhead_pct": 100 * (act / parent_bytes - 1),
-                    "metric": metric,
-                    "higher_is_better": higher,
-                    "lr": runs[0]["config"]["lr"],
-                }
-            )
+    for task, groups in group_runs(rows).items():
+        times, source = step_times(groups, timing or {})
+        margin = equivalence_margin(r for g in groups for r in g.runs)
+        table = [_summary_row(g, parent_group(g, groups), times, source, margin) for g in groups]
+        family = [r for r in table if r["compared"] and r["pairs"] >= MIN_SEEDS and not math.isnan(r["p"])]
+        for r, adjusted in zip(family, holm([r["p"] for r in family])):
+            r["p_holm"] = adjusted
+        sentence = f"Holm over {len(family)} comparison{'' if len(family) == 1 else 's'} with parent in task {task}"
+        for r in table:
+            r["family"] = sentence
         summary[task] = table
     return summary
 
 
-def verdict(row: dict[str, Any]) -> str:
-    """One honest sentence: the gain or loss against the parent, its p-value and its cost."""
-    if row["arm"] == "parent" or math.isnan(row["diff"]):
-        return ""
-    unit = "pt" if row["metric"].endswith("acc") else "bpc"
-    better = (row["diff"] > 0) == row["higher_is_better"] and row["diff"] != 0
-    if math.isnan(row["p"]):
-        outcome = "one seed: no test"
-    elif row["p"] < 0.05:
-        outcome = "better than parent" if better else "WORSE than parent"
-    else:
-        outcome = "not distinguishable from parent"
-    return (
-        f"{row['arm']}: {row['diff']:+.3f} {unit} {row['metric']} (p={row['p']:.3g}, n={row['pairs']}) "
-        f"for {row['time_overhead_pct']:+.0f}% step time, {row['memory_overhead_pct']:+.0f}% activation memory: {outcome}"
+def _margin_text(row: Mapping[str, Any]) -> str:
+    margin = row["margin"]
+    return f"±{margin:g} {_unit(row['metric'])}".rstrip() if _finite(margin) else "none known (no equivalence verdicts)"
+
+
+def _unit(metric: str) -> str:
+    return "pt" if metric.endswith("acc") else "bpc" if metric.endswith("bpc") else ""
+
+
+def outcome(row: Mapping[str, Any]) -> str:
+    """The decision for one compared row, in order: no parent, too few seeds, no
+    variance, equivalence, Holm-significant difference, inconclusive."""
+    if not row["compared"]:
+        return "no parent runs at this budget: no comparison"
+    if row["pairs"] < MIN_SEEDS:
+        return f"too few seeds (n={row['pairs']}; need ≥{MIN_SEEDS})"
+    if row["identical"]:
+        return "identical differences across seeds: no test"
+    margin = row["margin"]
+    if within_margin(row["diff_low"], row["diff_high"], margin):
+        return f"equivalent (Δ CI within ±{margin:g})"
+    if row["p_holm"] < ALPHA:
+        return "better than parent" if (row["diff"] > 0) == row["higher_is_better"] else "WORSE than parent"
+    band = f"exceeds the ±{margin:g} equivalence band" if _finite(margin) else f"no equivalence margin known for {row['metric']}"
+    return f"inconclusive (Δ CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}] {band})"
+
+
+def verdict(row: Mapping[str, Any]) -> str:
+    """One honest sentence: Δ with its interval, raw and Holm p, its cost and the decision;
+    any divergence is stated. The parent gets a line only when some of its runs diverged."""
+    broken = f"{row['diverged']} of {row['runs']} runs diverged" if row["diverged"] else ""
+    if row["arm"] == "parent":
+        return f"{row['label']}: {broken}" if broken else ""
+    if not row["compared"]:
+        return f"{row['label']}: {outcome(row)}" + (f"; {broken}" if broken else "")
+    text = (
+        f"{row['label']}: Δ {_fmt(row['diff'], signed=True)} {_unit(row['metric'])} {row['metric']} "
+        f"(95% CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}]; p={_fmt_p(row['p'])}, Holm p={_fmt_p(row['p_holm'])}; "
+        f"n={row['pairs']}) for {_fmt(row['time_overhead_pct'], 0, signed=True)}% step time, "
+        f"{_fmt(row['memory_overhead_pct'], 0, signed=True)}% activation memory: {outcome(row)}"
     )
+    return text + (f"; {broken}" if broken else "")
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "–" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
+def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
+    if not _finite(x):
+        return "∞" if isinstance(x, float) and math.isinf(x) else "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if _finite(p) else "–"
 
 
 def _table_md(table: list[dict[str, Any]]) -> list[str]:
     metric = table[0]["metric"]
     lines = [
-        f"| arm | n | {metric} mean ± std | 95% CI | Δ vs parent (paired) | p | step time (ms) | time overhead | activation MB | lr |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| arm | steps | lr | n | diverged k/n | {metric} mean ± std | 95% CI | Δ vs parent (paired) | Δ 95% CI | p | Holm p "
+        "| step time (ms) | time overhead | activation MB | memory overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
-            f"| {r['arm']} | {r['n']} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | "
-            f"{_fmt(r['diff'])} | {_fmt(r['p'], 3)} | {r['step_time_s'] * 1000:.2f} | {r['time_overhead_pct']:+.1f}% | "
-            f"{r['activation_bytes'] / 2**20:.2f} | {r['lr']:.3g} |"
+            f"| {r['label']} | {r['steps']} | {r['lr']:.3g} | {r['n']} | {r['diverged']}/{r['runs']} | {_fmt(r['mean'])} ± {_fmt(r['std'])} "
+            f"| [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['diff'], signed=True)} | [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}] "
+            f"| {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {_fmt(r['step_time_s'] * 1000, 2)} | {_fmt(r['time_overhead_pct'], 1, signed=True)}% "
+            f"| {_fmt(r['activation_bytes'] / 2**20, 2)} | {_fmt(r['memory_overhead_pct'], 1, signed=True)}% |"
+        )
+    return lines
+
+
+def _gap_md(table: list[dict[str, Any]]) -> list[str]:
+    if not any(r["gap_n"] for r in table):
+        return ["No `gen_gap` recorded in these runs."]
+    lines = [
+        "Generalization gap = held-out loss − held-in loss at the end, on equal-size samples (lower is better); "
+        "paired Δ vs parent with its 95% t-interval, p not adjusted for multiple comparisons.",
+        "",
+        "| arm | steps | n | gen_gap mean ± std | Δ gen_gap vs parent (paired) | Δ 95% CI | p (unadjusted) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['label']} | {r['steps']} | {r['gap_n']} | {_fmt(r['gap_mean'], 4)} ± {_fmt(r['gap_std'], 4)} "
+            f"| {_fmt(r['gap_diff'], 4, signed=True)} | [{_fmt(r['gap_low'], 4)}, {_fmt(r['gap_high'], 4)}] | {_fmt_p(r['gap_p'])} |"
         )
     return lines
 
 
 def plot_curves(rows: list[dict[str, Any]], task: str) -> Optional[bytes]:
-    """Validation metric vs step, mean over seeds with a min–max band, one line per arm."""
-    plt = pyplot()
-    runs = [r for r in rows if r["task"] == task and r["phase"] == "final" and r["curve"]]
-    if not runs:
+    """Validation metric vs step per group, mean over its non-diverged seeds with a
+    min–max band."""
+    groups = [g for g in group_runs(rows).get(task, []) if any(r.get("curve") for r in g.valid)]
+    if not groups:
         return None
-    key = runs[0]["metric"].replace("test_", "val_")
+    plt = pyplot()
+    key = groups[0].runs[0]["metric"].replace("test_", "val_")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for arm in sorted({r["arm"] for r in runs}, key=lambda a: (a != "parent", a)):
-        curves = [r["curve"] for r in runs if r["arm"] == arm]
-        steps = [p["step"] for p in curves[0]]
-        per_step = [[c[i][key] for c in curves if i < len(c)] for i in range(len(steps))]
-        mean = [statistics.fmean(v) for v in per_step]
-        line = ax.plot(steps, mean, label=f"{arm} (n={len(curves)})")[0]
-        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(), alpha=0.2)
+    for g in groups:
+        curves = [r["curve"] for r in g.valid if r.get("curve")]
+        by_step: dict[int, list[float]] = {}
+        for curve in curves:
+            for point in curve:
+                if _finite(point.get(key)):
+                    by_step.setdefault(point["step"], []).append(point[key])
+        steps = sorted(by_step)
+        line = ax.plot(steps, [fmean(by_step[s]) for s in steps], label=f"{g.label} (n={len(curves)})")[0]
+        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(f"{task}: validation {key} (mean over seeds, band = min–max)")
@@ -153,45 +328,58 @@ def plot_curves(rows: list[dict[str, Any]], task: str) -> Optional[bytes]:
 
 
 def plot_arms(table: list[dict[str, Any]], task: str) -> bytes:
-    """Test metric per arm with 95% confidence intervals; the parent's mean as a line."""
+    """Test metric per group with 95% confidence intervals; each parent's mean as a line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(table)), 4))
     xs = range(len(table))
     means = [r["mean"] for r in table]
-    errs = [[0 if math.isnan(r["ci_low"]) else r["mean"] - r["ci_low"] for r in table], [0 if math.isnan(r["ci_high"]) else r["ci_high"] - r["mean"] for r in table]]
+    errs = [[r["mean"] - r["ci_low"] if _finite(r["ci_low"]) else 0 for r in table], [r["ci_high"] - r["mean"] if _finite(r["ci_high"]) else 0 for r in table]]
     ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=5)
-    if table[0]["arm"] == "parent":
-        ax.axhline(table[0]["mean"], color="grey", ls="--", lw=1, label="parent mean")
+    parents = [r for r in table if r["arm"] == "parent" and _finite(r["mean"])]
+    for r in parents:
+        ax.axhline(r["mean"], color="grey", ls="--", lw=1, label=f"{r['label']} mean")
+    if parents:
         ax.legend(fontsize=8)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["arm"] for r in table], rotation=20, fontsize=8)
+    ax.set_xticklabels([r["label"] for r in table], rotation=20, fontsize=8)
     ax.set_ylabel(table[0]["metric"])
     ax.set_title(f"{task}: {table[0]['metric']} by arm (95% CI)")
     fig.tight_layout()
     return figure_png(fig)
 
 
-def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
-    """Metric vs λ per family for ``ib:<family>:<λ>`` arms; the parent is λ = 0."""
-    plt = pyplot()
-    points: dict[str, list[tuple[float, dict]]] = defaultdict(list)
-    parent = next((r for r in table if r["arm"] == "parent"), None)
-    for r in table:
-        parts = r["arm"].split(":")
-        if len(parts) == 3 and parts[0] == "ib":
-            points[parts[1]].append((float(parts[2]), r))
-    if not points:
+def _sweep_point(row: Mapping[str, Any]) -> Optional[Arm]:
+    """The parsed arm of an ``ib:<family>:<λ>[:<placement>]`` row with a fixed λ, else None."""
+    if not row["arm"].startswith("ib:"):
         return None
+    try:
+        arm = parse_arm(row["arm"], row["parent_norm"])
+    except ValueError:  # a family or option this version no longer knows
+        return None
+    return None if arm.learnable_lam else arm
+
+
+def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
+    """Metric vs λ for ``ib:<family>:<λ>[:<placement>]`` arms, one line per (family,
+    placement) and budget (no placement: the library default); the parent is λ = 0."""
+    lines: dict[tuple, list[tuple[float, dict]]] = {}
+    for r in table:
+        arm = _sweep_point(r)
+        if arm is not None:
+            lines.setdefault((arm.compression, arm.placement, r["budget_label"]), []).append((arm.lam, r))
+    if not lines:
+        return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for family, pts in sorted(points.items()):
-        if parent is not None:
-            pts = [(0.0, parent)] + pts
-        pts.sort(key=lambda p: p[0])
-        lams = [p[0] for p in pts]
-        means = [p[1]["mean"] for p in pts]
-        low = [p[1]["ci_low"] if not math.isnan(p[1]["ci_low"]) else p[1]["mean"] for p in pts]
-        high = [p[1]["ci_high"] if not math.isnan(p[1]["ci_high"]) else p[1]["mean"] for p in pts]
-        line = ax.plot(lams, means, marker="o", label=f"IBNorm-{family}")[0]
+    for (family, placement, budget), pts in sorted(lines.items()):
+        parent = next((r for r in table if r["arm"] == "parent" and r["budget_label"] == budget), None)
+        pts = sorted(([(0.0, parent)] if parent else []) + pts, key=lambda p: p[0])
+        lams = [lam for lam, _ in pts]
+        means = [r["mean"] for _, r in pts]
+        low = [r["ci_low"] if _finite(r["ci_low"]) else r["mean"] for _, r in pts]
+        high = [r["ci_high"] if _finite(r["ci_high"]) else r["mean"] for _, r in pts]
+        label = f"IBNorm-{family} ({placement}) {budget}".rstrip()
+        line = ax.plot(lams, means, marker="o", label=label)[0]
         ax.fill_between(lams, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xscale("symlog", linthresh=0.25)
     ax.set_xlabel("λ (0 = parent norm)")
@@ -209,7 +397,7 @@ def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, O
         {**layer, "arm": r["arm"], "seed": r["seed"], "step": p["step"], "arm_layer": f"{r['arm']} {layer['layer']}"}
         for r in rows
         if r["task"] == task and r["phase"] == "final"
-        for p in r["curve"]
+        for p in r.get("curve") or ()
         for layer in p.get("layers", ())
     ]
     if not points:
@@ -224,18 +412,34 @@ def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, O
 
 
 def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
-    """Write ``report.md``, ``report.html`` and ``plots/*.png`` for ``out/results.jsonl``."""
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` for ``out/results.jsonl``
+    (and ``out/timing.json`` when present)."""
+    from .roi import format_roi, roi_rows  # roi builds on this module's grouping
+
     out = Path(out)
     rows = read_results(out)
-    summary = summarize(rows)
+    timing = read_timing(out)
+    summary = summarize(rows, timing)
+    costs = roi_rows(rows, timing)
     md = [f"# {title}", "", f"{len(rows)} runs in `{out / 'results.jsonl'}`.", ""]
-    body = [f"<h1>{html.escape(title)}</h1><p>{len(rows)} runs.</p>"]
+    images: dict[str, bytes] = {}
     for task, table in summary.items():
-        md += [f"## {task}", "", *_table_md(table), ""]
-        lines = [v for v in (verdict(r) for r in table) if v]
-        md += [f"- {v}" for v in lines] + [""]
-        body.append(f"<h2>{html.escape(task)}</h2>" + _markdown_table_html(_table_md(table)))
-        body.append("<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines) + "</ul>")
+        first = table[0]
+        direction = "higher" if first["higher_is_better"] else "lower"
+        md += [
+            f"## {task}",
+            "",
+            f"{first['metric']} ({direction} is better); equivalence margin {_margin_text(first)}; "
+            f"verdicts at α = {ALPHA:g} on p adjusted by {first['family']}; no verdict below {MIN_SEEDS} paired seeds.",
+            "",
+            f"{first['step_time_source']}.",
+            "",
+            *_table_md(table),
+            "",
+        ]
+        md += [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]
+        md += ["### Generalization gap", "", *_gap_md(table), ""]
+        md += ["### Cost/benefit", "", format_roi([c for c in costs if c["task"] == task]), ""]
         for name, png in (
             ("curves", plot_curves(rows, task)),
             ("arms", plot_arms(table, task)),
@@ -245,22 +449,60 @@ def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
             if png is None:
                 continue
             path = atomic_write_bytes(out / "plots" / f"{task.replace(':', '_').replace('/', '_')}-{name}.png", png)
+            images[f"plots/{path.name}"] = png
             md += [f"![{task} {name}](plots/{path.name})", ""]
-            body.append(f'<img alt="{html.escape(task)} {name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    text = "\n".join(md) + "\n"
+    atomic_write_text(out / "report.md", text)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>"
         + html.escape(title)
         + "</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style>"
-        "</head><body>" + "".join(body) + "</body></html>"
+        "</head><body>" + _markdown_html(text.splitlines(), images) + "</body></html>"
     )
     atomic_write_text(out / "report.html", page)
     return out / "report.md"
 
 
-def _markdown_table_html(lines: list[str]) -> str:
+_IMAGE = re.compile(r"!\[(.*)\]\((.*)\)")
+
+
+def _markdown_html(lines: list[str], images: Mapping[str, bytes]) -> str:
+    """The subset of Markdown this report writes (headings, tables, lists, images,
+    paragraphs) as HTML, images embedded as base64 PNG."""
+    parts: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append(lines[i])
+                i += 1
+            parts.append(_table_html(block))
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{html.escape(lines[i][2:])}</li>")
+                i += 1
+            parts.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        heading = len(line) - len(line.lstrip("#"))
+        image = _IMAGE.fullmatch(line)
+        if 0 < heading <= 6 and line[heading : heading + 1] == " ":
+            parts.append(f"<h{heading}>{html.escape(line[heading + 1 :])}</h{heading}>")
+        elif image and image.group(2) in images:
+            data = base64.b64encode(images[image.group(2)]).decode()
+            parts.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            parts.append(f"<p>{html.escape(line)}</p>")
+        i += 1
+    return "".join(parts)
+
+
+def _table_html(lines: list[str]) -> str:
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"

@@ -41,7 +41,8 @@ class TrainConfig:
     eval_every: int = 100
     warmup_fraction: float = 0.05
     checkpoint_every: int = 200
-    eval_items: int = 10_000  # examples (or characters) per evaluation
+    eval_items: int = 10_000  # examples (or characters) per evaluation during training (the curve)
+    final_items: Optional[int] = None  # per final val/test/held-in evaluation; None: the whole split
     analyze_every: int = 0  # steps between information-plane snapshots (0: none); taken at evaluations
 
     def as_dict(self) -> dict[str, Any]:
@@ -58,6 +59,34 @@ def _schedule(cfg: TrainConfig) -> Any:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices and kernels only.
+
+    Parameters with at most one dimension — norm gains and biases, every bias, λ
+    (``lam_raw``) and DyT's α — get no decay, for every arm alike: decaying a norm gain
+    pulls it toward 0, and decaying λ would push IBNorm toward its parent norm.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def final_evaluation(task: Task, model: nn.Module, data: Any, items: Optional[int]) -> dict[str, float]:
+    """Test and validation metrics on ``items`` examples/characters of each split (None:
+    the whole split), and the generalization gap: the loss on as many training examples
+    (characters) as the test evaluation saw, minus the test loss.
+
+    ``gen_gap = heldout_loss − heldin_loss`` in the task's loss unit (nats per example for
+    classification, bits per character for language models)."""
+    metrics = {**task.evaluate(model, data, "test", items), **task.evaluate(model, data, "val", items)}
+    heldin = task.evaluate(model, data, "train", task.evaluated_items(data, "test", items))
+    loss_key = "bpc" if task.kind == "lm" else "loss"
+    metrics["heldin_loss"] = heldin[f"train_{loss_key}"]
+    metrics["heldout_loss"] = metrics[f"test_{loss_key}"]
+    metrics["gen_gap"] = metrics["heldout_loss"] - metrics["heldin_loss"]
+    return metrics
 
 
 def _distributed() -> tuple[int, int]:
@@ -91,7 +120,9 @@ def train_run(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train, evaluate and return ``{"metrics", "curve", "step_time_s", "activation_bytes", ...}``."""
+    """Train, evaluate and return ``{"metrics", "curve", "diverged", "step_time_s",
+    "activation_bytes", ...}``. A non-finite training loss stops the run: it is returned
+    with ``diverged=True`` and NaN metrics, to be counted, not dropped."""
     rank, world = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
@@ -101,7 +132,7 @@ def train_run(
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(_synchronize_batch_norms(model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     start, curve, step_times = 0, [], []
     checkpoint = Path(run_dir) / "checkpoint.pt"
@@ -118,6 +149,7 @@ def train_run(
     probe = task.batch(data, seed, 0, cfg.batch_size)
     act_bytes = activation_bytes(task, model, probe[0][:local], probe[1][:local])
     losses: list[float] = []
+    diverged_at: Optional[int] = None
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -137,6 +169,9 @@ def train_run(
         scheduler.step()
         step_times.append(time.perf_counter() - began)
         losses.append(_global_mean(loss.detach(), world))
+        if not math.isfinite(losses[-1]):
+            diverged_at = step + 1
+            break
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
@@ -153,11 +188,16 @@ def train_run(
             _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, curve, step_times)
     if bar is not None:
         bar.close()
-    metrics = task.evaluate(_unwrap(model), data, "test", cfg.eval_items)
-    metrics.update({k: v for k, v in curve[-1].items() if k not in ("step", "layers")} if curve else {})
+    if diverged_at is None:
+        metrics = final_evaluation(task, _unwrap(model), data, cfg.final_items)
+        metrics["train_loss"] = curve[-1]["train_loss"] if curve else float("nan")
+    else:
+        metrics = {task.metric: float("nan"), task.metric.replace("test_", "val_"): float("nan")}
     return {
         "metrics": metrics,
         "curve": curve,
+        "diverged": diverged_at is not None,
+        "diverged_at_step": diverged_at,
         "step_time_s": statistics.median(step_times) if step_times else float("nan"),
         "activation_bytes": act_bytes,
         "world_size": world,

@@ -205,22 +205,32 @@ def normalize(
     eps: float,
     family: Compression,
     center: bool,
+    placement: str = "standardized",
     given: GroupStats = GroupStats(),
     reduce_mean: Optional[ReduceMean] = None,
 ) -> tuple[Tensor, GroupStats]:
     """IBNorm of ``x`` with statistics over ``dims`` (or ``reduce_mean``, e.g. across
-    processes), λ > 0 as a float or tensor, then ``weight``/``bias`` (already shaped to
+    processes), λ > 0 as a float or tensor, ψ placed as ``placement``, then ``weight``/``bias`` (already shaped to
     broadcast). ``dynamic_dims`` are the dims whose size may change between calls.
     Returns y in x's dtype and the statistics (for running buffers)."""
     backend = "reference" if _needs_reference(lam, family, reduce_mean) else resolve_backend(x.device)
     if backend == "reference":
         y, stats = ib_normalize_reference(
-            x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given
+            x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given, placement
         )
         return affine(y, weight, bias).to(x.dtype), stats
     static_sizes = tuple(size for d, size in enumerate(x.shape) if d not in dynamic_dims)
     cfg = KernelConfig(
-        dims, dynamic_dims, static_sizes, float(eps), family, center, given.var is not None, weight is not None, bias is not None
+        dims,
+        dynamic_dims,
+        static_sizes,
+        float(eps),
+        family,
+        center,
+        placement,
+        given.var is not None,
+        weight is not None,
+        bias is not None,
     )
     lam_tensor = lam if isinstance(lam, Tensor) else torch.tensor(float(lam), dtype=compute_dtype(x.dtype), device=x.device)
     args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)

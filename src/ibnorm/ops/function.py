@@ -23,6 +23,9 @@ With frozen statistics (batch grouping in eval) r and the mean are constants and
     g_γ = Σ g_y · û,   g_β = Σ g_y   (over the positions sharing an affine element)
     g_λ = Σ g_u · ∂ψ_λ(z)/∂λ          (all elements; λ is one scalar per layer)
 
+With ``placement="centered"`` the first step only centers (z = x − μ, or z = x for RMS,
+and r₁ ≡ 1), so ``g_x = g_z − mean(g_z)`` (RMS, or frozen statistics: ``g_x = g_z``).
+
 So backward needs only x, γ and the per-group float32 statistics (μ, r₁, m, r₂): it
 recomputes z, u and û elementwise. Nothing full-size is saved beyond the input.
 The backward is not itself differentiable (``once_differentiable``); double backward and
@@ -51,6 +54,7 @@ class KernelConfig(NamedTuple):
     eps: float
     family: Compression
     center: bool
+    placement: str  # "standardized" (ψ on z) or "centered" (ψ on x − μ)
     frozen: bool  # statistics given (batch grouping in eval), not computed from the input
     has_weight: bool
     has_bias: bool
@@ -67,7 +71,7 @@ def forward_body(
 ) -> tuple[Tensor, GroupStats]:
     """y in x's dtype and the float32 statistics; the reference math, run without autograd."""
     y, stats = ib_normalize_reference(
-        x.to(compute_dtype(x.dtype)), mean_over(cfg.dims), cfg.eps, cfg.family, lam, cfg.center, given
+        x.to(compute_dtype(x.dtype)), mean_over(cfg.dims), cfg.eps, cfg.family, lam, cfg.center, given, cfg.placement
     )
     return affine(y, weight, bias).to(x.dtype), stats
 
@@ -79,6 +83,12 @@ def _standardize_backward(g: Tensor, out: Tensor, rstd: Tensor, cfg: KernelConfi
     if cfg.center:
         return rstd * (g - g.mean(dim=cfg.dims, keepdim=True) - out * projection)
     return rstd * (g - out * projection)
+
+
+def _center_backward(g: Tensor, cfg: KernelConfig) -> Tensor:
+    if cfg.center and not cfg.frozen:
+        return g - g.mean(dim=cfg.dims, keepdim=True)
+    return g
 
 
 def backward_body(
@@ -99,13 +109,18 @@ def backward_body(
     """Gradients for x, γ, β and λ, recomputing z, u and û from x and the statistics."""
     cdtype = compute_dtype(x.dtype)
     xc, gy = x.to(cdtype), grad_y.to(cdtype)
-    z = ((xc - mean) if cfg.center else xc) * rstd
+    z = (xc - mean) if cfg.center else xc
+    if cfg.placement == "standardized":
+        z = z * rstd
     u = cfg.family.psi(z, lam)
     u_hat = ((u - mean_psi) if cfg.center else u) * rstd_psi
     g_u_hat = gy * weight.to(cdtype) if weight is not None else gy
     g_u = _standardize_backward(g_u_hat, u_hat, rstd_psi, cfg)
     g_z = g_u * cfg.family.dpsi(z, lam)
-    g_x = _standardize_backward(g_z, z, rstd, cfg).to(x.dtype)
+    if cfg.placement == "standardized":
+        g_x = _standardize_backward(g_z, z, rstd, cfg).to(x.dtype)
+    else:
+        g_x = _center_backward(g_z, cfg).to(x.dtype)
     g_weight = (gy * u_hat).sum_to_size(weight.shape).to(weight.dtype) if need_weight_grad else None
     g_bias = gy.sum_to_size(bias_shape) if bias_shape is not None else None
     g_lam = (g_u * cfg.family.dpsi_dlam(z, lam)).sum().to(lam.dtype) if need_lam_grad else None

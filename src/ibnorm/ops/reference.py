@@ -66,13 +66,20 @@ def ib_normalize_reference(
     lam: Lam,
     center: bool,
     given: GroupStats = GroupStats(),
+    placement: str = "standardized",
 ) -> tuple[Tensor, GroupStats]:
-    """û and the statistics: standardize, compress, standardize again (float ``lam == 0``:
-    standardize once). ``given`` (mean, var, mean_psi, var_psi) replaces computed
-    statistics, as batch grouping does in eval mode."""
+    """û and the statistics (float ``lam == 0``: standardize once, the parent norm).
+
+    ``placement="standardized"``: z = (x − μ)·rsqrt(σ² + eps), u = ψ_λ(z), û = std(u).
+    ``placement="centered"``: u = ψ_λ(x − μ) (RMS: ψ_λ(x)) in x's own units, û = std(u);
+    μ and σ² of x are still returned (batch grouping keeps its running statistics of x).
+    ``given`` (mean, var, mean_psi, var_psi) replaces computed statistics, as batch
+    grouping does in eval mode."""
     z, mean, var, rstd = _standardize(x, reduce_mean, eps, center, given.mean, given.var)
     if is_identity(lam):
         return z, GroupStats(mean, var, rstd)
+    if placement == "centered":
+        z = (x - mean) if center else x
     u = family.psi(z, lam)
     y, mean_psi, var_psi, rstd_psi = _standardize(u, reduce_mean, eps, center, given.mean_psi, given.var_psi)
     return y, GroupStats(mean, var, rstd, mean_psi, var_psi, rstd_psi)

@@ -1,0 +1,161 @@
+"""``ibnorm results`` (``make results``): the evidence campaign, run from a recorded plan.
+
+The plan (``docs/results/plan.json``) is a list of entries, each an ``ibnorm compare`` or
+``ibnorm sweep`` command line and the folder it writes (``docs/results/<name>``). Running
+the campaign runs every entry in order; each entry resumes from the ``results.jsonl`` already
+in its folder (finished runs are skipped, an interrupted run resumes from its checkpoint), so
+a campaign can be stopped at any point and continued in a later session. Every results row
+records the command that made it.
+
+An entry's arms may name ``best:<placement>``: the variant of that placement (family and
+λ) with the best mean *validation* metric in the sweep folder named by ``best_from``; the
+test split is never used to choose. An entry whose sweep is not finished yet is skipped
+with a message, and the next call picks it up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .compare import read_results
+
+DEFAULT_PLAN = Path("docs/results/plan.json")
+BEST_PREFIX = "best:"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One recorded command of the plan."""
+
+    name: str
+    stage: str
+    argv: tuple[str, ...]
+    best_from: Optional[str] = None
+    note: str = ""
+
+    def out(self, root: Path) -> Path:
+        return root / self.name
+
+
+def load_plan(path: Path) -> list[Entry]:
+    """The entries of a plan file, checked: unique names, a subcommand, no ``--out``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"plan file {path} does not exist")
+    raw = json.loads(path.read_text())
+    entries = []
+    for item in raw.get("entries", []):
+        argv = tuple(str(a) for a in item["argv"])
+        if not argv or argv[0] not in ("compare", "sweep"):
+            raise ValueError(f"plan entry {item.get('name')!r}: argv must start with 'compare' or 'sweep', got {argv[:1]}")
+        if "--out" in argv:
+            raise ValueError(f"plan entry {item['name']!r}: leave --out out; the entry's folder is docs/results/<name>")
+        entries.append(Entry(item["name"], item.get("stage", ""), argv, item.get("best_from"), item.get("note", "")))
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plan {path}: entry names must be unique, got {names}")
+    return entries
+
+
+def _val_key(row: dict[str, Any]) -> str:
+    return row["metric"].replace("test_", "val_")
+
+
+def best_variants(rows: Sequence[dict[str, Any]], min_seeds: int = 3) -> dict[str, tuple[str, float, int]]:
+    """Per placement, ``(arm spec, mean validation metric, seeds)`` of the IB arm with the
+    best mean validation metric over its non-diverged seeds (fixed-λ arms only).
+
+    Raises ``LookupError`` while any arm of the sweep has fewer than ``min_seeds`` finished
+    seeds or fewer seeds than another arm (the sweep is not finished)."""
+    by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["phase"] == "final":
+            by_arm[r["arm"]].append(r)
+    if not by_arm:
+        raise LookupError("the sweep has no finished runs yet")
+    counts = {arm: len(runs) for arm, runs in by_arm.items()}
+    if min(counts.values()) < max(min_seeds, max(counts.values())):
+        raise LookupError(f"the sweep is not finished: seeds per arm range {min(counts.values())}–{max(counts.values())}")
+    best: dict[str, tuple[str, float, int]] = {}
+    for arm, runs in by_arm.items():
+        spec = runs[0]["arm_spec"]
+        if spec.get("kind") != "ib" or spec.get("learnable_lam"):
+            continue
+        values = [r["metrics"].get(_val_key(r)) for r in runs if not r.get("diverged")]
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        sign = 1 if runs[0]["higher_is_better"] else -1
+        placement = spec.get("placement", "standardized")
+        if placement not in best or sign * mean > sign * best[placement][1]:
+            best[placement] = (arm, mean, len(values))
+    return best
+
+
+def resolve_arms(entry: Entry, root: Path) -> list[str]:
+    """The entry's arm list with every ``best:<placement>`` replaced by the chosen spec."""
+    argv = list(entry.argv)
+    if "--arms" not in argv:
+        return argv
+    start = argv.index("--arms") + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    arms = argv[start:end]
+    if any(a.startswith(BEST_PREFIX) for a in arms):
+        if entry.best_from is None:
+            raise ValueError(f"plan entry {entry.name!r} uses best:<placement> arms but names no best_from sweep")
+        best = best_variants(read_results(root / entry.best_from))
+        resolved = []
+        for arm in arms:
+            if arm.startswith(BEST_PREFIX):
+                placement = arm[len(BEST_PREFIX) :]
+                if placement not in best:
+                    raise LookupError(f"sweep {entry.best_from!r} has no finished arm with placement {placement!r}")
+                arm = best[placement][0]
+            if arm not in resolved:
+                resolved.append(arm)
+        arms = resolved
+    return argv[:start] + arms + argv[end:]
+
+
+def run_campaign(
+    run_command: Callable[[list[str]], None],
+    plan: Path = DEFAULT_PLAN,
+    only: Optional[Sequence[str]] = None,
+    *,
+    report_only: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Run (resume) the plan's entries in order, or those named in ``only``, each through
+    ``run_command(argv)`` (the ``ibnorm`` command line); returns the names of entries
+    skipped because the sweep they choose from is not finished."""
+    entries = load_plan(plan)
+    root = Path(plan).parent
+    if only:
+        unknown = sorted(set(only) - {e.name for e in entries})
+        if unknown:
+            raise ValueError(f"--only names unknown plan entries {unknown}; the plan has {[e.name for e in entries]}")
+        entries = [e for e in entries if e.name in only]
+    waiting = []
+    for entry in entries:
+        try:
+            argv = resolve_arms(entry, root)
+        except LookupError as exc:
+            print(f"[{entry.name}] waiting: {exc}")
+            waiting.append(entry.name)
+            continue
+        argv += ["--out", str(entry.out(root))]
+        if report_only:
+            argv.append("--report-only")
+        if not progress:
+            argv.append("--no-progress")
+        print(f"[{entry.name}] ibnorm {shlex.join(argv)}", flush=True)
+        run_command(argv)
+    return waiting

@@ -1,0 +1,230 @@
+"""Cost/benefit of an arm in training compute: ``ibnorm roi RUN_DIR [--gpu-hours H] [--price P]``.
+
+An arm's final validation value is converted into the training compute the parent needs
+to reach it (the compute-equivalent gain), and set against the arm's extra step time:
+net = (1 + gain) / (1 + time overhead) − 1 is the parent-equivalent compute the arm buys
+per unit of wall time, relative to the parent; positive means worth it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Mapping, Optional, Sequence
+
+from .compare import RESULTS, read_results
+from .report import Group, group_runs, parent_group, step_times
+from .timing import read_timing
+
+CAVEAT = (
+    "gain = s*/S − 1, where s* is the step at which the parent's mean validation curve first reaches the arm's final "
+    "validation value (linear interpolation) and S the parent's budget; net = (1 + gain)/(1 + time overhead) − 1. "
+    "Approximate: intermediate points of a cosine schedule are not what a shorter-budget run would reach."
+)
+EXTRAPOLATED = "* extrapolated past the parent's curve with a least-squares fit v = a + b·log(step) over its last half."
+
+
+@dataclass(frozen=True)
+class EquivalentGain:
+    """``gain`` = s*/S − 1; ``reached_step`` = s*; ``extrapolated`` when s* lies past the
+    parent's curve (inf: the fit never reaches the target; NaN: too few points to fit)."""
+
+    gain: float
+    extrapolated: bool
+    reached_step: float
+
+
+def compute_equivalent_gain(
+    parent_steps: Sequence[float], parent_values: Sequence[float], target: float, higher_is_better: bool
+) -> EquivalentGain:
+    """The parent's training compute, as a fraction of its full budget S = last step,
+    needed to first reach ``target``, minus one: gain = s*/S − 1.
+
+    s* interpolates linearly between the curve points (s_i, v_i) around the first point
+    that reaches the target (s* = s_0 if the first point already does). If no point does,
+    v = a + b·log s is fitted by least squares over the last half of the curve and
+    s* = exp((target − a)/b), but never below S, since the curve itself stayed short of
+    the target; a slope pointing away from the target gives gain = inf.
+
+    Caveat: this reads a shorter budget off the full run's curve, but under a cosine
+    schedule the intermediate points are not what a run with that shorter budget would
+    reach (its learning rate would have decayed earlier); the figure is an approximation."""
+    steps, values = [float(s) for s in parent_steps], [float(v) for v in parent_values]
+    if not steps or len(steps) != len(values):
+        raise ValueError(f"need equally many steps and values (at least one), got {len(steps)} and {len(values)}")
+    if steps[0] <= 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must be positive and strictly increasing, got {steps}")
+    if not all(math.isfinite(v) for v in [*values, target]):
+        raise ValueError(f"values and target must be finite, got {values} and {target}")
+    total = steps[-1]
+    sign = 1.0 if higher_is_better else -1.0
+    for i, (s, v) in enumerate(zip(steps, values)):
+        if sign * (v - target) >= 0:
+            if i == 0:
+                return EquivalentGain(s / total - 1, False, s)
+            s0, v0 = steps[i - 1], values[i - 1]
+            reached = s0 + (target - v0) / (v - v0) * (s - s0)
+            return EquivalentGain(reached / total - 1, False, reached)
+    tail = list(zip(steps, values))[len(steps) // 2 :]
+    if len(tail) < 2:
+        return EquivalentGain(float("nan"), True, float("nan"))
+    xs, vs = [math.log(s) for s, _ in tail], [v for _, v in tail]
+    x_mean, v_mean = fmean(xs), fmean(vs)
+    slope = math.fsum((x - x_mean) * (v - v_mean) for x, v in zip(xs, vs)) / math.fsum((x - x_mean) ** 2 for x in xs)
+    if sign * slope <= 0:
+        return EquivalentGain(math.inf, True, math.inf)
+    exponent = x_mean + (target - v_mean) / slope
+    reached = max(total, math.exp(exponent)) if exponent < 700 else math.inf
+    return EquivalentGain(reached / total - 1, True, reached)
+
+
+def net_gain(gain: float, time_overhead: float) -> float:
+    """Parent-equivalent compute per unit of wall time, relative to the parent:
+    (1 + gain) / (1 + time_overhead) − 1, both as fractions (0.1 = +10%)."""
+    return (1 + gain) / (1 + time_overhead) - 1
+
+
+def _mean_curve(group: Group, key: str) -> tuple[list[float], list[float]]:
+    """Steps every non-diverged run evaluated with a finite value, and the mean there."""
+    curves = [{p["step"]: p[key] for p in r.get("curve") or () if isinstance(p.get(key), (int, float)) and math.isfinite(p[key])} for r in group.valid]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [float(s) for s in steps], [fmean(c[s] for c in curves) for s in steps]
+
+
+def _check_money(gpu_hours: Optional[float], price_per_hour: Optional[float]) -> None:
+    for name, value in (("gpu_hours", gpu_hours), ("price_per_hour", price_per_hour)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def roi_rows(
+    rows: Sequence[Mapping[str, Any]],
+    timing: Mapping[str, Any],
+    gpu_hours: Optional[float] = None,
+    price_per_hour: Optional[float] = None,
+) -> list[dict[str, Any]]:
+    """One cost/benefit row per task × group (see :func:`roi_table`); ``timing`` is the
+    content of ``timing.json``."""
+    _check_money(gpu_hours, price_per_hour)
+    nan = float("nan")
+    table = []
+    for task, groups in group_runs(rows).items():
+        times, source = step_times(groups, timing)
+        for g in groups:
+            key = g.runs[0]["metric"].replace("test_", "val_")
+            finals = list(g.values(key).values())
+            final = fmean(finals) if finals else float("nan")
+            parent = parent_group(g, groups)
+            if g.arm == "parent":
+                gain = EquivalentGain(0.0, False, float(g.config.get("steps", nan)))
+            else:
+                steps, values = _mean_curve(parent, key) if parent else ([], [])
+                ok = bool(steps) and math.isfinite(final)
+                gain = compute_equivalent_gain(steps, values, final, g.runs[0]["higher_is_better"]) if ok else EquivalentGain(nan, False, nan)
+            reference = parent or g
+            time_overhead = times[g] / times[reference] - 1 if times[reference] > 0 else nan
+            memory = reference.median("activation_bytes")
+            row = {
+                "task": task,
+                "arm": g.label,
+                "steps": g.config.get("steps"),
+                "metric": key,
+                "n": len(finals),
+                "runs": len(g.runs),
+                "val_mean": final,
+                "gain": gain.gain,
+                "extrapolated": gain.extrapolated,
+                "reached_step": gain.reached_step,
+                "time_overhead": time_overhead,
+                "memory_overhead": g.median("activation_bytes") / memory - 1 if memory > 0 else nan,
+                "net": net_gain(gain.gain, time_overhead),
+                "step_time_source": source,
+            }
+            if gpu_hours is not None and price_per_hour is not None:
+                row["extra_cost"] = gpu_hours * time_overhead * price_per_hour
+                row["gain_value"] = gpu_hours * gain.gain * price_per_hour
+                row["net_value"] = row["gain_value"] - row["extra_cost"]
+            table.append(row)
+    return table
+
+
+def roi_table(out_dir: Path, gpu_hours: Optional[float] = None, price_per_hour: Optional[float] = None) -> list[dict[str, Any]]:
+    """Per task × arm (× budget) of ``out_dir/results.jsonl``: the final validation mean
+    over non-diverged seeds, the compute-equivalent gain against the parent of the same
+    budget, time and memory overheads (fractions; step times from ``timing.json`` when it
+    covers the task) and net. With ``gpu_hours`` H and ``price_per_hour`` P also
+    extra_cost = H·overhead·P, gain_value = H·gain·P and net_value = gain_value − extra_cost."""
+    return roi_rows(read_results(out_dir), read_timing(out_dir), gpu_hours, price_per_hour)
+
+
+def _pct(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    return "+∞" if math.isinf(x) else f"{100 * x:+.1f}%"
+
+
+def _money(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    return "+∞" if math.isinf(x) else f"{x:+,.2f}"
+
+
+def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of :func:`roi_table` rows with the method's caveat and the
+    step-time source of each task."""
+    if not rows:
+        return "No final runs."
+    money = "extra_cost" in rows[0]
+    head = "| task | arm | n | final val (mean) | compute-equivalent gain | time overhead | memory overhead | net |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    if money:
+        head += " extra cost | value of gain | net money |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for r in rows:
+        value = "–" if math.isnan(r["val_mean"]) else f"{r['metric']} {r['val_mean']:.4g}"
+        gain = _pct(r["gain"]) + ("*" if r["extrapolated"] else "")
+        line = (
+            f"| {r['task']} | {r['arm']} | {r['n']}/{r['runs']} | {value} | {gain} | {_pct(r['time_overhead'])} "
+            f"| {_pct(r['memory_overhead'])} | {_pct(r['net'])} |"
+        )
+        if money:
+            line += f" {_money(r['extra_cost'])} | {_money(r['gain_value'])} | {_money(r['net_value'])} |"
+        lines.append(line)
+    notes = ["", CAVEAT]
+    if any(r["extrapolated"] for r in rows):
+        notes.append(EXTRAPOLATED)
+    notes += [f"{task}: {source}." for task, source in dict.fromkeys((r["task"], r["step_time_source"]) for r in rows)]
+    return "\n".join(lines + notes)
+
+
+def main(argv: Sequence[str]) -> None:
+    """``ibnorm roi RUN_DIR [--gpu-hours H] [--price P]``: print the cost/benefit table."""
+    parser = argparse.ArgumentParser(prog="ibnorm roi", description="compute-equivalent gain and net benefit of each arm")
+    parser.add_argument("run_dir", type=Path, help="a finished `ibnorm compare` folder (results.jsonl)")
+    parser.add_argument("--gpu-hours", type=float, help="GPU hours of the parent's training budget to price")
+    parser.add_argument("--price", type=float, help="price per GPU hour (with --gpu-hours)")
+    args = parser.parse_args(list(argv))
+    for flag, value in (("--gpu-hours", args.gpu_hours), ("--price", args.price)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be a finite number >= 0, got {value:g}")
+    if (args.gpu_hours is None) != (args.price is None):
+        parser.error("--gpu-hours and --price go together")
+    if not args.run_dir.is_dir():
+        parser.error(f"run folder {args.run_dir} does not exist")
+    if not (args.run_dir / RESULTS).is_file():
+        parser.error(f"no {RESULTS} in {args.run_dir}: run `ibnorm compare --out {args.run_dir}` first")
+    try:
+        rows = roi_table(args.run_dir, args.gpu_hours, args.price)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        parser.error(f"{args.run_dir / RESULTS} is not a results file ({type(exc).__name__}: {exc})")
+    if not rows:
+        parser.error(f"no final runs in {args.run_dir / RESULTS}")
+    print(format_roi(rows))

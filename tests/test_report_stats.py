@@ -1,0 +1,294 @@
+"""Statistics of the A/B report (paired Δ, Holm, equivalence, divergence, budgets), the
+cost/benefit figure and the quiet timing, on synthetic results rows."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ibnorm.experiments.report import plot_sweep, summarize, verdict, write_report
+from ibnorm.experiments.roi import compute_equivalent_gain, main, net_gain, roi_table
+from ibnorm.experiments.statistics import holm, paired_difference
+from ibnorm.experiments.timing import measure_step_times, read_timing, write_timing
+
+
+def make_row(task, arm, seed, value, *, steps=100, lr=1e-3, metric="test_acc", higher=True, gen_gap=None, diverged=False,
+             step_time=0.01, act=1000, margin=None):
+    """One results row as ``ibnorm compare`` writes it; the validation curve rises
+    linearly to ``value`` at ``steps``."""
+    val = metric.replace("test_", "val_")
+    row = {
+        "task": task,
+        "arm": arm,
+        "seed": seed,
+        "phase": "final",
+        "config_key": f"{arm}-{steps}-{lr}",
+        "config": {"steps": steps, "batch_size": 16, "lr": lr, "weight_decay": 0.0, "eval_items": 100},
+        "arm_spec": {},
+        "parent": "layer",
+        "metric": metric,
+        "higher_is_better": higher,
+        "metrics": {metric: value, val: value, "train_loss": 0.5},
+        "curve": [{"step": s, "train_loss": 0.5, val: value * s / steps} for s in range(steps // 4, steps + 1, steps // 4)],
+        "step_time_s": step_time,
+        "activation_bytes": act,
+        "run_dir": "runs/x",
+        "versions": {},
+    }
+    if gen_gap is not None:
+        row["metrics"].update(gen_gap=gen_gap, heldin_loss=0.3, heldout_loss=0.3 + gen_gap)
+    if diverged:
+        row["diverged"] = True
+        row["metrics"][metric] = float("nan")
+    if margin is not None:
+        row["equivalence_margin"] = margin
+    return row
+
+
+def ab_rows(diffs, *, task="t", arm="ib", base=80.0, **kw):
+    """Parent at base + seed and the arm at parent + diffs[seed]."""
+    rows = [make_row(task, "parent", s, base + s, **kw) for s in range(len(diffs))]
+    return rows + [make_row(task, arm, s, base + s + d, **kw) for s, d in enumerate(diffs)]
+
+
+def row_of(summary, label, task="t"):
+    return next(r for r in summary[task] if r["label"] == label)
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_holm_matches_hand_computation():
+    # sorted 0.01, 0.03, 0.04, 0.20 → ×4, ×3, ×2, ×1 = 0.04, 0.09, 0.08, 0.20; monotone: 0.08 → 0.09
+    assert holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+    adjusted = holm([0.01, float("nan"), 0.04])  # NaN kept, family of 2
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+    assert holm([0.2, 0.6]) == pytest.approx([0.4, 0.6]) and holm([0.9, 0.8]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delta_interval_and_p_equal_scipy_paired_t(seed):
+    rng = np.random.default_rng(seed)
+    parent = rng.normal(80, 2, size=6)
+    arm = parent + rng.normal(0.3, 1, size=6)
+    got = paired_difference(dict(enumerate(arm)), dict(enumerate(parent)))
+    ref = stats.ttest_rel(arm, parent)
+    ci = ref.confidence_interval(0.95)
+    assert got.n == 6 and not got.identical
+    assert got.mean == pytest.approx(float(np.mean(arm - parent)), rel=1e-12)
+    assert (got.ci_low, got.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert got.p == pytest.approx(ref.pvalue, rel=1e-10)
+
+
+def test_pairs_only_over_shared_seeds():
+    got = paired_difference({0: 2.0, 1: 3.0, 2: 5.0, 9: 100.0}, {0: 1.0, 1: 1.0, 2: 1.0, 7: -50.0})
+    assert got.n == 3 and got.mean == pytest.approx(7 / 3)
+
+
+@pytest.mark.parametrize("diff", [0.5, 0.0])
+def test_identical_differences_give_no_p_and_no_verdict(diff):
+    got = paired_difference({0: 1 + diff, 1: 2 + diff, 2: 4 + diff}, {0: 1.0, 1: 2.0, 2: 4.0})
+    assert got.identical and math.isnan(got.p)
+    row = row_of(summarize(ab_rows([diff] * 5)), "ib")
+    assert math.isnan(row["p"]) and math.isnan(row["p_holm"])
+    line = verdict(row)
+    assert "identical differences across seeds: no test" in line
+    assert "better" not in line and "WORSE" not in line and "equivalent" not in line
+
+
+def test_two_seeds_are_too_few_for_a_verdict():
+    row = row_of(summarize(ab_rows([1.0, 3.0])), "ib")
+    line = verdict(row)
+    assert "too few seeds (n=2; need ≥3)" in line and "p=" in line
+    assert math.isnan(row["p_holm"]) and row["family"] == "Holm over 0 comparisons with parent in task t"
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def test_holm_family_spans_the_task_and_drives_the_verdict():
+    rows = ab_rows([1.0, 1.2, 0.9, 1.1, 1.05])
+    rows += [make_row("t", "ib-L", s, 80 + s + d) for s, d in enumerate([0.4, -0.3, 0.5, -0.6, 0.2])]
+    table = summarize(rows)["t"]
+    compared = [r for r in table if r["arm"] != "parent"]
+    assert all(r["family"] == "Holm over 2 comparisons with parent in task t" for r in table)
+    assert [r["p_holm"] for r in compared] == pytest.approx(holm([r["p"] for r in compared]))
+    assert "better than parent" in verdict(row_of({"t": table}, "ib"))
+
+
+def test_lower_is_better_metric_reads_a_rise_as_worse():
+    rows = ab_rows([0.11, 0.12, 0.10, 0.13, 0.12], base=1.5, metric="test_bpc", higher=False)
+    assert "WORSE than parent" in verdict(row_of(summarize(rows), "ib"))
+
+
+def test_equivalent_when_the_interval_is_inside_the_margin():
+    row = row_of(summarize(ab_rows([0.01, -0.02, 0.03, 0.0, 0.01])), "ib")
+    assert row["margin"] == 0.5
+    assert "equivalent (Δ CI within ±0.5)" in verdict(row)
+    # the same differences with a tighter margin recorded in the rows are not equivalent
+    tight = row_of(summarize(ab_rows([0.01, -0.02, 0.03, 0.0, 0.01], margin=0.02)), "ib")
+    assert "equivalent" not in verdict(tight)
+
+
+def test_inconclusive_when_the_interval_exceeds_the_margin():
+    row = row_of(summarize(ab_rows([2.0, -1.5, 1.0, -2.0, 0.5])), "ib")
+    line = verdict(row)
+    assert f"inconclusive (Δ CI [{row['diff_low']:.3f}, {row['diff_high']:.3f}] exceeds the ±0.5 equivalence band)" in line
+
+
+def test_budgets_are_never_pooled():
+    rows = ab_rows([1.0, 1.1, 0.9], base=80.0, steps=100) + ab_rows([-2.0, -2.1, -1.9], base=85.0, steps=200, lr=3e-3)
+    table = summarize(rows)["t"]
+    assert [r["label"] for r in table] == ["parent @ 100 steps", "parent @ 200 steps", "ib @ 100 steps", "ib @ 200 steps"]
+    short, long = row_of({"t": table}, "ib @ 100 steps"), row_of({"t": table}, "ib @ 200 steps")
+    assert (short["n"], short["pairs"], long["pairs"]) == (3, 3, 3)
+    assert short["diff"] == pytest.approx(1.0) and long["diff"] == pytest.approx(-2.0)
+    assert long["lr"] == 3e-3 and long["mean"] == pytest.approx(85 + 1 - 2.0)
+
+
+def test_diverged_runs_are_counted_and_the_verdict_remains():
+    rows = ab_rows([1.0, 1.2, 0.9, 1.1, 1.05])
+    rows[5 + 1] = make_row("t", "ib", 1, 0.0, diverged=True)
+    rows[5 + 3]["metrics"]["test_acc"] = None  # a non-finite metric without the flag also counts
+    summary = summarize(rows)
+    row = row_of(summary, "ib")
+    assert (row["runs"], row["diverged"], row["n"], row["pairs"]) == (5, 2, 3, 3)
+    assert row["mean"] == pytest.approx((81.0 + 82.9 + 85.05) / 3)  # seeds 0, 2, 4
+    line = verdict(row)
+    assert line.startswith("ib: Δ") and line.endswith("; 2 of 5 runs diverged")
+
+
+def test_sweep_plot_draws_one_line_per_family_and_placement(monkeypatch):
+    import ibnorm.experiments.report as report
+
+    rows = [make_row("t", "parent", s, 80.0 + s) for s in range(3)]
+    arms = ["ib:S:0.5", "ib:S:2:standardized", "ib:S:0.5:centered", "ib:S:2:centered", "ib:T:1", "ib:L:1:learnable"]
+    for shift, arm in enumerate(arms):
+        rows += [make_row("t", arm, s, 80.0 + s + shift) for s in range(3)]
+    drawn = {}
+
+    def capture(fig):
+        drawn.update({line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()})
+        return b"png"
+
+    monkeypatch.setattr(report, "figure_png", capture)
+    assert plot_sweep(summarize(rows)["t"], "t") == b"png"
+    # no placement means the default (standardized); a learnable λ is no sweep point
+    assert drawn == {"IBNorm-S (standardized)": [0.0, 0.5, 2.0], "IBNorm-S (centered)": [0.0, 0.5, 2.0], "IBNorm-T (standardized)": [0.0, 1.0]}
+
+
+# ------------------------------------------------------------------ cost/benefit
+
+
+def test_equivalent_gain_interpolates_the_parent_curve():
+    steps = list(range(100, 1001, 100))
+    got = compute_equivalent_gain(steps, [s / 1000 for s in steps], 0.8, True)
+    assert got.gain == pytest.approx(-0.2) and not got.extrapolated and got.reached_step == pytest.approx(800)
+    between = compute_equivalent_gain(steps, [s / 1000 for s in steps], 0.75, True)
+    assert between.reached_step == pytest.approx(750)
+    lower = compute_equivalent_gain(steps, [1 - s / 1000 for s in steps], 0.3, False)
+    assert lower.gain == pytest.approx(-0.3)
+
+
+def test_equivalent_gain_extrapolates_past_the_curve():
+    steps = list(range(100, 1001, 100))
+    got = compute_equivalent_gain(steps, [math.log(s) for s in steps], math.log(2000), True)
+    assert got.extrapolated and got.gain == pytest.approx(1.0) and got.reached_step == pytest.approx(2000)
+    away = compute_equivalent_gain(steps, [-s / 1000 for s in steps], 0.5, True)
+    assert away.extrapolated and away.gain == math.inf
+
+
+def test_net_gain_formula():
+    assert net_gain(0.2, 0.1) == pytest.approx(1.2 / 1.1 - 1)
+    assert net_gain(0.1, 0.1) == pytest.approx(0.0) and net_gain(-0.2, 0.0) == pytest.approx(-0.2)
+
+
+def _results(tmp_path, rows):
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_roi_table_values(tmp_path):
+    rows = ab_rows([-1.0, -1.0, -1.0], base=80.0) + [make_row("t", "slow", s, 80.0 + s, step_time=0.012, act=1500) for s in range(3)]
+    table = {r["arm"]: r for r in roi_table(_results(tmp_path, rows), gpu_hours=10, price_per_hour=2)}
+    parent_final = 81.0  # mean over seeds; the parent's mean curve rises linearly to it
+    assert table["ib"]["gain"] == pytest.approx(80.0 / parent_final - 1) and not table["ib"]["extrapolated"]
+    slow = table["slow"]
+    assert slow["gain"] == pytest.approx(0.0) and slow["time_overhead"] == pytest.approx(0.2) and slow["memory_overhead"] == pytest.approx(0.5)
+    assert slow["net"] == pytest.approx(1 / 1.2 - 1)
+    assert slow["extra_cost"] == pytest.approx(10 * 0.2 * 2) and slow["net_value"] == pytest.approx(-4.0)
+
+
+def test_roi_main_prints_a_table(tmp_path, capsys):
+    _results(tmp_path, ab_rows([0.5, 0.6, 0.4]))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| task | arm |" in out and "| t | ib |" in out and "cosine schedule" in out
+    main([str(tmp_path), "--gpu-hours", "10", "--price", "2.5"])
+    assert "net money" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{missing}"], "does not exist"),
+        (["{empty}"], "no results.jsonl"),
+        (["{run}", "--gpu-hours", "-1", "--price", "2"], "--gpu-hours must be a finite number >= 0"),
+        (["{run}", "--gpu-hours", "1", "--price", "-2"], "--price must be a finite number >= 0"),
+        (["{run}", "--price", "2"], "--gpu-hours and --price go together"),
+    ],
+)
+def test_roi_main_rejects_bad_input(tmp_path, capsys, args, message):
+    for name in ("run", "empty"):
+        (tmp_path / name).mkdir()
+    run = _results(tmp_path / "run", ab_rows([0.5, 0.6, 0.4]))
+    paths = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "run": run}
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(**paths) for a in args])
+    assert exc.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and error[0].startswith("ibnorm roi: error: ") and message in error[0]
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_write_report_has_holm_family_gap_and_cost_sections(tmp_path):
+    rows = ab_rows([1.0, 1.2, 0.9, 1.1, 1.05], task="mnist1d-mlp", gen_gap=0.1)
+    rows += [make_row("mnist1d-mlp", "ib-L", s, 80 + s + 0.1 * s, gen_gap=0.05 + 0.01 * s, step_time=0.02) for s in range(5)]
+    _results(tmp_path, rows)
+    text = write_report(tmp_path, "synthetic").read_text()
+    assert "Holm over 2 comparisons with parent in task mnist1d-mlp" in text
+    assert "### Generalization gap" in text and "| gen_gap mean ± std |" in text
+    assert "| ib-L | 100 | 5 | 0.0700 ± 0.0158 | -0.0300 |" in text
+    assert "### Cost/benefit" in text and "compute-equivalent gain" in text
+    assert "step times: median of training steps (runs may have shared the CPU; indicative only)" in text
+    assert "| +100.0% |" in text  # ib-L's training step time is twice the parent's
+    page = (tmp_path / "report.html").read_text()
+    assert "<h3>Generalization gap</h3>" in page and page.count("data:image/png;base64,") >= 2
+
+    write_timing(tmp_path, "mnist1d-mlp", {"parent": 0.010, "ib": 0.011, "ib-L": 0.0105}, batch_size=16)
+    text = write_report(tmp_path, "synthetic").read_text()
+    assert "step times: quiet interleaved measurement (timing.json)" in text and "| +5.0% |" in text
+
+
+def test_measure_step_times_interleaved(tmp_path):
+    from ibnorm.experiments.tasks import get_task
+
+    task = get_task("mnist1d-mlp")
+    pytest.importorskip("mnist1d")
+    data = task.load(None)
+    began = time.perf_counter()
+    times = measure_step_times(task, data, ["parent", "ib"], batch_size=8, steps=2, warmup=1, rounds=2)
+    assert set(times) == {"parent", "ib"} and all(0 < t < 5 for t in times.values())
+    assert time.perf_counter() - began < 30
+    write_timing(tmp_path, "mnist1d-mlp", times, batch_size=8)
+    write_timing(tmp_path, "other", {"parent": 1.0})
+    saved = read_timing(tmp_path)
+    assert saved["mnist1d-mlp"]["step_time_s"] == times and saved["mnist1d-mlp"]["note"] == "measured quietly, interleaved"
+    assert set(saved) == {"mnist1d-mlp", "other"} and saved["other"]["torch_threads"] >= 1
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        measure_step_times(task, data, ["parent"], batch_size=0)
