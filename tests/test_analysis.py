@@ -353,7 +353,7 @@ def test_analyze_run_end_to_end(tmp_path, capsys):
 
     plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=3, batch_size=16, eval_every=3, eval_items=100)
     results = run_plans(plans, tmp_path, progress=False)
-    rows = analyze_run(tmp_path, max_examples=200)
+    rows = analyze_run(tmp_path, max_examples=200, sites=("norm_out",))
 
     lines = (tmp_path / "analysis.jsonl").read_text().splitlines()
     assert len(lines) == len(rows) == 2 * 2 * 2  # arms × seeds × LayerNorms
@@ -376,7 +376,7 @@ def test_analyze_run_end_to_end(tmp_path, capsys):
 
     # the CLI entry on one run folder writes into that folder and says where
     run_dir = tmp_path / results[0]["run_dir"]
-    path = main([str(run_dir), "--max-examples", "64", "--no-progress"])
+    path = main([str(run_dir), "--max-examples", "64", "--no-progress", "--sites", "norm_out"])
     assert path == run_dir.resolve() / "analysis.md" and path.exists()
     assert str(path) in capsys.readouterr().out
     assert len((run_dir / "analysis.jsonl").read_text().splitlines()) == 2

@@ -55,7 +55,7 @@ def test_every_task_trains_three_steps_with_every_arm(task, tmp_path):
         if task.startswith(prefix) and not available():
             pytest.skip(f"{prefix} data not installed (run `make data`)")
     arms = _arms_for(task)
-    plans = make_plans([task], arms, seeds=1, steps=3, batch_size=8, eval_every=3, eval_items=256)
+    plans = make_plans([task], arms, seeds=1, steps=3, batch_size=8, eval_every=3, eval_items=256, final_items=256)
     rows = run_plans(plans, tmp_path, progress=False)
     assert sorted(r["arm"] for r in rows) == sorted(arms)
     for r in rows:

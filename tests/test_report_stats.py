@@ -11,7 +11,7 @@ from scipy import stats
 
 from ibnorm.experiments.report import plot_sweep, summarize, verdict, write_report
 from ibnorm.experiments.roi import compute_equivalent_gain, main, net_gain, roi_table
-from ibnorm.experiments.statistics import holm, paired_difference
+from ibnorm.analysis.significance import holm, paired_difference
 from ibnorm.experiments.timing import measure_step_times, read_timing, write_timing
 
 

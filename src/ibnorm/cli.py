@@ -38,6 +38,7 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
+    parser.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
 
@@ -63,7 +64,7 @@ def _run(
         return
     _init_distributed()
     try:
-        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command)
+        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are in {args.out / 'results.jsonl'}; run the same command to resume")
         raise SystemExit(130)
@@ -98,6 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results.add_argument("--only", nargs="+", help="run only these plan entries")
     results.add_argument("--report-only", action="store_true", help="rewrite every report; train nothing")
     results.add_argument("--no-progress", action="store_true")
+    results.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
 
     demo = sub.add_parser("demo", help="the quick preset behind `make demo` (a few minutes on 2 cores)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -139,7 +141,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "results":
         from .experiments.campaign import DEFAULT_PLAN, run_campaign
 
-        run_campaign(main, args.plan or DEFAULT_PLAN, args.only, report_only=args.report_only, progress=not args.no_progress)
+        try:
+            run_campaign(
+                main,
+                args.plan or DEFAULT_PLAN,
+                args.only,
+                report_only=args.report_only,
+                progress=not args.no_progress,
+                device=args.device,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            results.error(str(exc))
     elif args.command == "demo":
         from .experiments.demo import run_demo
 

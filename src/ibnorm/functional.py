@@ -280,21 +280,27 @@ def ib_batch_norm(
         reduce_mean=reduce_mean,
     )
     if training:
-        _update_running_stats(stats, buffers, momentum, count)
+        _update_running_stats(stats, buffers, momentum, count, placement)
     return y.reshape(input.shape)
 
 
 def _update_running_stats(
-    stats: GroupStats, buffers: Sequence[Optional[Tensor]], momentum: float, count: int
+    stats: GroupStats, buffers: Sequence[Optional[Tensor]], momentum: float, count: int, placement: str
 ) -> None:
     """running ← (1 − momentum)·running + momentum·batch.
 
-    The variance of x is stored unbiased (× n/(n−1)), as torch does. The variance of u is
-    stored biased: z was standardized with the same batch's statistics, so u's biased
-    variance already estimates the population one (at λ → 0 it is ≈ 1 by construction,
-    and an n/(n−1) factor would make eval differ from the parent norm by that factor).
+    The variance of x is stored unbiased (× n/(n−1)), as torch does. With the standardized
+    placement the variance of u is stored biased: z was standardized with the same batch's
+    statistics, so u's biased variance already estimates the population one (at λ → 0 it
+    is ≈ 1 by construction, and an n/(n−1) factor would make eval differ from the parent
+    norm by that factor). With the centered placement u = ψ(x − μ) keeps x's units and,
+    like x, its variance is stored unbiased (at λ → 0 it is x's, and eval is BatchNorm's).
     """
-    batch = (stats.mean, stats.var * (count / (count - 1)), stats.mean_psi, stats.var_psi)
+    unbiased = count / (count - 1)
+    var_psi = stats.var_psi
+    if var_psi is not None and placement == "centered":
+        var_psi = var_psi * unbiased
+    batch = (stats.mean, stats.var * unbiased, stats.mean_psi, var_psi)
     with torch.no_grad():
         for running, value in zip(buffers, batch):
             if running is not None and value is not None:

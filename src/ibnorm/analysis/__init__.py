@@ -118,8 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         "--sites",
         nargs="+",
         choices=SITES + ("all",),
-        default=["norm_out"],
-        help="where to measure kurtosis/sparsity besides the norm outputs (per element); 'all' for every site",
+        default=["all"],
+        help="where to measure: norm inputs/outputs, block outputs, activation outputs; 'all' (default) for every site",
     )
     parser.add_argument("--max-values", type=int, default=100_000, help="values kept per layer at the added sites")
     parser.add_argument("--no-progress", action="store_true")

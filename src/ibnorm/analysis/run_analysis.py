@@ -164,7 +164,7 @@ def analyze_run(
     n_bins: int = 30,
     noise_var: float = 0.2,
     probe_epochs: int = 100,
-    sites: Sequence[str] = ("norm_out",),
+    sites: Sequence[str] = SITES,
     max_values: int = 100_000,
     progress: bool = False,
 ) -> list[dict[str, Any]]:

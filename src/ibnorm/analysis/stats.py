@@ -161,25 +161,23 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], confi
     identical differences (s = 0, t undefined) the interval and p are None and ``note``
     says why (``"too few seeds"``, ``"zero-variance differences"``; ``"no paired seeds"``
     with none); otherwise ``note`` is None."""
-    from scipy import stats
+    from .significance import paired_difference as paired
 
     if len(values) != len(reference):
         raise ValueError(f"values and reference must be aligned, got {len(values)} and {len(reference)} entries")
-    pairs = [(float(a), float(b)) for a, b in zip(values, reference) if math.isfinite(a) and math.isfinite(b)]
-    out: dict[str, Any] = {"n": len(pairs), "delta": None, "ci_low": None, "ci_high": None, "p": None, "note": None}
-    if not pairs:
+    keep = [i for i, (a, b) in enumerate(zip(values, reference)) if math.isfinite(a) and math.isfinite(b)]
+    result = paired({i: float(values[i]) for i in keep}, {i: float(reference[i]) for i in keep}, confidence)
+    out: dict[str, Any] = {"n": result.n, "delta": None, "ci_low": None, "ci_high": None, "p": None, "note": None}
+    if not keep:
         out["note"] = "no paired seeds"
         return out
-    a, b = np.array(pairs).T
-    d = a - b
-    out["delta"] = float(d.mean())
-    if len(d) < MIN_PAIRED_SEEDS:
+    out["delta"] = result.mean
+    if result.n < MIN_PAIRED_SEEDS:
         out["note"] = "too few seeds"
-    elif np.all(d == d[0]):
+    elif result.identical:
         out["note"] = "zero-variance differences"
     else:
-        half = float(stats.t.ppf((1 + confidence) / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
-        out.update(ci_low=out["delta"] - half, ci_high=out["delta"] + half, p=float(stats.ttest_rel(a, b).pvalue))
+        out.update(ci_low=result.ci_low, ci_high=result.ci_high, p=result.p)
     return out
 
 

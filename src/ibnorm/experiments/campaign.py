@@ -105,9 +105,9 @@ def resolve_arms(entry: Entry, root: Path) -> list[str]:
     argv = list(entry.argv)
     if "--arms" not in argv:
         return argv
+    arms = _option(argv, "--arms")
     start = argv.index("--arms") + 1
-    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
-    arms = argv[start:end]
+    end = start + len(arms)
     if any(a.startswith(BEST_PREFIX) for a in arms):
         if entry.best_from is None:
             raise ValueError(f"plan entry {entry.name!r} uses best:<placement> arms but names no best_from sweep")
@@ -132,6 +132,7 @@ def run_campaign(
     *,
     report_only: bool = False,
     progress: bool = True,
+    device: Optional[str] = None,
 ) -> list[str]:
     """Run (resume) the plan's entries in order, or those named in ``only``, each through
     ``run_command(argv)`` (the ``ibnorm`` command line); returns the names of entries
@@ -156,6 +157,36 @@ def run_campaign(
             argv.append("--report-only")
         if not progress:
             argv.append("--no-progress")
+        if device and not report_only:
+            argv += ["--device", device]
         print(f"[{entry.name}] ibnorm {shlex.join(argv)}", flush=True)
         run_command(argv)
+        if entry.stage == "final" and not report_only and not device:
+            _time_arms(entry, argv, root)
     return waiting
+
+
+def _option(argv: Sequence[str], flag: str) -> list[str]:
+    if flag not in argv:
+        return []
+    start = argv.index(flag) + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    return list(argv[start:end])
+
+
+def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
+    """A final entry's arms timed quietly and interleaved (``timing.json``), once: the report
+    then takes its step-time overheads from there rather than from the training runs."""
+    from .report import write_report
+    from .tasks import get_task
+    from .timing import measure_step_times, read_timing, write_timing
+
+    out = entry.out(root)
+    (task_name,) = _option(argv, "--tasks")
+    if task_name in read_timing(out):
+        return
+    task = get_task(task_name)
+    print(f"[{entry.name}] timing {_option(argv, '--arms')} (quiet, interleaved)", flush=True)
+    times = measure_step_times(task, task.load(None), _option(argv, "--arms"), batch_size=task.defaults.batch_size)
+    write_timing(out, task_name, times, batch_size=task.defaults.batch_size)
+    write_report(out, f"ibnorm compare: {task_name}")

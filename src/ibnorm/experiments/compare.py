@@ -51,13 +51,22 @@ def make_plans(
     eval_items: int = 10_000,
     checkpoint_every: Optional[int] = None,
     analyze_every: int = 0,
+    final_items: Optional[int] = None,
 ) -> list[Plan]:
-    """Validate everything up front: unknown tasks/arms, bad λ and bad budgets raise here."""
+    """Validate everything up front: unknown tasks/arms, bad λ and bad budgets raise here.
+    ``eval_items`` bounds the evaluations along the curve, ``final_items`` the final ones
+    (None: the whole validation and test splits)."""
     if not tasks:
         raise ValueError("tasks must name at least one task")
     if not arms:
         raise ValueError("arms must name at least one arm")
-    for name, value in (("seeds", seeds), ("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+    for name, value in (
+        ("seeds", seeds),
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("eval_every", eval_every),
+        ("final_items", final_items),
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -79,6 +88,7 @@ def make_plans(
             eval_every=min(eval_every or d.eval_every, total),
             checkpoint_every=checkpoint_every or max(1, min(200, total // 4)),
             eval_items=eval_items,
+            final_items=final_items,
             analyze_every=analyze_every,
         )
         parsed = tuple(parse_arm(a, task.parent) for a in dict.fromkeys(arms))
@@ -103,6 +113,12 @@ def _append_result(out: Path, row: dict[str, Any]) -> None:
     atomic_write_text(Path(out) / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def _device_name(device: Optional[str]) -> str:
+    if device and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _versions() -> dict[str, str]:
     return {"ibnorm": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -118,12 +134,13 @@ def _run_one(
     done: set,
     progress: bool,
     command: Optional[str],
+    device: Optional[str],
 ) -> Optional[dict[str, Any]]:
     key = (task.name, arm.name, seed, phase, _config_key(cfg, arm))
     if key in done:
         return None
     run_dir = Path(out) / "runs" / task.name / arm.name.replace(":", "_") / f"{phase}-lr{cfg.lr:g}-seed{seed}"
-    result = train_run(task, data, arm, seed, cfg, run_dir, progress=progress)
+    result = train_run(task, data, arm, seed, cfg, run_dir, progress=progress, device=device)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -144,6 +161,7 @@ def _run_one(
         "higher_is_better": task.higher_is_better,
         "equivalence_margin": task.equivalence_margin,
         "command": command,
+        "device": _device_name(device),
         "run_dir": str(run_dir.relative_to(out)),
         "versions": _versions(),
         **result,
@@ -160,10 +178,16 @@ def _lr_grid(base: float, k: int) -> list[float]:
 
 
 def run_plans(
-    plans: Iterable[Plan], out: Path, data_dir: Optional[str] = None, progress: bool = True, command: Optional[str] = None
+    plans: Iterable[Plan],
+    out: Path,
+    data_dir: Optional[str] = None,
+    progress: bool = True,
+    command: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> list[dict]:
     """Run every plan (loading each task's data once), skipping runs already in results.
-    ``command`` (the command line that asked for these runs) is recorded in every row.
+    ``command`` (the command line that asked for these runs) and the device that trained
+    (``device``, default CPU) are recorded in every row.
 
     With ``tune_lr = K`` each arm first trains seed 0 at K rates log-spaced over
     [lr/3, 3·lr] and keeps the rate with the best *validation* metric (a diverged trial
@@ -184,7 +208,7 @@ def run_plans(
                 scores = {}
                 for lr in _lr_grid(plan.config.lr, plan.tune_lr):
                     trial = replace(plan.config, lr=lr)
-                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress, command)
+                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress, command, device)
                     row = next(
                         r
                         for r in read_results(out)
@@ -197,7 +221,7 @@ def run_plans(
                     bar.update(1)
                 cfg = replace(plan.config, lr=max(scores, key=scores.get))
             for seed in plan.seeds:
-                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress, command)
+                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress, command, device)
                 bar.update(1)
     bar.close()
     return read_results(out)

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._io import atomic_write_text
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Environment variable naming a folder with one sub-folder per data set
@@ -582,14 +584,24 @@ def load_austen_text(data_dir: PathLike | None = None) -> str:
     All lines are joined with ``"\\n"`` (a missing value would become an empty line), the
     novels in order of publication as in :data:`AUSTEN_BOOKS`: Sense and Sensibility,
     Pride and Prejudice, Mansfield Park, Emma, Northanger Abbey, Persuasion. The text is
-    ASCII apart from ``£``.
+    ASCII apart from ``£``. The decoded text is cached as ``austen.txt`` in the package
+    folder (written atomically), so later loads — and machines without ``rdata`` that are
+    handed that folder — read it directly.
     """
     package = find_austen(data_dir)
+    cache = package / "austen.txt"
+    if cache.is_file():
+        return cache.read_text(encoding="utf-8")
     books = read_r_lazyload_db(package / "data" / "Rdata", [name for name, _ in AUSTEN_BOOKS])
     lines: list[str] = []
     for name, _ in AUSTEN_BOOKS:
         lines.extend("" if line is None else str(line) for line in np.asarray(books[name], dtype=object).reshape(-1))
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    try:
+        atomic_write_text(cache, text)
+    except OSError:  # a read-only data folder: decode again next time
+        pass
+    return text
 
 
 def load_pydoc_text() -> str:

@@ -28,7 +28,7 @@ from .._io import atomic_write_bytes, atomic_write_text
 from .._plotting import figure_png, pyplot
 from .arms import Arm, parse_arm
 from .compare import read_results
-from .statistics import holm, paired_difference, t_interval, within_margin
+from ..analysis.significance import holm, paired_difference, t_interval, within_margin
 from .timing import TIMING, read_timing
 
 ALPHA = 0.05
@@ -255,6 +255,26 @@ def verdict(row: Mapping[str, Any]) -> str:
     return text + (f"; {broken}" if broken else "")
 
 
+def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per task: the compared arm with the best paired Δ against the parent, its
+    Δ and interval, the decision, and its step-time cost; "parent" wins where every Δ is
+    in the parent's favour."""
+    lines = []
+    for task, table in summary.items():
+        compared = [r for r in table if r["compared"] and _finite(r["diff"])]
+        if not compared:
+            continue
+        sign = 1 if compared[0]["higher_is_better"] else -1
+        best = max(compared, key=lambda r: sign * r["diff"])
+        leader = best["label"] if sign * best["diff"] > 0 else "the parent norm"
+        lines.append(
+            f"**{task}**: ahead is {leader}; best challenger {best['label']} Δ {_fmt(best['diff'], signed=True)} "
+            f"{_unit(best['metric'])} (95% CI [{_fmt(best['diff_low'])}, {_fmt(best['diff_high'])}], Holm p={_fmt_p(best['p_holm'])}, "
+            f"n={best['pairs']}): {outcome(best)}, at {_fmt(best['time_overhead_pct'], 0, signed=True)}% step time."
+        )
+    return lines
+
+
 def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
     if not _finite(x):
         return "∞" if isinstance(x, float) and math.isinf(x) else "–"
@@ -421,7 +441,7 @@ def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
     timing = read_timing(out)
     summary = summarize(rows, timing)
     costs = roi_rows(rows, timing)
-    md = [f"# {title}", "", f"{len(rows)} runs in `{out / 'results.jsonl'}`.", ""]
+    md = [f"# {title}", "", *(f"- {line}" for line in at_a_glance(summary)), "", f"{len(rows)} runs in `{out / 'results.jsonl'}`.", ""]
     images: dict[str, bytes] = {}
     for task, table in summary.items():
         first = table[0]

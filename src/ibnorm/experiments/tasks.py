@@ -72,10 +72,11 @@ class Task:
     # ----------------------------------------------------------------- loss and metrics
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         logits = self.logits(model, inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))
 
     def logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        out = model(inputs)
+        """The model's logits; data stays on the CPU and each batch moves to the model's device."""
+        out = model(inputs.to(next(model.parameters()).device))
         return out.logits if hasattr(out, "logits") else out
 
     def evaluated_items(self, data: Any, split: str, max_items: Optional[int]) -> int:
@@ -109,6 +110,7 @@ class Task:
             correct, loss_sum = 0, 0.0
             for xb, yb in zip(x[:n].split(1000), y[:n].split(1000)):
                 logits = self.logits(model, xb)
+                yb = yb.to(logits.device)
                 loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
                 correct += (logits.argmax(-1) == yb).sum().item()
             return {f"{split}_acc": 100.0 * correct / n, f"{split}_loss": loss_sum / n}

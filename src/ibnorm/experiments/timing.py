@@ -18,6 +18,7 @@ import torch
 from .._io import atomic_write_text
 from .arms import parse_arm
 from .tasks import Task
+from .train import parameter_groups
 
 TIMING = "timing.json"
 NOTE = "measured quietly, interleaved"
@@ -51,7 +52,7 @@ def measure_step_times(
     for spec, arm in zip(specs, arms):
         torch.manual_seed(0)
         model = arm.apply(task.build(data)).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=task.defaults.lr, weight_decay=task.defaults.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(model, task.defaults.weight_decay), lr=task.defaults.lr)
         trainers[spec] = (model, optimizer)
     counters = dict.fromkeys(specs, 0)
     times: dict[str, list[float]] = {spec: [] for spec in specs}

@@ -119,15 +119,17 @@ def train_run(
     run_dir: Path,
     *,
     progress: bool = True,
+    device: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train, evaluate and return ``{"metrics", "curve", "diverged", "step_time_s",
     "activation_bytes", ...}``. A non-finite training loss stops the run: it is returned
-    with ``diverged=True`` and NaN metrics, to be counted, not dropped."""
+    with ``diverged=True`` and NaN metrics, to be counted, not dropped. ``device`` (e.g.
+    ``"cuda"``) is where the model trains; it is not part of the protocol's configuration."""
     rank, world = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     torch.manual_seed(seed)
-    model = arm.apply(task.build(data))
+    model = arm.apply(task.build(data)).to(device or "cpu")
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -137,7 +139,7 @@ def train_run(
     start, curve, step_times = 0, [], []
     checkpoint = Path(run_dir) / "checkpoint.pt"
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device or "cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

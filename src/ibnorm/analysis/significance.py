@@ -1,4 +1,5 @@
-"""Pure statistics behind the A/B report: t-intervals, the seed-paired t-test, Holm's
+"""Significance statistics for seed-paired comparisons (A/B reports and representation
+analysis): t-intervals, the seed-paired t-test, Holm's
 step-down adjustment and the equivalence check. No I/O, no knowledge of results rows.
 """
 

@@ -1,0 +1,160 @@
+"""The fair protocol: weight-decay groups, final evaluation and the generalization gap,
+validation-only choices, the campaign plan and its `best:<placement>` resolution."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ibnorm.baselines import convert_to_dyt
+from ibnorm.convert import convert_norms
+from ibnorm.experiments import campaign as C
+from ibnorm.experiments.compare import sweep_arms
+from ibnorm.experiments.tasks import get_task
+from ibnorm.experiments.train import final_evaluation, parameter_groups
+
+
+def test_weight_decay_skips_every_parameter_with_at_most_one_dim():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Conv1d(8, 8, 3), nn.BatchNorm1d(8), nn.Linear(8, 2, bias=False))
+    model, _ = convert_norms(model, "L", 1.0, learnable_lam=True)
+    model, _ = convert_to_dyt(nn.Sequential(model, nn.LayerNorm(2)))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert decayed == ["0.0.weight", "0.2.weight", "0.4.weight"]  # the Linear/Conv kernels only
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"0.1.lam_raw", "0.3.lam_raw", "0.1.weight", "0.1.bias", "0.0.bias"} <= undecayed
+    assert any(n.endswith("alpha") for n in undecayed)  # DyT's α
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_final_evaluation_covers_whole_splits_and_measures_the_gap():
+    task = get_task("mnist1d-mlp")
+    data = task.load(None)
+    torch.manual_seed(0)
+    model = task.build(data)
+    metrics = final_evaluation(task, model, data, None)
+    x_test, y_test = data.test
+    x_train, y_train = data.train
+    with torch.no_grad():
+        model.eval()
+        test_loss = nn.functional.cross_entropy(model(x_test), y_test).item()
+        heldin = nn.functional.cross_entropy(model(x_train[: len(x_test)]), y_train[: len(x_test)]).item()
+        accuracy = 100.0 * (model(x_test).argmax(-1) == y_test).float().mean().item()
+    assert metrics["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    assert metrics["heldin_loss"] == pytest.approx(heldin, rel=1e-5)
+    assert metrics["gen_gap"] == pytest.approx(test_loss - heldin, rel=1e-4, abs=1e-6)
+    assert metrics["test_acc"] == pytest.approx(accuracy)
+    assert "val_acc" in metrics and task.evaluated_items(data, "test", None) == len(x_test)
+
+
+def test_lm_final_evaluation_reads_whole_windows_of_the_whole_split():
+    task = get_task("pydoc-llama")
+    data = task.load(None)
+    n = task.evaluated_items(data, "test", None)
+    assert n % task.block_size == 0 and len(data["test"]) - task.block_size - 1 < n <= len(data["test"]) - 1
+    assert task.evaluated_items(data, "test", 1000) == (1000 // task.block_size) * task.block_size
+
+
+def test_sweep_arms_cover_both_placements_and_keep_lambda_exact():
+    arms = sweep_arms(["L"], [0, 0.1, 1 / 3], ["standardized", "centered"])
+    assert arms == ["parent", "ib:L:0.1", "ib:L:0.3333333333333333", "ib:L:0.1:centered", "ib:L:0.3333333333333333:centered"]
+    assert float(arms[2].split(":")[2]) == 1 / 3
+
+
+def _row(arm, seed, val, test, placement="standardized", higher=True, kind="ib"):
+    return {
+        "task": "t",
+        "arm": arm,
+        "seed": seed,
+        "phase": "final",
+        "metric": "test_acc",
+        "higher_is_better": higher,
+        "metrics": {"val_acc": val, "test_acc": test},
+        "arm_spec": {"kind": kind, "placement": placement, "learnable_lam": False},
+    }
+
+
+def _sweep_rows(seeds=3):
+    rows = []
+    for seed in range(seeds):
+        rows += [
+            _row("parent", seed, 90.0, 90.0, kind="parent"),
+            # best on validation, worst on test: the choice must follow validation
+            _row("ib:S:0.1", seed, 92.0 + seed, 80.0),
+            _row("ib:L:1", seed, 91.0, 99.0),
+            _row("ib:T:1:centered", seed, 85.0, 70.0, "centered"),
+            _row("ib:S:2:centered", seed, 86.0, 60.0, "centered"),
+        ]
+    return rows
+
+
+def test_best_variants_are_chosen_on_validation_only():
+    best = C.best_variants(_sweep_rows())
+    assert best["standardized"][0] == "ib:S:0.1" and best["standardized"][1] == pytest.approx(93.0)
+    assert best["centered"][0] == "ib:S:2:centered"
+    lower = [dict(r, higher_is_better=False) for r in _sweep_rows()]
+    assert C.best_variants(lower)["standardized"][0] == "ib:L:1"
+
+
+def test_best_variants_wait_for_an_unfinished_sweep():
+    rows = _sweep_rows()[:-1]  # one arm is a seed short
+    with pytest.raises(LookupError, match="not finished"):
+        C.best_variants(rows)
+    with pytest.raises(LookupError, match="not finished"):
+        C.best_variants(_sweep_rows(seeds=2))
+
+
+def _plan(tmp_path, entries):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"entries": entries}))
+    return path
+
+
+def test_campaign_resolves_best_arms_and_skips_entries_whose_sweep_is_unfinished(tmp_path):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp"]},
+            {"name": "final-x", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "best:standardized", "best:centered", "--seeds", "5"], "best_from": "sweep-x"},
+        ],
+    )
+    calls = []
+    waiting = C.run_campaign(calls.append, plan, progress=False)
+    assert waiting == ["final-x"]
+    assert calls == [["sweep", "--task", "mnist1d-mlp", "--out", str(tmp_path / "sweep-x"), "--no-progress"]]
+    (tmp_path / "sweep-x").mkdir()
+    (tmp_path / "sweep-x" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sweep_rows()))
+    calls.clear()
+    assert C.run_campaign(calls.append, plan, only=["final-x"], progress=False) == []
+    (argv,) = calls
+    assert argv[argv.index("--arms") + 1 : argv.index("--seeds")] == ["parent", "ib:S:0.1", "ib:S:2:centered"]
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "final-x") and "--no-progress" in argv
+    with pytest.raises(ValueError, match="unknown plan entries"):
+        C.run_campaign(calls.append, plan, only=["nope"])
+
+
+@pytest.mark.parametrize(
+    "entries,message",
+    [
+        ([{"name": "a", "argv": ["train"]}], "must start with 'compare' or 'sweep'"),
+        ([{"name": "a", "argv": ["sweep", "--out", "x"]}], "leave --out out"),
+        ([{"name": "a", "argv": ["sweep"]}, {"name": "a", "argv": ["sweep"]}], "unique"),
+    ],
+)
+def test_bad_plans_are_refused(tmp_path, entries, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_plan(_plan(tmp_path, entries))
+
+
+def test_the_recorded_plan_is_valid():
+    entries = C.load_plan(Path(__file__).parents[1] / C.DEFAULT_PLAN)
+    names = [e.name for e in entries]
+    for entry in entries:
+        if entry.best_from is not None:
+            assert names.index(entry.best_from) < names.index(entry.name)
+        flag = "--task" if entry.argv[0] == "sweep" else "--tasks"
+        get_task(entry.argv[entry.argv.index(flag) + 1])
