@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .compression import DEFAULT_PLACEMENT, PLACEMENTS
+
 
 def _init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -43,7 +45,13 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
 
 
+def _fail(parser: argparse.ArgumentParser, exc: BaseException) -> None:
+    """Bad input: the parser's usage and the error on one line, exit status 2."""
+    parser.error(" ".join(str(exc).split()))
+
+
 def _run(
+    parser: argparse.ArgumentParser,
     args: argparse.Namespace,
     tasks: Sequence[str],
     arms: Sequence[str],
@@ -55,9 +63,12 @@ def _run(
     from .experiments.compare import make_plans, run_plans
     from .experiments.report import write_report
 
-    plans = make_plans(
-        tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr, analyze_every=analyze
-    )
+    try:
+        plans = make_plans(
+            tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr, analyze_every=analyze
+        )
+    except (ValueError, TypeError) as exc:
+        _fail(parser, exc)
     if args.report_only:
         report = write_report(args.out, title)
         print(f"report: {report} and {report.with_suffix('.html')}")
@@ -65,6 +76,8 @@ def _run(
     _init_distributed()
     try:
         run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device)
+    except FileNotFoundError as exc:  # data missing: found before any training starts
+        _fail(parser, exc)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are in {args.out / 'results.jsonl'}; run the same command to resume")
         raise SystemExit(130)
@@ -80,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     compare = sub.add_parser("compare", help="A/B comparison of arms on tasks over several seeds")
     compare.add_argument("--tasks", nargs="+", required=True, help="e.g. mnist1d-cnn fmnist-resnet austen-gpt2 text:PATH")
-    compare.add_argument("--arms", nargs="+", default=None, help="default: parent ib-S ib-L ib-T ib-learnable normalnorm (+dyt)")
+    compare.add_argument("--arms", nargs="+", default=None, help="default: parent ib ib-S ib-L ib-T ib-learnable, normalnorm (batch/layer tasks), dyt (layer tasks)")
     compare.add_argument("--tune-lr", type=int, default=0, help="try K learning rates per arm on the validation split first")
     compare.add_argument(
         "--analyze", type=int, default=0, metavar="K", help="information-plane snapshot every K steps (at evaluations)"
@@ -91,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sweep.add_argument("--task", required=True)
     sweep.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
     sweep.add_argument("--families", nargs="+", default=["S", "L", "T"])
-    sweep.add_argument("--placements", nargs="+", default=["standardized"], help="standardized and/or centered")
+    sweep.add_argument("--placements", nargs="+", default=[DEFAULT_PLACEMENT], choices=PLACEMENTS)
     _experiment_args(sweep)
 
     results = sub.add_parser("results", help="run or resume the evidence campaign of a recorded plan (make results)")
@@ -125,19 +138,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = "ibnorm " + shlex.join(argv)
 
     if args.command == "compare":
-        from .experiments.arms import DEFAULT_ARMS
+        from .experiments.arms import default_arms
         from .experiments.tasks import get_task
 
         arms = args.arms
         if arms is None:
-            parents = {get_task(t).parent for t in args.tasks}
-            arms = [a for a in DEFAULT_ARMS if a != "dyt" or parents == {"layer"}]
-        _run(args, args.tasks, arms, f"ibnorm compare: {', '.join(args.tasks)}", command, args.tune_lr, args.analyze)
+            try:
+                arms = default_arms({get_task(t).parent for t in args.tasks})
+            except ValueError as exc:
+                _fail(compare, exc)
+        title = f"ibnorm compare: {', '.join(args.tasks)}"
+        _run(compare, args, args.tasks, arms, title, command, args.tune_lr, args.analyze)
     elif args.command == "sweep":
         from .experiments.compare import sweep_arms
 
         arms = sweep_arms(args.families, args.lams, args.placements)
-        _run(args, [args.task], arms, f"ibnorm sweep: {args.task}", command)
+        _run(sweep, args, [args.task], arms, f"ibnorm sweep: {args.task}", command)
     elif args.command == "results":
         from .experiments.campaign import DEFAULT_PLAN, run_campaign
 
@@ -151,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 device=args.device,
             )
         except (ValueError, FileNotFoundError) as exc:
-            results.error(str(exc))
+            _fail(results, exc)
     elif args.command == "demo":
         from .experiments.demo import run_demo
 

@@ -46,6 +46,19 @@ class Arm:
         return model
 
 
+def default_arms(parents: set[str]) -> list[str]:
+    """The arms of :data:`DEFAULT_ARMS` that apply to every one of the tasks' parent norms."""
+    usable = []
+    for spec in DEFAULT_ARMS:
+        try:
+            for parent in parents:
+                parse_arm(spec, parent)
+        except ValueError:
+            continue
+        usable.append(spec)
+    return usable
+
+
 def parse_arm(spec: str, parent: str) -> Arm:
     """An :class:`Arm` from its spec string, checked against the task's parent grouping."""
     if not isinstance(spec, str):
