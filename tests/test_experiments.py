@@ -80,7 +80,7 @@ def test_resume_after_kill_gives_the_same_results(tmp_path, monkeypatch):
     finished = read_results(interrupted)
     assert [(r["arm"], r["seed"]) for r in finished] == [("parent", 0), ("parent", 1), ("ib-L", 0)]
     checkpoint = interrupted / "runs/mnist1d-mlp/ib-L/final-lr0.001-seed1/checkpoint.pt"
-    assert torch.load(checkpoint, weights_only=False)["step"] == 20
+    assert torch.load(checkpoint, weights_only=True)["step"] == 20
 
     monkeypatch.delenv(INTERRUPT_ENV)
     resumed = run_plans(plans, interrupted, progress=False)

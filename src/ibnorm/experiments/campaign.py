@@ -163,6 +163,7 @@ def run_campaign(
         run_command(argv)
         if entry.stage == "final" and not report_only and not device:
             _time_arms(entry, argv, root)
+    write_summary(plan)
     return waiting
 
 
@@ -190,3 +191,66 @@ def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
     times = measure_step_times(task, task.load(None), _option(argv, "--arms"), batch_size=task.defaults.batch_size)
     write_timing(out, task_name, times, batch_size=task.defaults.batch_size)
     write_report(out, f"ibnorm compare: {task_name}")
+
+
+SUMMARY = "SUMMARY.md"
+
+
+def _sweep_table(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
+    """Mean ``split`` metric over seeds per (placement, family) × λ, the parent in the title."""
+    from .arms import parse_arm
+
+    cells: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    parent: list[float] = []
+    finals = [r for r in rows if r["phase"] == "final"]
+    if not finals:
+        return []
+    key = finals[0]["metric"].replace("test_", f"{split}_")
+    for r in finals:
+        value = r["metrics"].get(key)
+        value = value if value is not None and math.isfinite(value) and not r.get("diverged") else float("nan")
+        arm = parse_arm(r["arm"], r["parent"])
+        if arm.kind == "parent":
+            parent.append(value)
+        elif arm.kind == "ib" and not arm.learnable_lam:
+            cells[(arm.placement, arm.compression)][arm.lam].append(value)
+    lams = sorted({lam for by_lam in cells.values() for lam in by_lam})
+    seeds = max((len(v) for by_lam in cells.values() for v in by_lam.values()), default=0)
+    title = f"{key}, mean of {seeds} seeds; parent {statistics.fmean(parent):.3f}" if parent else key
+    lines = [f"| {title} | " + " | ".join(f"λ={lam:g}" for lam in lams) + " |", "|---|" + "---|" * len(lams)]
+    for (placement, family), by_lam in sorted(cells.items()):
+        values = [statistics.fmean(by_lam[lam]) if by_lam.get(lam) else float("nan") for lam in lams]
+        lines.append(f"| {family}, {placement} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in values) + " |")
+    return lines
+
+
+def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
+    """``SUMMARY.md`` beside the plan: per sweep, the validation and test tables and the
+    variant chosen per placement (on validation); per final comparison, its headline
+    lines and table. README's evidence tables are copied from this file."""
+    from .._io import atomic_write_text
+    from .report import _table_md, at_a_glance, summarize, verdict
+
+    root = Path(plan).parent
+    md = ["# Evidence campaign: summary", "", f"Made by `ibnorm results` from `{plan}`; each section names its folder.", ""]
+    for entry in load_plan(plan):
+        rows = read_results(entry.out(root))
+        md += [f"## {entry.name}", "", f"`ibnorm {shlex.join(entry.argv)}`" + (f" — {entry.note}" if entry.note else ""), ""]
+        if not rows:
+            md += ["Not run yet.", ""]
+            continue
+        if entry.argv[0] == "sweep":
+            for split in ("val", "test"):
+                md += [*_sweep_table(rows, split), ""]
+            try:
+                chosen = best_variants(rows)
+                md += [f"- chosen on validation, {p}: `{arm}` ({value:.3f}, n={n})" for p, (arm, value, n) in sorted(chosen.items())]
+            except LookupError as exc:
+                md.append(f"- no choice yet: {exc}")
+            md.append("")
+        else:
+            summary = summarize(rows)
+            md += [f"- {line}" for line in at_a_glance(summary)] + [""]
+            for table in summary.values():
+                md += [*_table_md(table), ""] + [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]
+    return atomic_write_text(root / SUMMARY, "\n".join(md) + "\n")

@@ -139,7 +139,7 @@ def train_run(
     start, curve, step_times = 0, [], []
     checkpoint = Path(run_dir) / "checkpoint.pt"
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=device or "cpu")
+        state = torch.load(checkpoint, weights_only=True, map_location=device or "cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
