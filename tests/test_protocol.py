@@ -158,3 +158,16 @@ def test_the_recorded_plan_is_valid():
             assert names.index(entry.best_from) < names.index(entry.name)
         flag = "--task" if entry.argv[0] == "sweep" else "--tasks"
         get_task(entry.argv[entry.argv.index(flag) + 1])
+
+
+def test_run_folders_are_single_safe_path_components(tmp_path):
+    from ibnorm.experiments.compare import make_plans, read_results, run_plans
+
+    text = tmp_path / "my corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    plans = make_plans([f"text:{text}"], ["ib:L:0.5:centered"], seeds=1, steps=2, batch_size=4, eval_every=2, eval_items=256, final_items=256)
+    (row,) = run_plans(plans, tmp_path / "out", progress=False)
+    parts = Path(row["run_dir"]).parts
+    assert parts[0] == "runs" and len(parts) == 4 and all(":" not in p and " " not in p for p in parts)
+    assert (tmp_path / "out" / row["run_dir"] / "final.pt").exists()
+    assert read_results(tmp_path / "out")[0]["arm_spec"]["placement"] == "centered"

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import platform
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -119,6 +120,11 @@ def _device_name(device: Optional[str]) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _folder_name(name: str) -> str:
+    """A task or arm name as one safe path component (``text:/a/b.txt`` → ``text__a_b.txt``)."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
 def _versions() -> dict[str, str]:
     return {"ibnorm": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -139,7 +145,7 @@ def _run_one(
     key = (task.name, arm.name, seed, phase, _config_key(cfg, arm))
     if key in done:
         return None
-    run_dir = Path(out) / "runs" / task.name / arm.name.replace(":", "_") / f"{phase}-lr{cfg.lr:g}-seed{seed}"
+    run_dir = Path(out) / "runs" / _folder_name(task.name) / _folder_name(arm.name) / f"{phase}-lr{cfg.lr:g}-seed{seed}"
     result = train_run(task, data, arm, seed, cfg, run_dir, progress=progress, device=device)
     import torch.distributed as dist
 
