@@ -90,9 +90,42 @@ def _dpsi_t(z: Tensor, lam: Lam) -> Tensor:
     return 1 - torch.tanh(lam * z) ** 2
 
 
-def _scale_family_dlam(dpsi: PsiFn, psi: PsiFn) -> PsiFn:
-    """∂ψ/∂λ for families of the form ψ_λ(z) = f(λz)/λ (S, L and T all are): (z·ψ' − ψ)/λ."""
-    return lambda z, lam: (z * dpsi(z, lam) - psi(z, lam)) / lam
+# ∂ψ/∂λ, written so that it stays finite at λ = 0 (a learnable λ may get there). With
+# t = λ|z|: S: −z|z| / (s·(s + 1)²), s = sqrt(1 + t); L: z|z|·g(t) with
+# g(t) = (1/(1 + t) − log1p(t)/t)/t → −1/2; T: z²·h(λz) with h(u) = (1 − tanh²u − tanh(u)/u)/u → 0.
+def _dpsi_dlam_s(z: Tensor, lam: Lam) -> Tensor:
+    s = torch.sqrt(1 + lam * z.abs())
+    return -z * z.abs() / (s * (s + 1) ** 2)
+
+
+def _series_where_small(
+    exact: Callable[[Tensor], Tensor], series: Callable[[Tensor], Tensor], t: Tensor, cutoff: float
+) -> Tensor:
+    """``exact(t)``, or its Taylor ``series(t)`` where |t| < ``cutoff``: there the exact
+    form cancels badly in float32, and the series is accurate to float32 precision."""
+    small = t.abs() < cutoff
+    safe_t = torch.where(small, torch.ones_like(t), t)
+    return torch.where(small, series(t), exact(safe_t))
+
+
+def _dpsi_dlam_l(z: Tensor, lam: Lam) -> Tensor:
+    g = _series_where_small(
+        lambda t: (1 / (1 + t) - torch.log1p(t) / t) / t,
+        lambda t: -0.5 + t * (2 / 3 + t * (-3 / 4 + t * (4 / 5 - t * (5 / 6)))),
+        lam * z.abs(),
+        0.05,
+    )
+    return z * z.abs() * g
+
+
+def _dpsi_dlam_t(z: Tensor, lam: Lam) -> Tensor:
+    h = _series_where_small(
+        lambda u: (1 - torch.tanh(u) ** 2 - torch.tanh(u) / u) / u,
+        lambda u: u * (-2 / 3 + u * u * (8 / 15 - u * u * (34 / 105))),
+        lam * z,
+        0.1,
+    )
+    return z * z * h
 
 
 _REGISTRY: dict[str, Compression] = {}
@@ -199,5 +232,9 @@ def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
     return float((torch.from_numpy(weights) * psi**2).sum() / math.sqrt(2 * math.pi))
 
 
-for _name, _psi, _dpsi in (("S", _psi_s, _dpsi_s), ("L", _psi_l, _dpsi_l), ("T", _psi_t, _dpsi_t)):
-    register_compression(_name, _psi, _dpsi, dpsi_dlam=_scale_family_dlam(_dpsi, _psi))
+for _name, _psi, _dpsi, _dlam in (
+    ("S", _psi_s, _dpsi_s, _dpsi_dlam_s),
+    ("L", _psi_l, _dpsi_l, _dpsi_dlam_l),
+    ("T", _psi_t, _dpsi_t, _dpsi_dlam_t),
+):
+    register_compression(_name, _psi, _dpsi, dpsi_dlam=_dlam)
