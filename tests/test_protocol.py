@@ -75,20 +75,33 @@ def _row(arm, seed, val, test, placement="standardized", higher=True, kind="ib")
         "higher_is_better": higher,
         "metrics": {"val_acc": val, "test_acc": test},
         "arm_spec": {"kind": kind, "placement": placement, "learnable_lam": False},
+        "parent": "batch",
+        "config": {"steps": 10, "batch_size": 8, "lr": 1e-3},
+        "step_time_s": 0.01,
+        "activation_bytes": 1000,
+        "curve": [],
     }
 
 
+SWEEP_GRID = ["--families", "S", "L", "T", "--lams", "0", "0.1", "1", "2", "--placements", "standardized", "centered", "--seeds", "3"]
+# (validation, test) of the arms that matter; every other arm of the grid scores 80/80
+_SCORES = {
+    "parent": (90.0, 90.0),
+    "ib:S:0.1": (92.0, 80.0),  # best on validation (+seed), worst on test: the choice must follow validation
+    "ib:L:1": (91.0, 99.0),
+    "ib:T:1:centered": (85.0, 70.0),
+    "ib:S:2:centered": (86.0, 60.0),
+}
+
+
 def _sweep_rows(seeds=3):
+    arms = sweep_arms(["S", "L", "T"], [0, 0.1, 1, 2], ["standardized", "centered"])
     rows = []
     for seed in range(seeds):
-        rows += [
-            _row("parent", seed, 90.0, 90.0, kind="parent"),
-            # best on validation, worst on test: the choice must follow validation
-            _row("ib:S:0.1", seed, 92.0 + seed, 80.0),
-            _row("ib:L:1", seed, 91.0, 99.0),
-            _row("ib:T:1:centered", seed, 85.0, 70.0, "centered"),
-            _row("ib:S:2:centered", seed, 86.0, 60.0, "centered"),
-        ]
+        for arm in arms:
+            val, test = _SCORES.get(arm, (80.0, 80.0))
+            placement = "centered" if arm.endswith(":centered") else "standardized"
+            rows.append(_row(arm, seed, val + seed * (arm == "ib:S:0.1"), test, placement, kind="parent" if arm == "parent" else "ib"))
     return rows
 
 
@@ -97,7 +110,8 @@ def test_best_variants_are_chosen_on_validation_only():
     assert best["standardized"][0] == "ib:S:0.1" and best["standardized"][1] == pytest.approx(93.0)
     assert best["centered"][0] == "ib:S:2:centered"
     lower = [dict(r, higher_is_better=False) for r in _sweep_rows()]
-    assert C.best_variants(lower)["standardized"][0] == "ib:L:1"
+    arm, value, _ = C.best_variants(lower)["standardized"]
+    assert value == 80.0 and not arm.endswith("centered") and arm not in _SCORES
 
 
 def test_best_variants_wait_for_an_unfinished_sweep():
@@ -106,6 +120,8 @@ def test_best_variants_wait_for_an_unfinished_sweep():
         C.best_variants(rows)
     with pytest.raises(LookupError, match="not finished"):
         C.best_variants(_sweep_rows(seeds=2))
+
+
 
 
 def _plan(tmp_path, entries):
@@ -118,16 +134,21 @@ def test_campaign_resolves_best_arms_and_skips_entries_whose_sweep_is_unfinished
     plan = _plan(
         tmp_path,
         [
-            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp"]},
+            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp", *SWEEP_GRID]},
             {"name": "final-x", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "best:standardized", "best:centered", "--seeds", "5"], "best_from": "sweep-x"},
         ],
     )
     calls = []
     waiting = C.run_campaign(calls.append, plan, progress=False)
     assert waiting == ["final-x"]
-    assert calls == [["sweep", "--task", "mnist1d-mlp", "--out", str(tmp_path / "sweep-x"), "--no-progress"]]
+    assert calls == [["sweep", "--task", "mnist1d-mlp", *SWEEP_GRID, "--out", str(tmp_path / "sweep-x"), "--no-progress"]]
     (tmp_path / "sweep-x").mkdir()
-    (tmp_path / "sweep-x" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sweep_rows()))
+    rows = _sweep_rows()
+    # every arm present with 3 seeds but one arm of the grid missing: still unfinished
+    (tmp_path / "sweep-x" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["arm"] != "ib:L:1"))
+    calls.clear()
+    assert C.run_campaign(calls.append, plan, only=["final-x"], progress=False) == ["final-x"] and calls == []
+    (tmp_path / "sweep-x" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls.clear()
     assert C.run_campaign(calls.append, plan, only=["final-x"], progress=False) == []
     (argv,) = calls
@@ -142,7 +163,8 @@ def test_campaign_resolves_best_arms_and_skips_entries_whose_sweep_is_unfinished
     [
         ([{"name": "a", "argv": ["train"]}], "must start with 'compare' or 'sweep'"),
         ([{"name": "a", "argv": ["sweep", "--out", "x"]}], "leave --out out"),
-        ([{"name": "a", "argv": ["sweep"]}, {"name": "a", "argv": ["sweep"]}], "unique"),
+        ([{"name": "a", "argv": ["sweep", "--task", "t", "--seeds", "3"]}], "a sweep must state"),
+        ([{"name": "a", "argv": ["compare"]}, {"name": "a", "argv": ["compare"]}], "unique"),
     ],
 )
 def test_bad_plans_are_refused(tmp_path, entries, message):

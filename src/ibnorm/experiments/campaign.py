@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .compare import read_results
+from .compare import read_results, sweep_arms
 
 DEFAULT_PLAN = Path("docs/results/plan.json")
 BEST_PREFIX = "best:"
+SWEEP_FLAGS = ("--families", "--lams", "--placements", "--seeds")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ def load_plan(path: Path) -> list[Entry]:
             raise ValueError(f"plan entry {item.get('name')!r}: argv must start with 'compare' or 'sweep', got {argv[:1]}")
         if "--out" in argv:
             raise ValueError(f"plan entry {item['name']!r}: leave --out out; the entry's folder is docs/results/<name>")
+        if argv[0] == "sweep":
+            missing = [flag for flag in SWEEP_FLAGS if flag not in argv]
+            if missing:
+                raise ValueError(f"plan entry {item['name']!r}: a sweep must state {missing} (the grid defines when it is finished)")
         entries.append(Entry(item["name"], item.get("stage", ""), argv, item.get("best_from"), item.get("note", "")))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -68,16 +73,32 @@ def _val_key(row: dict[str, Any]) -> str:
     return row["metric"].replace("test_", "val_")
 
 
-def best_variants(rows: Sequence[dict[str, Any]], min_seeds: int = 3) -> dict[str, tuple[str, float, int]]:
+def sweep_grid(entry: Entry) -> tuple[list[str], int]:
+    """The arm specs and seeds per arm a sweep entry runs: when all have finished, it is done."""
+    argv = list(entry.argv)
+    lams = [float(v) for v in _option(argv, "--lams")]
+    arms = sweep_arms(_option(argv, "--families"), lams, _option(argv, "--placements"))
+    return arms, int(_option(argv, "--seeds")[0])
+
+
+def best_variants(
+    rows: Sequence[dict[str, Any]], expected: Optional[tuple[Sequence[str], int]] = None, min_seeds: int = 3
+) -> dict[str, tuple[str, float, int]]:
     """Per placement, ``(arm spec, mean validation metric, seeds)`` of the IB arm with the
     best mean validation metric over its non-diverged seeds (fixed-λ arms only).
 
-    Raises ``LookupError`` while any arm of the sweep has fewer than ``min_seeds`` finished
-    seeds or fewer seeds than another arm (the sweep is not finished)."""
+    Raises ``LookupError`` while the sweep is not finished: an arm of ``expected`` (arm
+    specs, seeds per arm) has fewer finished seeds, or any arm has fewer than ``min_seeds``
+    or fewer seeds than another arm."""
     by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r["phase"] == "final":
             by_arm[r["arm"]].append(r)
+    if expected is not None:
+        arms, seeds = expected
+        short = [arm for arm in arms if len(by_arm.get(arm, ())) < seeds]
+        if short:
+            raise LookupError(f"the sweep is not finished: {len(short)} of {len(arms)} arms lack seeds")
     if not by_arm:
         raise LookupError("the sweep has no finished runs yet")
     counts = {arm: len(runs) for arm, runs in by_arm.items()}
@@ -100,8 +121,9 @@ def best_variants(rows: Sequence[dict[str, Any]], min_seeds: int = 3) -> dict[st
     return best
 
 
-def resolve_arms(entry: Entry, root: Path) -> list[str]:
-    """The entry's arm list with every ``best:<placement>`` replaced by the chosen spec."""
+def resolve_arms(entry: Entry, root: Path, entries: Sequence[Entry]) -> list[str]:
+    """The entry's argv with every ``best:<placement>`` arm replaced by the spec chosen on
+    validation in the sweep ``entry.best_from`` (one of ``entries``, its folder under ``root``)."""
     argv = list(entry.argv)
     if "--arms" not in argv:
         return argv
@@ -111,7 +133,10 @@ def resolve_arms(entry: Entry, root: Path) -> list[str]:
     if any(a.startswith(BEST_PREFIX) for a in arms):
         if entry.best_from is None:
             raise ValueError(f"plan entry {entry.name!r} uses best:<placement> arms but names no best_from sweep")
-        best = best_variants(read_results(root / entry.best_from))
+        sweep = next((e for e in entries if e.name == entry.best_from), None)
+        if sweep is None or sweep.argv[0] != "sweep":
+            raise ValueError(f"plan entry {entry.name!r}: best_from={entry.best_from!r} names no sweep entry of the plan")
+        best = best_variants(read_results(root / entry.best_from), sweep_grid(sweep))
         resolved = []
         for arm in arms:
             if arm.startswith(BEST_PREFIX):
@@ -137,7 +162,7 @@ def run_campaign(
     """Run (resume) the plan's entries in order, or those named in ``only``, each through
     ``run_command(argv)`` (the ``ibnorm`` command line); returns the names of entries
     skipped because the sweep they choose from is not finished."""
-    entries = load_plan(plan)
+    entries = all_entries = load_plan(plan)
     root = Path(plan).parent
     if only:
         unknown = sorted(set(only) - {e.name for e in entries})
@@ -147,7 +172,7 @@ def run_campaign(
     waiting = []
     for entry in entries:
         try:
-            argv = resolve_arms(entry, root)
+            argv = resolve_arms(entry, root, all_entries)
         except LookupError as exc:
             print(f"[{entry.name}] waiting: {exc}")
             waiting.append(entry.name)
@@ -239,11 +264,14 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
         if not rows:
             md += ["Not run yet.", ""]
             continue
+        hours = sum(r["step_time_s"] * r["config"]["steps"] for r in rows if math.isfinite(r["step_time_s"])) / 3600
+        devices = sorted({r.get("device", "cpu") for r in rows})
+        md += [f"{len(rows)} runs ({', '.join(devices)}); ≈ {hours:.2f} h of training steps (median step time × steps, summed).", ""]
         if entry.argv[0] == "sweep":
             for split in ("val", "test"):
                 md += [*_sweep_table(rows, split), ""]
             try:
-                chosen = best_variants(rows)
+                chosen = best_variants(rows, sweep_grid(entry))
                 md += [f"- chosen on validation, {p}: `{arm}` ({value:.3f}, n={n})" for p, (arm, value, n) in sorted(chosen.items())]
             except LookupError as exc:
                 md.append(f"- no choice yet: {exc}")
