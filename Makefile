@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) because 2.13.0 is the CPU build on this machine's disk;
 # a loose `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
+# Triton runs the GPU kernels' tests on CPU through its interpreter; 3.9.0 is the one measured with torch 2.13.0.
+TRITON_PIN := triton==3.9.0
 
 .PHONY: install data test demo results clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN) $(TRITON_PIN)
 	touch $@
 
 install: $(VENV)/.installed

@@ -158,7 +158,7 @@ def test_backend_setting_env_and_errors(monkeypatch):
     with ibnorm.use_backend("reference"):
         assert ibnorm.get_backend() == "reference"
     assert ibnorm.get_backend() == previous
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'compiled', 'triton', 'eager', 'reference'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cpp', 'compiled', 'triton', 'eager', 'reference'\], got 'fast'"):
         ibnorm.set_backend("fast")
     monkeypatch.setattr(dispatch, "_backend", None)
     monkeypatch.setenv("IBNORM_BACKEND", "Reference")

@@ -13,6 +13,13 @@ and records the median time, the ratio to the parent measured in the same run, t
 autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
 ``ib_compiled``, the first call's time (which includes compilation).
 
+With ``--device cuda`` it times, at transformer and ResNet sizes, with CUDA events after an
+L2 flush, the torch layer (``parent``), the IB layer on its hand-written Triton kernels
+(``ib_triton``) and ``torch.compile`` of the IB layer, which compiles the composite
+(``composite_compiled``); besides times and ratios it reports the achieved bandwidth in
+GB/s: the bytes a kernel must move (forward: read x, write y; backward: read x and g_y,
+write g_x) over the time.
+
 Model-step benchmark: one AdamW training step of tiny GPT-2, LLaMA and ResNet models built
 from ``transformers`` configs, with the parent norms vs converted to IBNorm.
 """
@@ -41,6 +48,13 @@ ROW_SHAPES = [(4096, 768), (8192, 1024), (2048, 4096)]
 IMAGE_SHAPES = [(64, 64, 32, 32)]
 IMPLEMENTATIONS = {"parent": None, "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+CUDA_ROW_SHAPES = [(4096, 768), (8192, 1024), (16384, 4096), (4096, 8192)]
+CUDA_IMAGE_SHAPES = [(64, 64, 56, 56)]
+CUDA_IMPLEMENTATIONS = ("parent", "ib_triton", "composite_compiled")
+# Elements of x moved per element by each mode: forward reads x, writes y; backward reads x, g_y, writes g_x.
+TRAFFIC = {"forward": 2, "backward": 3, "fwd_bwd": 5}
+MODES = tuple(TRAFFIC)
 
 
 def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float):
@@ -78,6 +92,24 @@ def _time_modes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats:
     }
 
 
+def _cases(
+    groupings: Sequence[str], dtypes: Sequence[str], row_shapes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]
+) -> list[tuple[str, tuple[int, ...], str]]:
+    return [
+        (g, tuple(s), d)
+        for g in groupings
+        for s in (row_shapes if g in ("layer", "rms") else image_shapes)
+        for d in dtypes
+    ]
+
+
+def _inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (requiring grad) and an upstream gradient, the same on every device."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype).requires_grad_(True)
+    return x, torch.randn(shape, generator=gen).to(device, dtype)
+
+
 def kernel_benchmark(
     groupings: Sequence[str] = ("layer", "rms", "batch", "group"),
     dtypes: Sequence[str] = ("float32", "bfloat16"),
@@ -87,18 +119,11 @@ def kernel_benchmark(
     row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
 ) -> list[dict[str, object]]:
-    cases = [
-        (g, tuple(s), d)
-        for g in groupings
-        for s in (row_shapes if g in ("layer", "rms") else image_shapes)
-        for d in dtypes
-    ]
+    cases = _cases(groupings, dtypes, row_shapes, image_shapes)
     rows: list[dict[str, object]] = []
     for grouping, shape, dtype_name in tqdm(cases, desc="kernel benchmark"):
         dtype = DTYPES[dtype_name]
-        gen = torch.Generator().manual_seed(0)
-        x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype).requires_grad_(True)
-        grad = torch.randn(shape, generator=gen).to(dtype)
+        x, grad = _inputs(shape, dtype)
         parent, layer = _layers(grouping, shape, dtype, compression, lam)
         results = {}
         for impl, backend in IMPLEMENTATIONS.items():
@@ -126,6 +151,101 @@ def kernel_benchmark(
                     "input_bytes": x.numel() * x.element_size(),
                 }
             )
+    return rows
+
+
+def _cuda_median_time(run: Callable[[], object], prepare: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``run`` on the GPU, timed by CUDA events; before each sample,
+    untimed, ``prepare`` runs and a 256 MiB buffer is cleared so no input sits in L2."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        prepare()
+        flush.zero_()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def _cuda_time_modes(module: Callable[[torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter],
+                     x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Forward (recording autograd), backward alone (of a fresh forward) and both, with
+    gradients cleared between samples so no accumulation is timed; and the first call."""
+    graph: list[torch.Tensor] = []
+
+    def clear() -> None:
+        for t in (x, *params):
+            t.grad = None
+
+    def forward_untimed() -> None:
+        clear()
+        graph[:] = [module(x)]
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    module(x).backward(grad)  # compiles, where anything compiles
+    torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - started
+    for _ in range(2):
+        module(x).backward(grad)
+    return {
+        "forward_s": _cuda_median_time(lambda: module(x), clear, repeats),
+        "backward_s": _cuda_median_time(lambda: graph.pop().backward(grad), forward_untimed, repeats),
+        "fwd_bwd_s": _cuda_median_time(lambda: module(x).backward(grad), clear, repeats),
+        "first_call_s": first_call_s,
+    }
+
+
+def cuda_kernel_benchmark(
+    groupings: Sequence[str] = ("layer", "rms", "batch", "group"),
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    repeats: int = 50,
+    compression: str = "L",
+    lam: float = 1.0,
+    row_shapes: Sequence[Sequence[int]] = CUDA_ROW_SHAPES,
+    image_shapes: Sequence[Sequence[int]] = CUDA_IMAGE_SHAPES,
+    on_case: Optional[Callable[[list[dict[str, object]]], object]] = None,
+) -> list[dict[str, object]]:
+    """Time and achieved GB/s of ``CUDA_IMPLEMENTATIONS`` on the current GPU, per case;
+    ``on_case`` gets the rows so far after every case (to save partial results)."""
+    device_name = torch.cuda.get_device_name()
+    rows: list[dict[str, object]] = []
+    for grouping, shape, dtype_name in tqdm(_cases(groupings, dtypes, row_shapes, image_shapes), desc="cuda kernel benchmark"):
+        dtype = DTYPES[dtype_name]
+        x, grad = _inputs(shape, dtype, "cuda")
+        parent, layer = (m.to("cuda") for m in _layers(grouping, shape, dtype, compression, lam))
+        torch._dynamo.reset()  # a fresh, shape-specialized compile per case, never the recompile limit
+        callables = {"parent": (parent, "eager"), "ib_triton": (layer, "triton"),
+                     "composite_compiled": (torch.compile(layer, dynamic=False), "auto")}
+        results = {}
+        for impl in CUDA_IMPLEMENTATIONS:
+            module, backend = callables[impl]
+            params = list(parent.parameters() if impl == "parent" else layer.parameters())
+            with use_backend(backend):
+                results[impl] = _cuda_time_modes(module, params, x, grad, repeats)
+        moved = x.numel() * x.element_size()
+        for impl, r in results.items():
+            rows.append(
+                {
+                    "device": device_name,
+                    "grouping": grouping,
+                    "shape": "x".join(map(str, shape)),
+                    "dtype": dtype_name,
+                    "impl": impl,
+                    **{f"{m}_s": round(r[f"{m}_s"], 7) for m in MODES},
+                    **{f"gbps_{m}": round(TRAFFIC[m] * moved / r[f"{m}_s"] / 1e9, 1) for m in MODES},
+                    **{f"ratio_{m}": round(r[f"{m}_s"] / results["parent"][f"{m}_s"], 3) for m in MODES},
+                    "ratio_fwd_bwd_vs_compiled": round(r["fwd_bwd_s"] / results["composite_compiled"]["fwd_bwd_s"], 3),
+                    "first_call_s": round(r["first_call_s"], 3),
+                    "input_bytes": moved,
+                }
+            )
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -215,28 +335,37 @@ def model_step_benchmark(
     return rows
 
 
-def plot_kernels(rows: list[dict[str, object]], path: Path) -> Optional[Path]:
-    """Bar chart of forward+backward time relative to the parent; None if matplotlib is missing."""
+def plot_kernels(
+    rows: list[dict[str, object]],
+    path: Path,
+    impls: Optional[Sequence[str]] = None,
+    value: str = "ratio_fwd_bwd",
+    ylabel: str = "forward+backward time / torch parent",
+    title: Optional[str] = None,
+) -> Optional[Path]:
+    """Bar chart of ``value`` per case and implementation (default: forward+backward time
+    relative to the parent, for every IB implementation); None if matplotlib is missing."""
     try:
         plt = pyplot()
     except ImportError:
         return None
 
     labels = sorted({(r["grouping"], r["shape"], r["dtype"]) for r in rows}, key=str)
-    impls = [i for i in IMPLEMENTATIONS if i != "parent"]
+    impls = impls or [i for i in IMPLEMENTATIONS if i != "parent"]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 4.5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
         values = [
-            next(r["ratio_fwd_bwd"] for r in rows if (r["grouping"], r["shape"], r["dtype"]) == label and r["impl"] == impl)
+            next(r[value] for r in rows if (r["grouping"], r["shape"], r["dtype"]) == label and r["impl"] == impl)
             for label in labels
         ]
         ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl)
-    ax.axhline(1.0, color="black", lw=1)
+    if value.startswith("ratio"):
+        ax.axhline(1.0, color="black", lw=1)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels([f"{g}\n{s}\n{d}" for g, s, d in labels], fontsize=7)
-    ax.set_ylabel("forward+backward time / torch parent")
-    ax.set_title(f"IBNorm vs torch parent, {torch.get_num_threads()} CPU threads (lower is better)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"IBNorm vs torch parent, {torch.get_num_threads()} CPU threads (lower is better)")
     ax.legend()
     fig.tight_layout()
     return atomic_write_bytes(path, figure_png(fig, dpi=120))
@@ -252,19 +381,27 @@ def format_table(rows: list[dict[str, object]], columns: Sequence[str]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="ibnorm bench", description="IBNorm speed and memory vs the torch parents")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--groupings", nargs="+", default=["layer", "rms", "batch", "group"])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="*", default=["gpt2", "llama", "resnet"])
     parser.add_argument("--compression", default="L")
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: Triton kernels vs the parent and torch.compile of the composite, at GPU sizes, "
+        "into kernels_cuda.csv/.png (no model-step benchmark)",
+    )
     args = parser.parse_args(argv)
 
+    args.repeats = args.repeats or (50 if args.device == "cuda" else 10)
     shapes = {}
     if args.quick:
         args.repeats = 3
         shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]}
+    if args.device == "cuda":
+        return _main_cuda(args, shapes)
     kernels = kernel_benchmark(args.groupings, args.dtypes, args.repeats, args.compression, args.lam, **shapes)
     atomic_write_csv(args.out / "kernels.csv", kernels)
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd", "saved_bytes_ratio", "first_call_s"]
@@ -278,6 +415,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(format_table(steps, list(steps[0])))
         print(f"\nwrote {args.out / 'model_step.csv'}")
     print(f"backend resolved for cpu: {dispatch.resolve_backend(torch.device('cpu'))}; torch {torch.__version__}")
+
+
+def _main_cuda(args: argparse.Namespace, shapes: dict) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("ibnorm bench --device cuda: no CUDA device")
+    csv_path = args.out / "kernels_cuda.csv"
+    kernels = cuda_kernel_benchmark(
+        args.groupings, args.dtypes, args.repeats, args.compression, args.lam,
+        on_case=lambda rows: atomic_write_csv(csv_path, rows), **shapes,
+    )
+    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "gbps_forward", "gbps_backward", "gbps_fwd_bwd",
+               "ratio_fwd_bwd", "ratio_fwd_bwd_vs_compiled", "first_call_s"]
+    print(format_table(kernels, columns))
+    plot = plot_kernels(
+        kernels, args.out / "kernels_cuda.png", impls=CUDA_IMPLEMENTATIONS, value="gbps_fwd_bwd",
+        ylabel="forward+backward GB/s (bytes that must move / time)",
+        title=f"IBNorm ({args.compression}, λ={args.lam}) vs torch parent on {kernels[0]['device']} (higher is better)",
+    )
+    print(f"\nwrote {csv_path}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
+    print(f"backend resolved for cuda: {dispatch.resolve_backend(torch.device('cuda'))}; torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -232,9 +232,14 @@ def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
     return float((torch.from_numpy(weights) * psi**2).sum() / math.sqrt(2 * math.pi))
 
 
-for _name, _psi, _dpsi, _dlam in (
-    ("S", _psi_s, _dpsi_s, _dpsi_dlam_s),
-    ("L", _psi_l, _dpsi_l, _dpsi_dlam_l),
-    ("T", _psi_t, _dpsi_t, _dpsi_dlam_t),
-):
+# The built-in families in a fixed order: hand-written kernels (ibnorm.ops.triton) select
+# their formulas by position in this tuple, so a family re-registered under a built-in name
+# is not mistaken for the built-in.
+BUILTIN_COMPRESSIONS: tuple[Compression, ...] = tuple(
     register_compression(_name, _psi, _dpsi, dpsi_dlam=_dlam)
+    for _name, _psi, _dpsi, _dlam in (
+        ("S", _psi_s, _dpsi_s, _dpsi_dlam_s),
+        ("L", _psi_l, _dpsi_l, _dpsi_dlam_l),
+        ("T", _psi_t, _dpsi_t, _dpsi_dlam_t),
+    )
+)

@@ -4,7 +4,12 @@ Backends (``set_backend(name)``, the ``use_backend(name)`` context manager, or t
 environment variable ``IBNORM_BACKEND``; the function call wins over the variable):
 
 ``auto`` (default)
-    ``compiled`` on CPU and on CUDA where Triton is importable, else ``eager``.
+    ``triton`` on CUDA where Triton is importable (else ``eager``); on CPU ``cpp`` where the
+    C++ extension builds (else ``compiled``).
+``cpp``
+    :class:`IBNormFunction` with the vectorized C++ kernels of :mod:`ibnorm.ops.cpp` (CPU;
+    built once per machine on first use and cached). Where it cannot be built it warns once
+    and ``compiled`` serves; families other than S/L/T also use ``compiled``.
 ``compiled``
     :class:`IBNormFunction` whose forward and backward bodies are compiled by
     ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA). The batch-like dims
@@ -13,8 +18,11 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
     size, channels per group) stay static for vectorized code. The first call per
     configuration (grouping, family, feature sizes, eps, affine, dtype) pays the compile time.
 ``triton``
-    The same compiled bodies, required to run on CUDA through Inductor's Triton code;
-    elsewhere it falls back to ``eager`` with a warning.
+    :class:`IBNormFunction` with the hand-written Triton kernels of :mod:`ibnorm.ops.triton`:
+    on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before Triton was imported (its
+    interpreter, for tests). Elsewhere it falls back to ``eager`` with a warning. Per call,
+    inputs other than float32/bfloat16/float16 and user-registered families use
+    ``compiled`` (the latter with a one-time note), and empty inputs ``eager``.
 ``eager``
     :class:`IBNormFunction` with plain PyTorch bodies: the analytic backward and its memory
     saving, no compilation.
@@ -31,6 +39,7 @@ warns once and falls back to ``eager``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import types
 import warnings
@@ -45,11 +54,12 @@ from .reference import GroupStats, ReduceMean, affine, compute_dtype, ib_normali
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend", "normalize"]
 
-BACKENDS = ("auto", "compiled", "triton", "eager", "reference")
+BACKENDS = ("auto", "cpp", "compiled", "triton", "eager", "reference")
 ENV_VAR = "IBNORM_BACKEND"
 
 _backend: Optional[str] = None
 _compiled_cache: dict[KernelConfig, Bodies] = {}
+_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Bodies] = {}
 _compile_failed = False
 _warned: set[str] = set()
 
@@ -93,23 +103,46 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
+    """Whether Triton imports (checked once)."""
     try:
         import triton  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or an install that fails to load
         return False
     return True
 
 
+def _triton_runs_on(device: torch.device) -> bool:
+    """The hand-written kernels run on CUDA, and on CPU under Triton's interpreter."""
+    if device.type == "cuda":
+        return _triton_available()
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_available()
+
+
 def resolve_backend(device: torch.device) -> str:
-    """The implementation that will run on ``device``: ``compiled``, ``eager`` or ``reference``."""
+    """The implementation that will run on ``device``: ``cpp``, ``triton``, ``compiled``,
+    ``eager`` or ``reference`` (before the per-call fallbacks of :func:`normalize`)."""
     requested = get_backend()
     if requested in ("eager", "reference"):
         return requested
+    if device.type == "cpu" and requested in ("cpp", "auto"):
+        from . import cpp
+
+        if cpp.available():  # builds on the first call; warns once where it cannot
+            return "cpp"
+        requested = "compiled"
+    if requested == "triton" or (requested == "auto" and device.type == "cuda"):
+        if _triton_runs_on(device):
+            return "triton"
+        if requested == "triton":
+            _warn_once(
+                "triton",
+                f"ibnorm backend 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU) and triton; "
+                f"input is on {device}: using 'eager'",
+            )
+            return "eager"
     if _compile_failed:
-        return "eager"
-    if requested == "triton" and not (device.type == "cuda" and _triton_available()):
-        _warn_once("triton", f"ibnorm backend 'triton' needs CUDA and triton; input is on {device}: using 'eager'")
         return "eager"
     if device.type == "cuda" and not _triton_available():
         _warn_once("cuda-no-triton", "triton is not importable: ibnorm uses its 'eager' backend on CUDA")
@@ -186,6 +219,38 @@ def _compiled_bodies(cfg: KernelConfig) -> Bodies:
     return bodies
 
 
+def _triton_or_fallback(x: Tensor, family: Compression) -> str:
+    """``triton``, or what serves the calls the kernels do not take: an empty input
+    (``eager``), a user-registered family (``compiled``, noted once per family) or a dtype
+    other than float32/bfloat16/float16 (``compiled``)."""
+    from .triton import SUPPORTED_DTYPES, family_id
+
+    if x.numel() == 0:
+        return "eager"
+    if family_id(family) is None:
+        _warn_once(
+            f"family:{family.name}",
+            f"ibnorm: compression {family.name!r} has no Triton kernel (only the built-ins do); using 'compiled'",
+        )
+    elif x.dtype in SUPPORTED_DTYPES:
+        return "triton"
+    return "eager" if _compile_failed else "compiled"
+
+
+def _cpp_bodies(cfg: KernelConfig, dtype: torch.dtype) -> Bodies:
+    """The C++ bodies for this configuration and dtype, or the compiled ones for what the C++
+    kernels do not take (a user-registered family)."""
+    from . import cpp
+
+    key = (cfg, dtype)
+    if key not in _cpp_cache:
+        try:
+            _cpp_cache[key] = cpp.bodies(cfg, dtype)
+        except cpp.Unsupported:
+            _cpp_cache[key] = eager_bodies(cfg) if _compile_failed else _compiled_bodies(cfg)
+    return _cpp_cache[key]
+
+
 def _needs_reference(lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> bool:
     if reduce_mean is not None:
         return True
@@ -214,6 +279,8 @@ def normalize(
     broadcast). ``dynamic_dims`` are the dims whose size may change between calls.
     Returns y in x's dtype and the statistics (for running buffers)."""
     backend = "reference" if _needs_reference(lam, family, reduce_mean) else resolve_backend(x.device)
+    if backend == "triton":
+        backend = _triton_or_fallback(x, family)
     if backend == "reference":
         y, stats = ib_normalize_reference(
             x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given, placement
@@ -234,7 +301,16 @@ def normalize(
     )
     lam_tensor = lam if isinstance(lam, Tensor) else torch.tensor(float(lam), dtype=compute_dtype(x.dtype), device=x.device)
     args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
-    bodies = _compiled_bodies(cfg) if backend == "compiled" else eager_bodies(cfg)
+    if backend == "cpp":
+        bodies = _cpp_bodies(cfg, x.dtype)
+    elif backend == "triton":
+        from .triton import triton_bodies
+
+        bodies = triton_bodies(cfg)
+    elif backend == "compiled":
+        bodies = _compiled_bodies(cfg)
+    else:
+        bodies = eager_bodies(cfg)
     return _unpack(IBNormFunction.apply(*args, bodies))
 
 

@@ -1,0 +1,241 @@
+r"""Vectorized C++ CPU kernels for :class:`~ibnorm.ops.function.IBNormFunction`.
+
+:func:`bodies` returns a forward and a backward body with the signatures of
+:func:`~ibnorm.ops.function.forward_body` and :func:`~ibnorm.ops.function.backward_body`, so
+``IBNormFunction.apply(..., cfg, bodies(cfg))`` runs the same math (DESIGN §1; the backward's
+derivation is in :mod:`ibnorm.ops.function`) in one C++ kernel per direction::
+
+    z = (x − μ)·rsqrt(σ² + eps)  (placement "standardized")   or   z = x − μ  ("centered")
+    u = ψ_λ(z)      û = (u − m)·rsqrt(v + eps)      y = γ·û + β
+
+RMS grouping drops the centerings; batch grouping in eval uses the given (frozen) statistics.
+ψ is one of the built-in families S, L, T (one templated functor, vectorized with
+``at::vec::Vectorized``); inputs may be float32, bfloat16, float16 (statistics in float32) or
+float64; groups are split across threads with ``at::parallel_for``.
+
+The extension is compiled on first use by :func:`torch.utils.cpp_extension.load` for this
+machine's vector ISA (torch's CPU capability) and cached in torch's extension directory, or under
+``$IBNORM_CACHE_DIR``. Where it cannot be built (no C++ compiler, a failed build, or
+``IBNORM_CPP_BUILD=0``) :func:`available` is False and one RuntimeWarning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...compression import BUILTIN_COMPRESSIONS, Compression
+from ..function import Bodies, KernelConfig
+from ..reference import GroupStats
+
+__all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "bodies", "load"]
+
+SOURCE = Path(__file__).with_name("ibnorm_cpu.cpp")
+BUILD_ENV = "IBNORM_CPP_BUILD"
+CACHE_ENV = "IBNORM_CACHE_DIR"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# The C++ codes of the grouping views built by ibnorm.functional (statistics over `dims`).
+_GROUPINGS = {(1,): 0, (0, 2): 1, (2, 3): 2}
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_lock = threading.Lock()
+_tried = False
+_module: Optional[ModuleType] = None
+
+
+class Unsupported(NotImplementedError):
+    """The C++ kernels cannot serve this call (unavailable, family, grouping or dtype): fall back."""
+
+
+def load() -> Optional[ModuleType]:
+    """The compiled extension, built at most once per process (and once per machine thanks to
+    the cache); ``None`` where it cannot be built, with a one-time RuntimeWarning saying why."""
+    global _tried, _module
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _module = _build()
+            except Exception as exc:  # no compiler, no ninja, a compile or link error: never crash
+                warnings.warn(
+                    f"ibnorm C++ CPU kernels are unavailable ({_describe(exc)}); other backends are used",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _module
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built (building them on the first call)."""
+    return load() is not None
+
+
+def bodies(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Bodies:
+    """(forward_body, backward_body) for ``cfg`` with the signatures of function.py's bodies.
+
+    Raises :class:`Unsupported` where the kernels are unavailable, for a family other than the
+    built-in S, L, T, for a view other than those of ``ibnorm.functional``, or for a ``dtype``
+    outside :data:`DTYPES`.
+    """
+    module = load()
+    if module is None:
+        raise Unsupported("ibnorm C++ CPU kernels are unavailable")
+    if dtype is not None and dtype not in DTYPES:
+        raise Unsupported(f"ibnorm C++ CPU kernels support {[str(d) for d in DTYPES]}, not {dtype}")
+    grouping = _GROUPINGS.get(tuple(cfg.dims))
+    if grouping is None:
+        raise Unsupported(f"ibnorm C++ CPU kernels have no grouping with statistics over dims {cfg.dims}")
+    codes = dict(module=module, cfg=cfg, grouping=grouping, family=_family_code(cfg.family))
+    return functools.partial(_forward, **codes), functools.partial(_backward, **codes)
+
+
+def _family_code(family: Compression) -> int:
+    """The C++ family code: the position in BUILTIN_COMPRESSIONS (S, L, T), compared by value so
+    that a user family registered under a built-in name is not taken for the built-in."""
+    for code, builtin in enumerate(BUILTIN_COMPRESSIONS):
+        if family == builtin:
+            return code
+    raise Unsupported(f"ibnorm C++ CPU kernels implement the built-in families S, L, T, not {family.name!r}")
+
+
+def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
+    return [1 if d in dims else size for d, size in enumerate(x.shape)]
+
+
+def _forward(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    lam: Tensor,
+    given: GroupStats,
+    *,
+    module: ModuleType,
+    cfg: KernelConfig,
+    grouping: int,
+    family: int,
+) -> tuple[Tensor, GroupStats]:
+    if x.dtype not in DTYPES:
+        raise Unsupported(f"ibnorm C++ CPU kernels do not support {x.dtype}")
+    y, *stats = module.forward(
+        x,
+        weight,
+        bias,
+        lam,
+        given.mean,
+        given.var,
+        given.mean_psi,
+        given.var_psi,
+        grouping,
+        family,
+        cfg.eps,
+        cfg.center,
+        cfg.placement == "standardized",
+    )
+    shape = _stat_shape(x, cfg.dims)
+    stats = GroupStats(*(None if s is None else s.view(shape) for s in stats))
+    if cfg.frozen:  # return the given statistics themselves, as forward_body does
+        stats = stats._replace(mean=given.mean, var=given.var, mean_psi=given.mean_psi, var_psi=given.var_psi)
+    return y, stats
+
+
+def _backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    lam: Tensor,
+    mean: Optional[Tensor],
+    rstd: Tensor,
+    mean_psi: Optional[Tensor],
+    rstd_psi: Tensor,
+    *,
+    need_weight_grad: bool,
+    bias_shape: Optional[torch.Size],
+    need_lam_grad: bool,
+    module: ModuleType,
+    cfg: KernelConfig,
+    grouping: int,
+    family: int,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    g_x, g_weight, g_bias, g_lam = module.backward(
+        grad_y,
+        x,
+        weight,
+        lam,
+        mean,
+        rstd,
+        mean_psi,
+        rstd_psi,
+        grouping,
+        family,
+        cfg.center,
+        cfg.placement == "standardized",
+        cfg.frozen,
+        need_weight_grad,
+        bias_shape is not None,
+        need_lam_grad,
+    )
+    return (
+        g_x,
+        None if g_weight is None else g_weight.view(weight.shape).to(weight.dtype),
+        None if g_bias is None else g_bias.view(bias_shape),
+        None if g_lam is None else g_lam.view(lam.shape).to(lam.dtype),
+    )
+
+
+def _build() -> ModuleType:
+    if os.environ.get(BUILD_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError(f"disabled by ${BUILD_ENV}={os.environ[BUILD_ENV]}")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler found: {compiler!r} is not on PATH (set $CXX)")
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    # Per ISA and torch version, so a shared cache never serves a build for another machine or torch.
+    name = "ibnorm_cpu_" + re.sub(r"\W", "_", f"{isa}_{torch.__version__}").lower()
+    cache = os.environ.get(CACHE_ENV)
+    directory = None
+    if cache:
+        directory = Path(cache).expanduser() / name
+        directory.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    module = cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+        extra_ldflags=["-fopenmp"],
+        build_directory=None if directory is None else str(directory),
+        verbose=False,
+    )
+    library = Path(module.__file__)
+    if library.stat().st_mtime >= start:
+        elapsed = time.time() - start
+        print(
+            f"ibnorm: built the C++ CPU kernels ({isa}) in {elapsed:.1f} s, cached in {library.parent}",
+            file=sys.stderr,
+        )
+    return module
+
+
+def _describe(exc: Exception) -> str:
+    """The first line of a build error, plus the compiler's first ``error:`` line if any."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    detail = lines[0] if len(lines[0]) <= 160 else lines[0][:160] + "…"
+    compiler_error = next((line.strip() for line in lines[1:] if "error:" in line), None)
+    return f"{detail}; {compiler_error}" if compiler_error else detail

@@ -1,0 +1,652 @@
+// Vectorized CPU kernels for IBNormFunction: forward and analytic backward for every grouping.
+//
+// One normalization group is `segments` contiguous runs of `length` elements:
+//   layer/RMS  (R, n)            a group is one row (one run of n); γ, β per element;
+//   batch      (N, C, L)         a group is channel c: N runs of L, stride C·L; γ, β per channel;
+//   group      (N, G, C/G, L)    a group is (n, g): C/G runs of L, contiguous; γ, β per channel.
+//
+// Forward, for one group of n elements (ψ_λ(z) = f(λz)/λ; RMS drops both centerings):
+//   μ, σ² of x                  z = (x − μ)·rsqrt(σ² + eps)   ("standardized")
+//                               z = x − μ                     ("centered"; RMS: z = x)
+//   u = ψ_λ(z)   m, v of u      û = (u − m)·rsqrt(v + eps)    y = γ·û + β
+// With frozen statistics (batch grouping in eval) μ, σ², m, v are given and nothing is reduced.
+// Elementwise math and vector sums run in float32 (float64 for double input); each run's sums
+// are totalled in double: two-pass moments over the L1-resident run, merged across runs with
+// Chan's pairwise update. The group's u is cached, so each sweep reads x from memory once (a
+// row once in all: the later passes hit L1) and y is written once.
+//
+// Backward (see ibnorm/ops/function.py for the derivation), with r₁, r₂ the two rsqrt factors:
+//   g_û = γ·g_y
+//   g_u = r₂·(g_û − mean g_û − û·mean(g_û·û))                (frozen: r₂·g_û)
+//   g_z = g_u·ψ'(z)
+//   g_x = r₁·(g_z − mean g_z − z·mean(g_z·z))                ("standardized"; frozen: r₁·g_z)
+//   g_x = g_z − mean g_z                                      ("centered"; RMS or frozen: g_z)
+//   g_γ = Σ g_y·û,  g_β = Σ g_y,  g_λ = Σ g_u·∂ψ/∂λ
+// The mean(·) terms drop for RMS. γ/β gradients go to per-chunk partial sums reduced at the end.
+
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+// ------------------------------------------------------------------ compression families
+// Each family is ψ_λ(z) = f(λz)/λ. eval gives ψ and ψ' = f'(λz) for λ > 0; dlam gives ∂ψ/∂λ
+// from z, ψ and ψ', finite for every λ ≥ 0 (λ = 0 passes ψ = z, ψ' = 1). Where the direct form
+// (z·ψ' − ψ)/λ cancels, a Taylor series takes over, as in ibnorm/compression.py.
+
+struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
+  template <typename V>
+  static void eval(V z, V lam, V /*inv_lam*/, V& psi, V& dpsi) {
+    const V one(1);
+    const V root = (one + lam * z.abs()).sqrt();
+    psi = V(2) * z / (root + one);
+    dpsi = one / root;
+  }
+
+  // −z|z| / (s·(s + 1)²) = −z|z|·ψ'·(ψ' / (1 + ψ'))²: no cancellation at any λ.
+  template <typename V>
+  static V dlam(V z, V /*lam*/, V /*inv_lam*/, V /*psi*/, V dpsi) {
+    const V ratio = dpsi / (V(1) + dpsi);
+    return (z * z.abs() * dpsi * ratio * ratio).neg();
+  }
+};
+
+struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = λ|z|
+  template <typename V>
+  static void eval(V z, V lam, V inv_lam, V& psi, V& dpsi) {
+    const V t = lam * z.abs();
+    psi = (t.log1p() * inv_lam).copysign(z);
+    dpsi = V(1) / (V(1) + t);
+  }
+
+  // z|z|·g(t), g(t) = (1/(1 + t) − log1p(t)/t)/t = −1/2 + 2t/3 − 3t²/4 + 4t³/5 − 5t⁴/6 + …
+  template <typename V>
+  static V dlam(V z, V lam, V inv_lam, V psi, V dpsi) {
+    using at::vec::fmadd;
+    const V t = lam * z.abs();
+    const V g = fmadd(fmadd(fmadd(fmadd(V(-5.0 / 6), t, V(4.0 / 5)), t, V(-3.0 / 4)), t, V(2.0 / 3)), t, V(-0.5));
+    return V::blendv((z * dpsi - psi) * inv_lam, z * z.abs() * g, t < V(0.05));
+  }
+};
+
+struct Tanh {  // ψ = tanh(u) / λ,  ψ' = 1 − tanh²(u),  u = λz
+  template <typename V>
+  static void eval(V z, V lam, V inv_lam, V& psi, V& dpsi) {
+    const V th = (lam * z).tanh();
+    psi = th * inv_lam;
+    dpsi = V(1) - th * th;
+  }
+
+  // z²·h(u), h(u) = (1 − tanh²u − tanh(u)/u)/u = −2u/3 + 8u³/15 − 34u⁵/105 + …
+  template <typename V>
+  static V dlam(V z, V lam, V inv_lam, V psi, V dpsi) {
+    using at::vec::fmadd;
+    const V u = lam * z, u2 = u * u;
+    const V h = u * fmadd(fmadd(V(-34.0 / 105), u2, V(8.0 / 15)), u2, V(-2.0 / 3));
+    return V::blendv((z * dpsi - psi) * inv_lam, z * z * h, u.abs() < V(0.1));
+  }
+};
+
+// ψ_λ of one family at a fixed λ ≥ 0 (λ = 0: the identity).
+template <typename Family, typename acc_t>
+class Psi {
+  using Vec = Vectorized<acc_t>;
+
+ public:
+  explicit Psi(double lam)
+      : identity_(lam == 0.0), lam_(acc_t(lam)), inv_lam_(acc_t(identity_ ? 0.0 : 1.0 / lam)) {}
+
+  void operator()(Vec z, Vec& psi, Vec& dpsi) const {
+    if (identity_) {
+      psi = z;
+      dpsi = Vec(1);
+    } else {
+      Family::eval(z, lam_, inv_lam_, psi, dpsi);
+    }
+  }
+
+  // ∂ψ/∂λ at z, given ψ(z) and ψ'(z) from operator().
+  Vec dlam(Vec z, Vec psi, Vec dpsi) const { return Family::dlam(z, lam_, inv_lam_, psi, dpsi); }
+
+ private:
+  bool identity_;
+  Vec lam_;
+  Vec inv_lam_;
+};
+
+// ------------------------------------------------------------------ vector helpers
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+// `count` elements at p as acc_t lanes (the rest zero).
+template <typename scalar_t>
+inline Vectorized<acc_type<scalar_t>> load(const scalar_t* p, int64_t count) {
+  using Vec = Vectorized<acc_type<scalar_t>>;
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return Vec::loadu(p, count);
+  } else {
+    if (count == Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    return at::vec::convert<acc_type<scalar_t>>(Vectorized<scalar_t>::loadu(p, count));
+  }
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert<scalar_t>(v).store(p, count);
+  }
+}
+
+// Zero the lanes past `count`, so a partial last vector adds nothing to a reduction.
+template <typename acc_t>
+inline Vectorized<acc_t> keep(Vectorized<acc_t> v, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  return count == Vec::size() ? v : Vec::set(Vec(0), v, count);
+}
+
+template <typename acc_t>
+inline double hsum(Vectorized<acc_t> v) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double total = 0;
+  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) total += lanes[k];
+  return total;
+}
+
+// Call f(i, count) over [0, length) in whole vectors, then the remainder.
+template <typename acc_t, typename F>
+inline void for_vectors(int64_t length, const F& f) {
+  constexpr int64_t kV = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  for (; i + kV <= length; i += kV) f(i, kV);
+  if (i < length) f(i, length - i);
+}
+
+// Count, mean and sum of squared deviations, merged across runs by Chan et al.'s update.
+// Without centering the mean stays 0 and m2 is the sum of squares (RMS statistics).
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+
+  void merge(double n, double run_mean, double run_m2) {
+    const double total = count + n;
+    const double delta = run_mean - mean;
+    mean += delta * n / total;
+    m2 += run_m2 + delta * delta * count * n / total;
+    count = total;
+  }
+
+  double variance() const { return m2 / count; }
+};
+
+// Two passes over one L1-resident run: its mean, then its squared deviations.
+template <typename acc_t, typename Load>
+inline void add_run(Moments& moments, int64_t length, bool center, const Load& load_at) {
+  using Vec = Vectorized<acc_t>;
+  double mean = 0;
+  if (center) {
+    Vec sum(0);
+    for_vectors<acc_t>(length, [&](int64_t i, int64_t c) { sum += keep(load_at(i, c), c); });
+    mean = hsum(sum) / length;
+  }
+  const Vec mu = Vec(acc_t(mean));
+  Vec squares(0);
+  for_vectors<acc_t>(length, [&](int64_t i, int64_t c) {
+    const Vec dev = keep(load_at(i, c) - mu, c);
+    squares = at::vec::fmadd(dev, dev, squares);
+  });
+  moments.merge(length, mean, hsum(squares));
+}
+
+// ------------------------------------------------------------------ layout and options
+
+enum Grouping : int64_t { kRows = 0, kBatch = 1, kGroups = 2 };
+
+struct Layout {
+  int64_t groups;
+  int64_t segments;  // runs per group
+  int64_t length;    // elements per run
+  int64_t group_stride;
+  int64_t segment_stride;
+  // channel of run (g, s) = (g % channel_period)·channel_group_stride + s·channel_segment_stride
+  int64_t channel_period;
+  int64_t channel_group_stride;
+  int64_t channel_segment_stride;
+  int64_t affine_size;  // elements of γ and β
+
+  int64_t numel() const { return segments * length; }
+  int64_t offset(int64_t g, int64_t s) const { return g * group_stride + s * segment_stride; }
+  int64_t channel(int64_t g, int64_t s) const {
+    return (g % channel_period) * channel_group_stride + s * channel_segment_stride;
+  }
+};
+
+Layout make_layout(const at::Tensor& x, int64_t grouping) {
+  switch (grouping) {
+    case kRows: {
+      TORCH_CHECK(x.dim() == 2, "ibnorm_cpu: row grouping expects an (R, n) input, got ", x.sizes());
+      const int64_t rows = x.size(0), n = x.size(1);
+      return {rows, 1, n, n, 0, 1, 0, 0, n};
+    }
+    case kBatch: {
+      TORCH_CHECK(x.dim() == 3, "ibnorm_cpu: batch grouping expects an (N, C, L) input, got ", x.sizes());
+      const int64_t batch = x.size(0), channels = x.size(1), spatial = x.size(2);
+      return {channels, batch, spatial, spatial, channels * spatial, channels, 1, 0, channels};
+    }
+    case kGroups: {
+      TORCH_CHECK(x.dim() == 4, "ibnorm_cpu: group grouping expects an (N, G, C/G, L) input, got ", x.sizes());
+      const int64_t batch = x.size(0), groups = x.size(1), per_group = x.size(2), spatial = x.size(3);
+      return {batch * groups, per_group, spatial, per_group * spatial, spatial, groups, per_group, 1,
+              groups * per_group};
+    }
+    default:
+      TORCH_CHECK(false, "ibnorm_cpu: unknown grouping ", grouping);
+  }
+}
+
+struct Options {
+  double eps;
+  bool center;        // subtract means (all groupings but RMS)
+  bool standardized;  // ψ on the standardized z, else on x − μ
+  bool frozen;        // statistics given, not reduced
+};
+
+// Per-group statistics, flat over groups; mean arrays are null without centering.
+template <typename acc_t>
+struct StatArrays {
+  acc_t* mean;
+  acc_t* var;
+  acc_t* rstd;
+  acc_t* mean_psi;
+  acc_t* var_psi;
+  acc_t* rstd_psi;
+};
+
+// One chunk's share of the γ, β and λ gradients (null: not needed).
+template <typename acc_t>
+struct GradSinks {
+  acc_t* weight;
+  acc_t* bias;
+  bool lam_needed;
+  double lam = 0;
+};
+
+// Below this many elements a chunk is not worth a thread (ATen's grain size).
+constexpr int64_t kGrain = 32768;
+
+int64_t chunk_count(const Layout& layout) {
+  const int64_t by_size = layout.groups * layout.numel() / kGrain;
+  return std::max<int64_t>(1, std::min({layout.groups, int64_t(at::get_num_threads()), by_size}));
+}
+
+// f(chunk, first_group, end_group) for `chunks` contiguous ranges of groups, in parallel.
+template <typename F>
+void for_each_chunk(int64_t groups, int64_t chunks, const F& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) f(k, groups * k / chunks, groups * (k + 1) / chunks);
+  });
+}
+
+// ------------------------------------------------------------------ the group kernel
+
+template <typename scalar_t, typename Family, bool kPerElement>
+class GroupKernel {
+ public:
+  using scalar_type = scalar_t;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+
+  GroupKernel(const Layout& layout, const Options& options, double lam, const acc_t* weight, const acc_t* bias)
+      : layout_(layout), opt_(options), psi_(lam), weight_(weight), bias_(bias) {}
+
+  // y for group g; `u` (numel, unused when frozen) caches ψ between sweeps.
+  void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
+    const int64_t len = layout_.length;
+    if (!opt_.frozen) {
+      Moments moments;
+      for (int64_t s = 0; s < layout_.segments; ++s) {
+        const scalar_t* xs = x + layout_.offset(g, s);
+        add_run<acc_t>(moments, len, opt_.center, [&](int64_t i, int64_t c) { return load(xs + i, c); });
+      }
+      if (opt_.center) st.mean[g] = acc_t(moments.mean);
+      st.var[g] = acc_t(moments.variance());
+    }
+    const double rstd = 1.0 / std::sqrt(double(st.var[g]) + opt_.eps);
+    st.rstd[g] = acc_t(rstd);
+    const double scale = opt_.standardized ? rstd : 1.0;
+    const Vec s1 = splat(scale), b1 = splat(-(opt_.center ? double(st.mean[g]) : 0.0) * scale);
+    auto psi_at = [&](const scalar_t* xs, int64_t i, int64_t c) {
+      Vec value, slope;
+      psi_(at::vec::fmadd(load(xs + i, c), s1, b1), value, slope);
+      return value;
+    };
+
+    if (!opt_.frozen) {
+      Moments moments;
+      for (int64_t s = 0; s < layout_.segments; ++s) {
+        const scalar_t* xs = x + layout_.offset(g, s);
+        acc_t* us = u + s * len;
+        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) { psi_at(xs, i, c).store(us + i, c); });
+        add_run<acc_t>(moments, len, opt_.center, [&](int64_t i, int64_t c) { return Vec::loadu(us + i, c); });
+      }
+      if (opt_.center) st.mean_psi[g] = acc_t(moments.mean);
+      st.var_psi[g] = acc_t(moments.variance());
+    }
+    const double rstd_psi = 1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps);
+    st.rstd_psi[g] = acc_t(rstd_psi);
+    const Vec a2 = splat(rstd_psi), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
+
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
+      const scalar_t* xs = x + offset;
+      const acc_t* us = opt_.frozen ? nullptr : u + s * len;
+      scalar_t* ys = y + offset;
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
+        const Vec u_hat = at::vec::fmadd(value, a2, b2);
+        store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
+      });
+    }
+  }
+
+  // g_x for group g and its share of the γ, β, λ gradients; `u`, `d` (numel) cache ψ and ψ'.
+  void backward(int64_t g, const scalar_t* grad_y, const scalar_t* x, scalar_t* grad_x,
+                const StatArrays<acc_t>& st, acc_t* u, acc_t* d, GradSinks<acc_t>& sinks) const {
+    const int64_t len = layout_.length;
+    const double inv_n = 1.0 / double(layout_.numel());
+    const bool center = opt_.center, batch_stats = !opt_.frozen;
+    const double rstd = st.rstd[g], rstd_psi = st.rstd_psi[g];
+    const double scale = opt_.standardized ? rstd : 1.0;
+    const Vec s1 = splat(scale), b1 = splat(-(center ? double(st.mean[g]) : 0.0) * scale);
+    const Vec a2 = splat(rstd_psi), b2 = splat(-(center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
+
+    // Sweep 1: cache u = ψ(z) and ψ'(z); Σ g_û and Σ g_û·û; the γ, β gradients.
+    double sum_g = 0, sum_gu = 0;
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
+      const scalar_t *xs = x + offset, *gs = grad_y + offset;
+      acc_t *us = u + s * len, *ds = d + s * len;
+      Vec acc_g(0), acc_gu(0), acc_w(0), acc_b(0);
+      // Lanes past the end load g_y = 0, so every sum below that carries g_y needs no mask.
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        Vec value, slope;
+        psi_(at::vec::fmadd(load(xs + i, c), s1, b1), value, slope);
+        value.store(us + i, c);
+        slope.store(ds + i, c);
+        const Vec u_hat = at::vec::fmadd(value, a2, b2);
+        const Vec go = load(gs + i, c);
+        const Vec g_u_hat = go * affine(weight_, channel, i, c);
+        acc_g += g_u_hat;
+        acc_gu = at::vec::fmadd(g_u_hat, u_hat, acc_gu);
+        if constexpr (kPerElement) {
+          if (sinks.weight) accumulate(sinks.weight + i, go * u_hat, c);
+          if (sinks.bias) accumulate(sinks.bias + i, go, c);
+        } else {
+          acc_w = at::vec::fmadd(go, u_hat, acc_w);
+          acc_b += go;
+        }
+      });
+      sum_g += hsum(acc_g);
+      sum_gu += hsum(acc_gu);
+      if constexpr (!kPerElement) {
+        if (sinks.weight) sinks.weight[channel] += acc_t(hsum(acc_w));
+        if (sinks.bias) sinks.bias[channel] += acc_t(hsum(acc_b));
+      }
+    }
+
+    // g_u = r₂·g_û + shift + slope·û (batch statistics add the projection terms).
+    const Vec gu_scale = splat(rstd_psi);
+    const Vec gu_shift = splat(batch_stats && center ? -rstd_psi * sum_g * inv_n : 0.0);
+    const Vec gu_slope = splat(batch_stats ? -rstd_psi * sum_gu * inv_n : 0.0);
+    // g_x = scale·g_z when the first step has no batch-statistics projection: write it now.
+    const bool direct = opt_.frozen || (!opt_.standardized && !center);
+    const Vec gx_scale = splat(scale);
+
+    // Sweep 2: g_u, g_z (cached over ψ' unless direct), Σ g_z, Σ g_z·z, Σ g_u·∂ψ/∂λ.
+    double sum_gz = 0, sum_gzz = 0;
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
+      const scalar_t *xs = x + offset, *gs = grad_y + offset;
+      scalar_t* gxs = grad_x + offset;
+      const acc_t* us = u + s * len;
+      acc_t* ds = d + s * len;
+      Vec acc_z(0), acc_zz(0), acc_lam(0);
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        const Vec value = Vec::loadu(us + i, c), slope = Vec::loadu(ds + i, c);
+        const Vec u_hat = at::vec::fmadd(value, a2, b2);
+        const Vec g_u_hat = load(gs + i, c) * affine(weight_, channel, i, c);
+        const Vec g_u = keep(at::vec::fmadd(g_u_hat, gu_scale, at::vec::fmadd(u_hat, gu_slope, gu_shift)), c);
+        const Vec g_z = g_u * slope;
+        const Vec z = at::vec::fmadd(load(xs + i, c), s1, b1);
+        if (sinks.lam_needed) acc_lam = at::vec::fmadd(g_u, psi_.dlam(z, value, slope), acc_lam);
+        if (direct) {
+          store(gxs + i, g_z * gx_scale, c);
+        } else {
+          g_z.store(ds + i, c);
+          acc_z += g_z;
+          acc_zz = at::vec::fmadd(g_z, z, acc_zz);
+        }
+      });
+      sum_gz += hsum(acc_z);
+      sum_gzz += hsum(acc_zz);
+      sinks.lam += hsum(acc_lam);
+    }
+    if (direct) return;
+
+    // Sweep 3: g_x = scale·g_z + shift + slope·z.
+    const Vec gx_shift = splat(center ? -scale * sum_gz * inv_n : 0.0);
+    const Vec gx_slope = splat(opt_.standardized ? -scale * sum_gzz * inv_n : 0.0);
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const int64_t offset = layout_.offset(g, s);
+      const scalar_t* xs = x + offset;
+      scalar_t* gxs = grad_x + offset;
+      const acc_t* ds = d + s * len;
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        const Vec z = at::vec::fmadd(load(xs + i, c), s1, b1);
+        store(gxs + i, at::vec::fmadd(Vec::loadu(ds + i, c), gx_scale, at::vec::fmadd(z, gx_slope, gx_shift)), c);
+      });
+    }
+  }
+
+ private:
+  static Vec splat(double value) { return Vec(acc_t(value)); }
+
+  // γ or β at element i of a run of `channel`: a vector for layer/RMS, one value per channel otherwise.
+  static Vec affine(const acc_t* values, int64_t channel, int64_t i, int64_t c) {
+    if constexpr (kPerElement) {
+      return Vec::loadu(values + i, c);
+    } else {
+      return Vec(values[channel]);
+    }
+  }
+
+  static void accumulate(acc_t* p, Vec v, int64_t c) { (Vec::loadu(p, c) + v).store(p, c); }
+
+  Layout layout_;
+  Options opt_;
+  Psi<Family, acc_t> psi_;
+  const acc_t* weight_;
+  const acc_t* bias_;
+};
+
+// ------------------------------------------------------------------ entry points
+
+// f(Family{}) for family code 0 (S), 1 (L) or 2 (T).
+template <typename F>
+void with_family(int64_t family, const F& f) {
+  switch (family) {
+    case 0:
+      return f(SignedRoot{});
+    case 1:
+      return f(Logarithmic{});
+    case 2:
+      return f(Tanh{});
+    default:
+      TORCH_CHECK(false, "ibnorm_cpu: unknown compression family code ", family);
+  }
+}
+
+// f(Kernel*) with a null pointer whose type names the GroupKernel for x's dtype, the family and
+// the affine layout (per element for rows, per channel otherwise).
+template <typename F>
+void dispatch(const at::Tensor& x, int64_t family, int64_t grouping, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ibnorm_cpu", [&] {
+    with_family(family, [&](auto fam) {
+      if (grouping == kRows) {
+        f(static_cast<GroupKernel<scalar_t, decltype(fam), true>*>(nullptr));
+      } else {
+        f(static_cast<GroupKernel<scalar_t, decltype(fam), false>*>(nullptr));
+      }
+    });
+  });
+}
+
+at::Tensor flat_acc(const at::Tensor& t, at::ScalarType acc) { return t.reshape(-1).to(acc).contiguous(); }
+
+// γ or β as a flat acc-type vector; ones (γ) or zeros (β) when absent.
+at::Tensor affine_or(const std::optional<at::Tensor>& t, const Layout& layout, at::ScalarType acc, double fill) {
+  if (t.has_value()) {
+    TORCH_CHECK(t->numel() == layout.affine_size, "ibnorm_cpu: affine parameter has ", t->numel(),
+                " elements, expected ", layout.affine_size);
+    return flat_acc(*t, acc);
+  }
+  return at::full({layout.affine_size}, fill, at::TensorOptions().dtype(acc));
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Returns y, mean, var, rstd, mean_psi, var_psi, rstd_psi (statistics flat over groups, in the
+// accumulation dtype; means undefined without centering). Given statistics freeze the group.
+std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lam,
+                                const std::optional<at::Tensor>& given_mean,
+                                const std::optional<at::Tensor>& given_var,
+                                const std::optional<at::Tensor>& given_mean_psi,
+                                const std::optional<at::Tensor>& given_var_psi, int64_t grouping, int64_t family,
+                                double eps, bool center, bool standardized) {
+  TORCH_CHECK(input.device().is_cpu(), "ibnorm_cpu: input must be on the CPU");
+  const at::Tensor x = input.contiguous();
+  const Layout layout = make_layout(x, grouping);
+  const Options options{eps, center, standardized, given_var.has_value()};
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  auto statistic = [&](const std::optional<at::Tensor>& given, bool present) {
+    if (!present) return at::Tensor();
+    if (options.frozen) {
+      TORCH_CHECK(given.has_value() && given->numel() == layout.groups,
+                  "ibnorm_cpu: frozen statistics need one value per group");
+      return flat_acc(*given, acc);
+    }
+    return at::empty({layout.groups}, at::TensorOptions().dtype(acc));
+  };
+  at::Tensor mean = statistic(given_mean, center), var = statistic(given_var, true);
+  at::Tensor mean_psi = statistic(given_mean_psi, center), var_psi = statistic(given_var_psi, true);
+  at::Tensor rstd = at::empty({layout.groups}, at::TensorOptions().dtype(acc));
+  at::Tensor rstd_psi = at::empty_like(rstd);
+  at::Tensor y = at::empty_like(x);
+  const at::Tensor w = affine_or(weight, layout, acc, 1.0), b = affine_or(bias, layout, acc, 0.0);
+  const double lam_value = lam.item<double>();
+
+  dispatch(x, family, grouping, [&](auto* tag) {
+    using Kernel = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = typename Kernel::acc_t;
+    const Kernel kernel(layout, options, lam_value, w.data_ptr<acc_t>(), b.data_ptr<acc_t>());
+    const StatArrays<acc_t> st{data_or_null<acc_t>(mean),     data_or_null<acc_t>(var),
+                               data_or_null<acc_t>(rstd),     data_or_null<acc_t>(mean_psi),
+                               data_or_null<acc_t>(var_psi),  data_or_null<acc_t>(rstd_psi)};
+    const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
+    auto* yp = y.data_ptr<typename Kernel::scalar_type>();
+    for_each_chunk(layout.groups, chunk_count(layout), [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> u(options.frozen ? 0 : layout.numel());
+      for (int64_t g = begin; g < end; ++g) kernel.forward(g, xp, yp, st, u.data());
+    });
+  });
+  return {y, mean, var, rstd, mean_psi, var_psi, rstd_psi};
+}
+
+// Returns g_x (x's dtype), g_γ and g_β (flat, accumulation dtype) and g_λ (0-dim), each
+// undefined when not requested.
+std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& lam,
+                                 const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
+                                 const std::optional<at::Tensor>& mean_psi, const at::Tensor& rstd_psi,
+                                 int64_t grouping, int64_t family, bool center, bool standardized, bool frozen,
+                                 bool need_weight, bool need_bias, bool need_lam) {
+  TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), "ibnorm_cpu: tensors must be on the CPU");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "ibnorm_cpu: grad_output and input shapes differ");
+  const at::Tensor x = input.contiguous();
+  const at::Tensor grad_y = grad_output.to(x.scalar_type()).contiguous();
+  const Layout layout = make_layout(x, grouping);
+  const Options options{0.0, center, standardized, frozen};
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  const at::TensorOptions acc_options = at::TensorOptions().dtype(acc);
+  TORCH_CHECK(!center || (mean.has_value() && mean_psi.has_value()), "ibnorm_cpu: centering needs both means");
+  const at::Tensor mu = center ? flat_acc(*mean, acc) : at::Tensor();
+  const at::Tensor mu_psi = center ? flat_acc(*mean_psi, acc) : at::Tensor();
+  const at::Tensor r1 = flat_acc(rstd, acc), r2 = flat_acc(rstd_psi, acc);
+  const at::Tensor w = affine_or(weight, layout, acc, 1.0);
+  at::Tensor grad_x = at::empty_like(x);
+  const int64_t chunks = chunk_count(layout);
+  at::Tensor weight_partials = need_weight ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
+  at::Tensor bias_partials = need_bias ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
+  std::vector<double> lam_partials(chunks, 0.0);
+  const double lam_value = lam.item<double>();
+
+  dispatch(x, family, grouping, [&](auto* tag) {
+    using Kernel = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = typename Kernel::acc_t;
+    const Kernel kernel(layout, options, lam_value, w.data_ptr<acc_t>(), nullptr);
+    const StatArrays<acc_t> st{data_or_null<acc_t>(mu), nullptr, data_or_null<acc_t>(r1),
+                               data_or_null<acc_t>(mu_psi), nullptr, data_or_null<acc_t>(r2)};
+    const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
+    const auto* gyp = grad_y.data_ptr<typename Kernel::scalar_type>();
+    auto* gxp = grad_x.data_ptr<typename Kernel::scalar_type>();
+    acc_t* wp = data_or_null<acc_t>(weight_partials);
+    acc_t* bp = data_or_null<acc_t>(bias_partials);
+    const int64_t stride = layout.affine_size;
+    for_each_chunk(layout.groups, chunks, [&](int64_t k, int64_t begin, int64_t end) {
+      std::vector<acc_t> u(layout.numel()), d(layout.numel());
+      GradSinks<acc_t> sinks{wp ? wp + k * stride : nullptr, bp ? bp + k * stride : nullptr, need_lam};
+      for (int64_t g = begin; g < end; ++g) kernel.backward(g, gyp, xp, gxp, st, u.data(), d.data(), sinks);
+      lam_partials[k] = sinks.lam;
+    });
+  });
+
+  at::Tensor grad_lam;
+  if (need_lam) {
+    double total = 0;
+    for (double part : lam_partials) total += part;
+    grad_lam = at::scalar_tensor(total, acc_options);
+  }
+  const at::Tensor grad_weight = need_weight ? weight_partials.sum(0) : at::Tensor();
+  const at::Tensor grad_bias = need_bias ? bias_partials.sum(0) : at::Tensor();
+  return {grad_x, grad_weight, grad_bias, grad_lam};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "IBNorm forward: y and the per-group statistics");
+  m.def("backward", &backward, "IBNorm backward: gradients of x, weight, bias and lambda");
+}

@@ -1,0 +1,381 @@
+"""The C++ CPU kernels (ibnorm.ops.cpp) against a reference written here in plain torch ops.
+
+Every grouping (layer, RMS, batch in train and eval, group) × family (S, L, T) × placement ×
+dtype (float32, bfloat16) runs through IBNormFunction.apply with the C++ bodies, and its output,
+statistics and the gradients of x, weight, bias and λ are compared with autograd through the
+reference; float64 runs torch.autograd.gradcheck. The fallback (build disabled or failing) runs
+in a fresh interpreter: one RuntimeWarning, no crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+from torch import Tensor
+
+from ibnorm import get_compression
+from ibnorm.compression import Compression
+from ibnorm.ops import cpp
+from ibnorm.ops.function import IBNormFunction, KernelConfig
+from ibnorm.ops.reference import GroupStats
+
+EPS = 1e-5
+FAMILIES = ("S", "L", "T")
+PLACEMENTS = ("standardized", "centered")
+
+
+class View(NamedTuple):
+    """An input view as ibnorm.functional builds it for one grouping."""
+
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+    dynamic_dims: tuple[int, ...]
+    center: bool
+    affine_shape: tuple[int, ...]
+    has_bias: bool
+    frozen: bool
+
+
+# Run lengths 37 and 21 leave a partial last vector after whole ones (16 float lanes, 8 double).
+VIEWS = {
+    "layer": View((6, 37), (1,), (0,), True, (1, 37), True, False),
+    "rms": View((6, 37), (1,), (0,), False, (1, 37), False, False),
+    "batch": View((4, 5, 21), (0, 2), (0, 2), True, (1, 5, 1), True, False),
+    "batch_eval": View((4, 5, 21), (0, 2), (0, 2), True, (1, 5, 1), True, True),
+    "group": View((3, 2, 3, 21), (2, 3), (0, 3), True, (1, 2, 3, 1), True, False),
+}
+TINY = {  # for gradcheck
+    "layer": View((3, 11), (1,), (0,), True, (1, 11), True, False),
+    "rms": View((3, 11), (1,), (0,), False, (1, 11), False, False),
+    "batch": View((3, 2, 5), (0, 2), (0, 2), True, (1, 2, 1), True, False),
+    "batch_eval": View((3, 2, 5), (0, 2), (0, 2), True, (1, 2, 1), True, True),
+    "group": View((2, 2, 2, 5), (2, 3), (0, 3), True, (1, 2, 2, 1), True, False),
+}
+# Output and x-gradient tolerances (rtol, atol); the bf16 ones allow a few bf16 ulps.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def _have_compiler() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(scope="module")
+def kernels() -> None:
+    if not _have_compiler():
+        pytest.skip("no C++ compiler: the C++ kernels cannot be built here")
+    assert cpp.available(), "a C++ compiler is present but the ibnorm C++ kernels did not build (see the warning)"
+
+
+def _config(view: View, family: str | Compression, placement: str, has_weight: bool = True) -> KernelConfig:
+    static = tuple(size for d, size in enumerate(view.shape) if d not in view.dynamic_dims)
+    return KernelConfig(
+        view.dims,
+        view.dynamic_dims,
+        static,
+        EPS,
+        get_compression(family),
+        view.center,
+        placement,
+        view.frozen,
+        has_weight,
+        view.has_bias,
+    )
+
+
+def _reference(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    lam: Tensor,
+    given: GroupStats,
+    view: View,
+    family: str,
+    placement: str,
+) -> tuple[Tensor, tuple]:
+    """IBNorm (DESIGN §1) as plain differentiable ops in float32 (float64 for float64 input)."""
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def mean(t: Tensor) -> Tensor:
+        return t.mean(dim=view.dims, keepdim=True)
+
+    def standardize(t: Tensor, mu: Optional[Tensor], var: Optional[Tensor]) -> tuple:
+        if var is None:
+            mu = mean(t) if view.center else None
+            var = mean((t - mu) ** 2) if view.center else mean(t * t)
+        return (t - mu if view.center else t) * torch.rsqrt(var + EPS), mu, var
+
+    xc = x.to(cdtype)
+    z, mu, var = standardize(xc, given.mean, given.var)
+    if placement == "centered":
+        z = xc - mu if view.center else xc
+    u = get_compression(family).psi(z, lam)
+    y, mu_psi, var_psi = standardize(u, given.mean_psi, given.var_psi)
+    if weight is not None:
+        y = y * weight.to(cdtype)
+    if bias is not None:
+        y = y + bias.to(cdtype)
+    return y.to(x.dtype), (mu, var, mu_psi, var_psi)
+
+
+def _inputs(view: View, dtype: torch.dtype, weight: bool = True, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = (torch.randn(view.shape, generator=gen, dtype=cdtype) * 2 + 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(view.affine_shape, generator=gen, dtype=cdtype)).to(dtype) if weight else None
+    b = (0.5 * torch.randn(view.affine_shape, generator=gen, dtype=cdtype)).to(dtype) if view.has_bias else None
+    given = GroupStats()
+    if view.frozen:  # plausible running statistics, one per channel
+        stat_shape = view.affine_shape
+        given = GroupStats(
+            mean=0.5 + 0.3 * torch.randn(stat_shape, generator=gen, dtype=cdtype),
+            var=4 + torch.rand(stat_shape, generator=gen, dtype=cdtype),
+            mean_psi=0.1 * torch.randn(stat_shape, generator=gen, dtype=cdtype),
+            var_psi=0.5 + 0.5 * torch.rand(stat_shape, generator=gen, dtype=cdtype),
+        )
+    grad = torch.randn(view.shape, generator=gen, dtype=cdtype).to(dtype)
+    return x, w, b, given, grad
+
+
+def _given_args(given: GroupStats) -> tuple:
+    return given.mean, given.var, given.mean_psi, given.var_psi
+
+
+def _leaves(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _check(
+    view: View, family: str, placement: str, dtype: torch.dtype, lam_value: float, weight: bool = True
+) -> None:
+    x, w, b, given, grad = _inputs(view, dtype, weight)
+    lam = torch.tensor(lam_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    cfg = _config(view, family, placement, has_weight=weight)
+
+    kx, kw, kb, klam = _leaves(x, w, b, lam)
+    y, *stats = IBNormFunction.apply(kx, kw, kb, klam, *_given_args(given), cfg, cpp.bodies(cfg, dtype))
+    y.backward(grad)
+    rx, rw, rb, rlam = _leaves(x, w, b, lam)
+    y_ref, stats_ref = _reference(rx, rw, rb, rlam, given, view, family, placement)
+    y_ref.backward(grad)
+
+    rtol, atol = TOLERANCES[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol, msg="y")
+    for name, got, want in zip(("mean", "var", "mean_psi", "var_psi"), stats, stats_ref):
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(kx.grad, rx.grad, rtol=rtol, atol=atol, msg="grad x")
+    for name, got, want in (("weight", kw, rw), ("bias", kb, rb)):
+        if want is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=rtol, atol=atol, msg=f"grad {name}")
+    scale = rlam.grad.abs().item() + 1
+    torch.testing.assert_close(klam.grad, rlam.grad, rtol=1e-4, atol=1e-4 * scale, msg="grad lam")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grouping", list(VIEWS))
+def test_matches_reference(kernels, grouping: str, family: str, placement: str, dtype: torch.dtype) -> None:
+    _check(VIEWS[grouping], family, placement, dtype, lam_value=0.7)
+
+
+@pytest.mark.parametrize("grouping", list(VIEWS))
+def test_float16(kernels, grouping: str) -> None:
+    _check(VIEWS[grouping], "L", "standardized", torch.float16, lam_value=1.5)
+
+
+@pytest.mark.parametrize("grouping", ["layer", "batch", "group"])
+def test_without_weight_or_bias(kernels, grouping: str) -> None:
+    view = VIEWS[grouping]._replace(has_bias=False)
+    _check(view, "T", "standardized", torch.float32, lam_value=2.0, weight=False)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grouping", list(TINY))
+def test_gradcheck_float64(kernels, grouping: str, family: str, placement: str) -> None:
+    view = TINY[grouping]
+    x, w, b, given, _ = _inputs(view, torch.float64)
+    cfg = _config(view, family, placement)
+    bodies = cpp.bodies(cfg, torch.float64)
+    inputs = _leaves(x, w, b, torch.tensor(0.8, dtype=torch.float64))
+    inputs = [t for t in inputs if t is not None]
+
+    def fn(*args: Tensor) -> Tensor:
+        x, w, *rest = args
+        b = rest[0] if view.has_bias else None
+        return IBNormFunction.apply(x, w, b, rest[-1], *_given_args(given), cfg, bodies)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lambda_zero_tensor(kernels, family: str) -> None:
+    """λ = 0 as a tensor is the identity ψ; ∂ψ/∂λ is its limit, checked by finite differences."""
+    view = TINY["layer"]
+    x, w, b, _, _ = _inputs(view, torch.float64)
+    cfg = _config(view, family, "standardized")
+    bodies = cpp.bodies(cfg, torch.float64)
+    inputs = _leaves(x, w, b, torch.tensor(0.0, dtype=torch.float64))
+    fn = lambda *args: IBNormFunction.apply(*args, None, None, None, None, cfg, bodies)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_small_lambda_gradient_float32(kernels, family: str) -> None:
+    """At small λ, (z·ψ' − ψ)/λ cancels in float32; the kernel's ∂ψ/∂λ must not: its float32
+    λ-gradient is compared with a float64 reference."""
+    view, lam = VIEWS["layer"], 1e-4
+    x, w, b, given, grad = _inputs(view, torch.float32)
+    cfg = _config(view, family, "standardized")
+    kx, kw, kb, klam = _leaves(x, w, b, torch.tensor(lam))
+    IBNormFunction.apply(kx, kw, kb, klam, *_given_args(given), cfg, cpp.bodies(cfg))[0].backward(grad)
+    rx, rw, rb, rlam = _leaves(x.double(), w.double(), b.double(), torch.tensor(lam, dtype=torch.float64))
+    _reference(rx, rw, rb, rlam, given, view, family, "standardized")[0].backward(grad.double())
+    torch.testing.assert_close(klam.grad.double(), rlam.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        View((512, 160), (1,), (0,), True, (1, 160), True, False),
+        View((8, 4, 4096), (0, 2), (0, 2), True, (1, 4, 1), True, False),
+        View((8, 4, 2, 2048), (2, 3), (0, 3), True, (1, 4, 2, 1), True, False),
+    ],
+    ids=["layer", "batch", "group"],
+)
+def test_two_threads(kernels, view: View) -> None:
+    """Inputs big enough to be split across threads: per-thread γ/β/λ partial sums are reduced."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(view, "S", "standardized", torch.float32, lam_value=0.5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bodies_reject_what_they_cannot_serve(kernels) -> None:
+    view = VIEWS["layer"]
+    custom = Compression("soft", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
+    with pytest.raises(cpp.Unsupported, match="built-in families"):
+        cpp.bodies(_config(view, custom, "standardized"))
+    with pytest.raises(cpp.Unsupported, match="support"):
+        cpp.bodies(_config(view, "S", "standardized"), torch.complex64)
+    with pytest.raises(cpp.Unsupported, match="dims"):
+        cpp.bodies(_config(view._replace(dims=(0,)), "S", "standardized"))
+
+
+_FALLBACK_SCRIPT = """
+import json, warnings
+from ibnorm.ops import cpp
+from ibnorm.ops.function import KernelConfig
+from ibnorm import get_compression
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, second = cpp.available(), cpp.available()
+cfg = KernelConfig((1,), (0,), (8,), 1e-5, get_compression("S"), True, "standardized", False, True, True)
+try:
+    cpp.bodies(cfg)
+    raised = False
+except cpp.Unsupported:
+    raised = True
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+print(json.dumps({"available": [first, second], "raised": raised, "messages": messages}))
+"""
+
+
+def _run_fallback(env_update: dict[str, str]) -> dict:
+    env = {**os.environ, **env_update}
+    done = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fallback_when_disabled() -> None:
+    result = _run_fallback({cpp.BUILD_ENV: "0"})
+    assert result["available"] == [False, False] and result["raised"]
+    assert len(result["messages"]) == 1 and cpp.BUILD_ENV in result["messages"][0]
+
+
+def test_fallback_when_the_build_fails(tmp_path) -> None:
+    """A compiler that answers --version but fails to compile: one warning, no crash."""
+    if not _have_compiler():
+        pytest.skip("no C++ compiler to answer --version")
+    broken = tmp_path / "broken-c++"
+    real = shutil.which(os.environ.get("CXX", "c++"))
+    broken.write_text(
+        f'#!/bin/sh\nif [ "$1" = "--version" ] || [ "$1" = "-v" ]; then exec {real} "$@"; fi\n'
+        'echo "error: forced failure for the fallback test" >&2\nexit 1\n'
+    )
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    result = _run_fallback({"CXX": str(broken), cpp.CACHE_ENV: str(tmp_path / "cache")})
+    assert result["available"] == [False, False] and result["raised"]
+    assert len(result["messages"]) == 1 and "unavailable" in result["messages"][0]
+
+
+_DISPATCH_FALLBACK_SCRIPT = """
+import warnings, torch, ibnorm
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ibnorm.set_backend("cpp")
+    from ibnorm.ops import dispatch
+    backend = dispatch.resolve_backend(torch.device("cpu"))
+    x = torch.randn(4, 16, requires_grad=True)
+    ibnorm.ib_layer_norm(x, (16,), compression="L", lam=1.0).sum().backward()
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert backend == "compiled", backend
+assert x.grad is not None and len(messages) == 1, messages
+print("ok")
+"""
+
+
+def test_dispatch_falls_back_to_compiled_when_the_extension_cannot_build() -> None:
+    env = {**os.environ, cpp.BUILD_ENV: "0"}
+    done = subprocess.run([sys.executable, "-c", _DISPATCH_FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("placement", ["standardized", "centered"])
+def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, placement) -> None:
+    """`set_backend("cpp")` (and `auto` on CPU) sends IB layers to these kernels; a custom
+    family goes to the compiled bodies. Compared with the composite written in the test."""
+    import ibnorm
+    from ibnorm.ops import dispatch
+
+    torch.manual_seed(0)
+    layer = ibnorm.IBLayerNorm(24, compression="T", lam=0.7, placement=placement).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    with ibnorm.use_backend("cpp"):
+        assert dispatch.resolve_backend(x.device) == "cpp"
+        y = layer(x)
+    assert dispatch._cpp_cache, "the C++ bodies were not used"
+    xc = x - x.mean(-1, keepdim=True)
+    z = xc if placement == "centered" else xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + layer.eps)
+    u = torch.tanh(0.7 * z) / 0.7
+    u = u - u.mean(-1, keepdim=True)
+    expected = u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + layer.eps) * layer.weight + layer.bias
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, g)
+    (want,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    with ibnorm.use_backend("auto"):
+        assert dispatch.resolve_backend(x.device) == "cpp"
+    custom = Compression("soft2", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
+    cfg = _config(VIEWS["layer"], custom, placement)
+    assert dispatch._cpp_bodies(cfg, torch.float32) == dispatch._compiled_bodies(cfg)
