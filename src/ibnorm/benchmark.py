@@ -5,13 +5,15 @@ fused-path issue, in float32 and bfloat16, it times forward (with autograd recor
 in training), backward (repeated on one retained graph) and forward+backward, for
 
 * ``parent``: the torch layer (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm2d, nn.GroupNorm);
-* ``ib_compiled``: the IB layer on the compiled fused path (the CPU default);
+* ``ib_cpp``: the IB layer on the vectorized C++ kernels (the CPU default where they build);
+* ``ib_compiled``: the IB layer on the Inductor-compiled fused path;
 * ``ib_eager``: the IB layer's fused Function with uncompiled bodies;
 * ``composite``: the IB layer as plain ops differentiated by autograd (the reference);
 
 and records the median time, the ratio to the parent measured in the same run, the bytes
 autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
-``ib_compiled``, the first call's time (which includes compilation).
+``ib_cpp`` and ``ib_compiled``, the first call's time (which includes building, loading or
+compiling).
 
 With ``--device cuda`` it times, at transformer and ResNet sizes, with CUDA events after an
 L2 flush, the torch layer (``parent``), the IB layer on its hand-written Triton kernels
@@ -46,7 +48,7 @@ from .ops import dispatch, use_backend
 
 ROW_SHAPES = [(4096, 768), (8192, 1024), (2048, 4096)]
 IMAGE_SHAPES = [(64, 64, 32, 32)]
-IMPLEMENTATIONS = {"parent": None, "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
+IMPLEMENTATIONS = {"parent": None, "ib_cpp": "cpp", "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 CUDA_ROW_SHAPES = [(4096, 768), (8192, 1024), (16384, 4096), (4096, 8192)]
@@ -130,7 +132,7 @@ def kernel_benchmark(
             module = parent if backend is None else layer
             with use_backend(backend or "eager"):
                 first_call_s = float("nan")
-                if backend == "compiled":
+                if backend in ("compiled", "cpp"):  # first call: compile (or build/load the extension)
                     start = time.perf_counter()
                     module(x).backward(grad)
                     first_call_s = time.perf_counter() - start
@@ -326,6 +328,7 @@ def model_step_benchmark(
         rows.append(
             {
                 "model": name,
+                "backend": dispatch.resolve_backend(torch.device("cpu")),
                 "norm_layers": len(record),
                 "parent_step_s": round(times["parent"], 5),
                 "ibnorm_step_s": round(times["ibnorm"], 5),

@@ -265,7 +265,7 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
             md += ["Not run yet.", ""]
             continue
         hours = sum(r["step_time_s"] * r["config"]["steps"] for r in rows if math.isfinite(r["step_time_s"])) / 3600
-        devices = sorted({r.get("device", "cpu") for r in rows})
+        devices = sorted({r.get("device") or "cpu" for r in rows})
         md += [f"{len(rows)} runs ({', '.join(devices)}); ≈ {hours:.2f} h of training steps (median step time × steps, summed).", ""]
         if entry.argv[0] == "sweep":
             for split in ("val", "test"):

@@ -117,7 +117,8 @@ def _append_result(out: Path, row: dict[str, Any]) -> None:
 def _device_name(device: Optional[str]) -> str:
     if device and torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _folder_name(name: str) -> str:
