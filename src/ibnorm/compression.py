@@ -99,11 +99,12 @@ def _dpsi_dlam_s(z: Tensor, lam: Lam) -> Tensor:
 
 
 def _series_where_small(
-    exact: Callable[[Tensor], Tensor], series: Callable[[Tensor], Tensor], t: Tensor, cutoff: float
+    exact: Callable[[Tensor], Tensor], series: Callable[[Tensor], Tensor], t: Tensor, cutoffs: tuple[float, float]
 ) -> Tensor:
-    """``exact(t)``, or its Taylor ``series(t)`` where |t| < ``cutoff``: there the exact
-    form cancels badly in float32, and the series is accurate to float32 precision."""
-    small = t.abs() < cutoff
+    """``exact(t)``, or its Taylor ``series(t)`` where |t| is below the cutoff for t's
+    precision (``cutoffs`` = (float64, other dtypes)): there the exact form cancels badly,
+    and the series' truncation error is below that precision."""
+    small = t.abs() < (cutoffs[0] if t.dtype == torch.float64 else cutoffs[1])
     safe_t = torch.where(small, torch.ones_like(t), t)
     return torch.where(small, series(t), exact(safe_t))
 
@@ -113,7 +114,7 @@ def _dpsi_dlam_l(z: Tensor, lam: Lam) -> Tensor:
         lambda t: (1 / (1 + t) - torch.log1p(t) / t) / t,
         lambda t: -0.5 + t * (2 / 3 + t * (-3 / 4 + t * (4 / 5 - t * (5 / 6)))),
         lam * z.abs(),
-        0.05,
+        (1e-3, 0.05),
     )
     return z * z.abs() * g
 
@@ -123,7 +124,7 @@ def _dpsi_dlam_t(z: Tensor, lam: Lam) -> Tensor:
         lambda u: (1 - torch.tanh(u) ** 2 - torch.tanh(u) / u) / u,
         lambda u: u * (-2 / 3 + u * u * (8 / 15 - u * u * (34 / 105))),
         lam * z,
-        0.1,
+        (1e-2, 0.1),
     )
     return z * z * h
 
