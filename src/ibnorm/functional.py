@@ -187,19 +187,41 @@ def ib_group_norm(
     return y.reshape(input.shape)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum across a process group: every rank gets Σ_r t_r, and since each
+    rank's loss depends on every rank's t, the gradient of t is the sum of all ranks'
+    upstream gradients — one more all-reduce in backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: object) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def _cross_process_mean(x: Tensor, process_group: object) -> tuple:
     """Per-channel mean over (N, L) of an (N, C, L) view, summed across ``process_group``
-    through the differentiable ``torch.distributed.nn.functional.all_reduce`` (so gradients
-    reach every rank); returns the reducer and the global count per channel."""
+    (differentiably, so gradients reach every rank); returns the reducer and the global
+    count per channel."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
 
     count = torch.tensor([float(x.shape[0] * x.shape[2])], dtype=torch.float64, device=x.device)
     dist.all_reduce(count, group=process_group)
     total = int(count.item())
 
     def reduce_mean(t: Tensor) -> Tensor:
-        return all_reduce(t.sum(dim=(0, 2), keepdim=True), group=process_group) / total
+        return _AllReduceSum.apply(t.sum(dim=(0, 2), keepdim=True), process_group) / total
 
     return reduce_mean, total
 
