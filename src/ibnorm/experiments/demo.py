@@ -1,7 +1,8 @@
 """The quick preset behind ``make demo`` / ``ibnorm demo``: the verdict in a few minutes.
 
 Two tasks, each with the parent norm, the library default (``ib``) and the best ``centered``
-variant of the committed validation sweep for that grouping (``docs/results/sweep-*``, read
+variant of the committed validation sweep for that grouping (the best ``standardized`` one
+where the default is already that variant) (``docs/results/sweep-*``, read
 with :func:`ibnorm.experiments.campaign.best_variants`; where the sweep is not available the
 demo says so and uses the fallback below): MNIST-1D CNN (BatchNorm, 5 seeds) and a
 character-level GPT-2 on Python's own documentation (LayerNorm, 3 seeds). Equal budgets,
@@ -13,29 +14,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .campaign import best_variants
+from .arms import parse_arm
+from .campaign import DEFAULT_PLAN, best_variants, load_plan, sweep_grid
 from .compare import make_plans, read_results, run_plans
 from .report import write_report
 
-SWEEPS = {"mnist1d-cnn": Path("docs/results/sweep-mnist1d-cnn"), "pydoc-gpt2": Path("docs/results/sweep-mnist1d-mlp")}
+SWEEPS = {"mnist1d-cnn": "sweep-mnist1d-cnn", "pydoc-gpt2": "sweep-mnist1d-mlp"}  # plan entries per grouping
 FALLBACK_CENTERED = "ib:S:0.1:centered"  # used only where the sweep folder is missing or unfinished
 
 
-def centered_arm(task: str) -> str:
-    """The best ``centered`` variant on validation in ``task``'s grouping sweep, else the fallback."""
+def demo_arms(task: str) -> list[str]:
+    """The parent, the library default and the best ``centered`` variant on validation in
+    ``task``'s grouping sweep (the fallback where that sweep is missing); where the default
+    is that very variant, the best ``standardized`` one takes the third place."""
     try:
-        return best_variants(read_results(SWEEPS[task]))["centered"][0]
-    except (LookupError, KeyError) as exc:
-        print(f"demo: {task}: no finished sweep at {SWEEPS[task]} ({exc}); using {FALLBACK_CENTERED}")
-        return FALLBACK_CENTERED
+        entry = next(e for e in load_plan(DEFAULT_PLAN) if e.name == SWEEPS[task])
+        best = best_variants(read_results(entry.out(DEFAULT_PLAN.parent)), sweep_grid(entry))
+    except (LookupError, StopIteration, FileNotFoundError) as exc:
+        print(f"demo: {task}: no finished sweep {SWEEPS[task]} ({exc!r}); using {FALLBACK_CENTERED}")
+        best = {"centered": (FALLBACK_CENTERED,)}
+    default = parse_arm("ib", "layer")
+    centered = parse_arm(best["centered"][0], "layer")
+    same = (centered.compression, centered.lam, centered.placement) == (default.compression, default.lam, default.placement)
+    third = best["standardized"][0] if same and "standardized" in best else best["centered"][0]
+    return ["parent", "ib", third]
 
 
 def run_demo(out: Path, progress: bool = True) -> Path:
     plans = make_plans(
-        ["mnist1d-cnn"], ["parent", "ib", centered_arm("mnist1d-cnn")], seeds=5, steps=1500, eval_every=250
+        ["mnist1d-cnn"], demo_arms("mnist1d-cnn"), seeds=5, steps=1500, eval_every=250
     ) + make_plans(
         ["pydoc-gpt2"],
-        ["parent", "ib", centered_arm("pydoc-gpt2")],
+        demo_arms("pydoc-gpt2"),
         seeds=3,
         steps=150,
         batch_size=16,
