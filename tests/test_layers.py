@@ -153,29 +153,29 @@ def test_functional_matches_reference(compression, lam, dtype):
     w, b = randn(3, 8, dtype=dtype, seed=1), randn(3, 8, dtype=dtype, seed=2)
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        IBF.ib_layer_norm(x, (3, 8), w, b, eps, compression, lam), ref_layer(x, 2, compression, lam, eps, w, b), **tol
+        IBF.ib_layer_norm(x, (3, 8), w, b, eps, compression, lam, "standardized"), ref_layer(x, 2, compression, lam, eps, w, b), **tol
     )
     torch.testing.assert_close(
-        IBF.ib_rms_norm(x, (8,), w[0], eps, compression, lam),
+        IBF.ib_rms_norm(x, (8,), w[0], eps, compression, lam, "standardized"),
         ref_layer(x, 1, compression, lam, eps, w[0], center=False),
         **tol,
     )
     xc = randn(6, 4, 3, 5, dtype=dtype, seed=3) * 3 - 1
     wc, bc = randn(4, dtype=dtype, seed=4), randn(4, dtype=dtype, seed=5)
     torch.testing.assert_close(
-        IBF.ib_batch_norm(xc, None, None, wc, bc, True, 0.1, eps, compression, lam),
+        IBF.ib_batch_norm(xc, None, None, wc, bc, True, 0.1, eps, compression, lam, placement="standardized"),
         ref_batch(xc, compression, lam, eps, wc, bc),
         **tol,
     )
     torch.testing.assert_close(
-        IBF.ib_group_norm(xc, 2, wc, bc, eps, compression, lam), ref_group(xc, 2, compression, lam, eps, wc, bc), **tol
+        IBF.ib_group_norm(xc, 2, wc, bc, eps, compression, lam, "standardized"), ref_group(xc, 2, compression, lam, eps, wc, bc), **tol
     )
 
 
 @pytest.mark.parametrize("compression", ALL_FAMILIES)
 def test_batch_eval_uses_running_stats_of_x_and_u(compression):
     lam, eps = 0.7, 1e-5
-    layer = ibnorm.IBBatchNorm2d(3, compression=compression, lam=lam, momentum=0.5, dtype=torch.float64)
+    layer = ibnorm.IBBatchNorm2d(3, compression=compression, lam=lam, momentum=0.5, dtype=torch.float64, placement="standardized")
     batches = [randn(4, 3, 2, 2, seed=s) * 2 + s for s in range(3)]
     mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     mean_u = torch.zeros(3, dtype=torch.float64)
@@ -246,10 +246,10 @@ def grouped(kind, y, x):
 
 def run_kind(kind, x, compression, lam, eps):
     if kind == "layer":
-        return IBF.ib_layer_norm(x, (x.shape[-1],), None, None, eps, compression, lam)
+        return IBF.ib_layer_norm(x, (x.shape[-1],), None, None, eps, compression, lam, "standardized")
     if kind == "batch":
-        return IBF.ib_batch_norm(x, None, None, None, None, True, 0.1, eps, compression, lam)
-    return IBF.ib_group_norm(x, 2, None, None, eps, compression, lam)
+        return IBF.ib_batch_norm(x, None, None, None, None, True, 0.1, eps, compression, lam, placement="standardized")
+    return IBF.ib_group_norm(x, 2, None, None, eps, compression, lam, "standardized")
 
 
 @settings(max_examples=40, deadline=None)
@@ -278,7 +278,7 @@ def test_unit_moments_and_affine_invariance(kind, compression, lam, seed, scale,
 @given(compression=st.sampled_from(FAMILIES), lam=st.floats(0.0, 4.0), seed=st.integers(0, 2**16), scale=st.floats(1e-2, 1e2))
 def test_rms_unit_mean_square(compression, lam, seed, scale):
     x = randn(8, 10, seed=seed) * scale
-    y = IBF.ib_rms_norm(x, (10,), None, 1e-10, compression, lam)
+    y = IBF.ib_rms_norm(x, (10,), None, 1e-10, compression, lam, "standardized")
     torch.testing.assert_close((y**2).mean(1), torch.ones(8, dtype=x.dtype), rtol=0, atol=1e-4)
 
 
@@ -354,19 +354,19 @@ def test_custom_family_works_in_every_layer():
     x = randn(4, 6, 3, 3, dtype=torch.float32) * 2
     ones, zeros = torch.ones(6), torch.zeros(6)
     torch.testing.assert_close(
-        ibnorm.IBLayerNorm(3, compression="asinh", lam=lam)(x), ref_layer(x, 1, "asinh", lam, eps), rtol=1e-5, atol=1e-5
+        ibnorm.IBLayerNorm(3, compression="asinh", lam=lam, placement="standardized")(x), ref_layer(x, 1, "asinh", lam, eps), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(
-        ibnorm.IBRMSNorm(3, eps=eps, compression="asinh", lam=lam)(x),
+        ibnorm.IBRMSNorm(3, eps=eps, compression="asinh", lam=lam, placement="standardized")(x),
         ref_layer(x, 1, "asinh", lam, eps, center=False),
         rtol=1e-5,
         atol=1e-5,
     )
     torch.testing.assert_close(
-        ibnorm.IBBatchNorm2d(6, compression="asinh", lam=lam)(x), ref_batch(x, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+        ibnorm.IBBatchNorm2d(6, compression="asinh", lam=lam, placement="standardized")(x), ref_batch(x, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(
-        ibnorm.IBGroupNorm(3, 6, compression="asinh", lam=lam)(x), ref_group(x, 3, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+        ibnorm.IBGroupNorm(3, 6, compression="asinh", lam=lam, placement="standardized")(x), ref_group(x, 3, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
     )
     assert ibnorm.get_norm_layer("ib_groupnorm_asinh")(3, 6).compression == "asinh"
 

@@ -160,12 +160,15 @@ def test_lam_zero_gives_the_parent_model(originals, name, compression):
     torch.testing.assert_close(logits(converted, x), logits(original, x), atol=1e-5, rtol=1e-5)
 
 
+# The centered placement acts in the activations' own units; freshly initialized models have
+# small activations, so it needs a larger λ to change them visibly.
+@pytest.mark.parametrize("placement,lam", [("standardized", 1.0), ("centered", 50.0)])
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_positive_lam_changes_the_model(originals, name, compression):
+def test_positive_lam_changes_the_model(originals, name, compression, placement, lam):
     original = originals[name]
     x = SPECS[name].make_input()
-    converted, _ = convert_norms(fresh(originals, name), compression, lam=1.0)
+    converted, _ = convert_norms(fresh(originals, name), compression, lam=lam, placement=placement)
     out = logits(converted, x)
     assert torch.isfinite(out).all()
     assert (out - logits(original, x)).abs().max().item() > 1e-3

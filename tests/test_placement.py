@@ -576,7 +576,7 @@ def test_convert_norms_sets_placement_and_keeps_parameters():
     assert all(after_buffers[n] is b for n, b in buffers.items())
     # default stays standardized
     default, _ = ibnorm.convert_norms(SmallNet(), "T", lam=0.4)
-    assert all(m.placement == "standardized" for m in default.modules() if isinstance(m, IB_CLASSES))
+    assert all(m.placement == ibnorm.DEFAULT_PLACEMENT for m in default.modules() if isinstance(m, IB_CLASSES))
     with pytest.raises(ValueError, match=PLACEMENT_ERROR):
         ibnorm.convert_norms(SmallNet(), placement="middle")
 
@@ -612,7 +612,7 @@ def test_get_norm_layer_with_and_without_placement(name, cls, options):
     else:
         assert factory is cls
     layer = factory(6, 6) if cls is ibnorm.IBGroupNorm else factory(6)
-    assert layer.placement == options.get("placement", "standardized")
+    assert layer.placement == options.get("placement", ibnorm.DEFAULT_PLACEMENT)
     assert layer.compression == options.get("compression", ibnorm.DEFAULT_COMPRESSION)
 
 
@@ -631,7 +631,8 @@ def test_repr_shows_placement():
         ibnorm.SyncIBBatchNorm(4, placement="centered", learnable_lam=True),
     ):
         assert "placement=centered" in repr(layer)
-    assert "placement=standardized" in repr(ibnorm.IBLayerNorm(4))
+    assert "placement=standardized" in repr(ibnorm.IBLayerNorm(4, placement="standardized"))
+    assert f"placement={ibnorm.DEFAULT_PLACEMENT}" in repr(ibnorm.IBLayerNorm(4))
 
 
 _x2 = torch.randn(4, 6)

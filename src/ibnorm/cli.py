@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .compression import DEFAULT_PLACEMENT, PLACEMENTS
+from .compression import PLACEMENTS
 
 
 def _init_distributed() -> None:
@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sweep.add_argument("--task", required=True)
     sweep.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
     sweep.add_argument("--families", nargs="+", default=["S", "L", "T"])
-    sweep.add_argument("--placements", nargs="+", default=[DEFAULT_PLACEMENT], choices=PLACEMENTS)
+    sweep.add_argument("--placements", nargs="+", default=["standardized"], choices=PLACEMENTS)
     _experiment_args(sweep)
 
     results = sub.add_parser("results", help="run or resume the evidence campaign of a recorded plan (make results)")

@@ -1,10 +1,10 @@
 """Arms of an A/B comparison: what each arm does to the task's parent model.
 
 Spec strings: ``parent``; ``ib`` (the library default family, λ and placement); ``ib-S`` /
-``ib-L`` / ``ib-T`` (that family at λ = 1, default placement); ``ib-learnable`` (family L,
-learnable λ from 1); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any registered family,
-λ and placement (``standardized`` or ``centered``), e.g. ``ib:L:1:centered``; ``normalnorm``;
-``dyt`` (LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
+``ib-L`` / ``ib-T`` (that family at λ = 1, standardized); ``ib-learnable`` (family L,
+learnable λ from 1, standardized); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any
+registered family, λ and placement (``standardized``, the meaning when none is named, or
+``centered``), e.g. ``ib:L:1:centered``; ``normalnorm``; ``dyt`` (LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
 the parent's Parameters.
 """
 
@@ -18,6 +18,10 @@ from torch import nn
 from .._validation import check_lam, check_placement
 from ..baselines import convert_to_dyt, convert_to_normalnorm
 from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+
+# The placement an arm spec means when it names none. Fixed, not the library default, so that
+# a spec in a results file keeps its meaning when the default changes.
+SPEC_PLACEMENT = "standardized"
 from ..convert import convert_norms
 
 # λ of the family arms ib-S/ib-L/ib-T and the starting λ of ib-learnable (family L).
@@ -32,7 +36,7 @@ class Arm:
     compression: Optional[str] = None
     lam: Optional[float] = None
     learnable_lam: bool = False
-    placement: str = DEFAULT_PLACEMENT
+    placement: str = SPEC_PLACEMENT
 
     def apply(self, model: nn.Module) -> nn.Module:
         if self.kind == "ib":
@@ -91,7 +95,7 @@ def parse_arm(spec: str, parent: str) -> Arm:
             except ValueError:
                 raise ValueError(f"arm {spec!r}: lam {parts[2]!r} is not a number") from None
             lam = check_lam(lam)
-            placement = check_placement(options[0], f"arm {spec!r}: placement") if options else DEFAULT_PLACEMENT
+            placement = check_placement(options[0], f"arm {spec!r}: placement") if options else SPEC_PLACEMENT
             if learnable and lam <= 0:
                 raise ValueError(f"arm {spec!r}: a learnable lam needs an initial value > 0")
             return Arm(spec, "ib", family, lam, learnable, placement)

@@ -265,6 +265,7 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
     lines and table. README's evidence tables are copied from this file."""
     from .._io import atomic_write_text
     from .report import _table_md, at_a_glance, summarize, verdict
+    from .timing import read_timing
 
     root = Path(plan).parent
     md = ["# Evidence campaign: summary", "", f"Made by `ibnorm results` from `{plan}`; each section names its folder.", ""]
@@ -287,7 +288,7 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
                 md.append(f"- no choice yet: {exc}")
             md.append("")
         else:
-            summary = summarize(rows)
+            summary = summarize(rows, read_timing(entry.out(root)))
             md += [f"- {line}" for line in at_a_glance(summary)] + [""]
             for table in summary.values():
                 md += [*_table_md(table), ""] + [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]

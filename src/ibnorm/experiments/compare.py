@@ -23,8 +23,7 @@ import torch
 
 from .. import __version__
 from .._io import atomic_write_bytes, atomic_write_text
-from ..compression import DEFAULT_PLACEMENT
-from .arms import Arm, parse_arm
+from .arms import SPEC_PLACEMENT, Arm, parse_arm
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
 
@@ -244,7 +243,7 @@ def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Seque
     """Arm specs for a family × λ × placement grid; λ = 0 is the parent itself, listed once."""
     arms = ["parent"] if any(lam == 0 for lam in lams) else []
     arms += [
-        f"ib:{f}:{_lam_text(lam)}" + ("" if placement == DEFAULT_PLACEMENT else f":{placement}")
+        f"ib:{f}:{_lam_text(lam)}" + ("" if placement == SPEC_PLACEMENT else f":{placement}")
         for placement in placements
         for f in families
         for lam in lams
