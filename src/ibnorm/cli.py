@@ -41,6 +41,7 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
     parser.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST, FIRST+1, … (default 0)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
 
@@ -65,7 +66,17 @@ def _run(
 
     try:
         plans = make_plans(
-            tasks, arms, args.seeds, args.steps, args.batch_size, args.lr, args.eval_every, tune_lr, analyze_every=analyze
+            tasks,
+            arms,
+            args.seeds,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.eval_every,
+            tune_lr,
+            analyze_every=analyze,
+            first_seed=args.first_seed,
+            device=args.device,
         )
     except (ValueError, TypeError) as exc:
         _fail(parser, exc)
@@ -155,19 +166,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         arms = sweep_arms(args.families, args.lams, args.placements)
         _run(sweep, args, [args.task], arms, f"ibnorm sweep: {args.task}", command)
     elif args.command == "results":
-        from .experiments.campaign import DEFAULT_PLAN, run_campaign
+        from .experiments.campaign import DEFAULT_PLAN, load_plan, run_campaign
 
-        try:
-            run_campaign(
-                main,
-                args.plan or DEFAULT_PLAN,
-                args.only,
-                report_only=args.report_only,
-                progress=not args.no_progress,
-                device=args.device,
-            )
+        plan = args.plan or DEFAULT_PLAN
+        try:  # bad input is refused here; errors during the campaign keep their traceback
+            names = [e.name for e in load_plan(plan)]
         except (ValueError, FileNotFoundError) as exc:
             _fail(results, exc)
+        unknown = sorted(set(args.only or ()) - set(names))
+        if unknown:
+            results.error(f"--only names unknown plan entries {unknown}; the plan has {names}")
+        run_campaign(main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device)
     elif args.command == "demo":
         from .experiments.demo import run_demo
 

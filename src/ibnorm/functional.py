@@ -8,8 +8,8 @@ For one normalization group ``x`` of ``n`` elements (biased variances, as torch)
     y = γ·û + β
 
 RMS grouping drops both centerings: ``z = x / sqrt(mean(x²) + eps)``, ``u = ψ_λ(z)``,
-``y = γ · u / sqrt(mean(u²) + eps)``. That is ``placement="standardized"`` (default);
-``placement="centered"`` applies ψ to the centered input in its own units and standardizes
+``y = γ · u / sqrt(mean(u²) + eps)``. That is ``placement="standardized"``;
+``placement="centered"`` (the default, :data:`ibnorm.DEFAULT_PLACEMENT`) applies ψ to the centered input in its own units and standardizes
 once: ``u = ψ_λ(x − μ)`` (RMS: ``ψ_λ(x)``), ``û = (u − mean u) / sqrt(var u + eps)``, so the
 strength follows the activation scale (not scale-invariant, by design). With a float ``lam == 0`` ψ is the identity and
 the second standardization is skipped, so the result *is* the parent norm (LayerNorm,
@@ -83,8 +83,8 @@ def ib_layer_norm(
 ) -> Tensor:
     """IBNorm with layer grouping: each row over the trailing ``normalized_shape`` dims.
 
-    Same arguments as :func:`torch.nn.functional.layer_norm`, plus ``compression`` and
-    ``lam``. ``y = weight · û + bias`` with û as in the module docstring.
+    Same arguments as :func:`torch.nn.functional.layer_norm`, plus ``compression``, ``lam``
+    and ``placement``. ``y = weight · û + bias`` with û as in the module docstring.
     """
     family, lam, placement = _prepare(input, compression, lam, placement)
     shape = normalize_shape(normalized_shape)
@@ -248,8 +248,9 @@ def ib_batch_norm(
     ``training=True`` uses batch statistics for both standardizations and, where the
     running buffers are given, updates them in place with ``momentum``:
     ``running_mean``/``running_var`` (of x, variance unbiased as torch) and
-    ``running_mean_psi``/``running_var_psi`` (of u = ψ_λ(z), variance biased; left as
-    they are when λ = 0, since then u = z). ``training=False`` uses the running buffers.
+    ``running_mean_psi``/``running_var_psi`` (of u, variance biased for the standardized
+    placement and unbiased for the centered one, see ``_update_running_stats``; left as
+    they are when λ = 0). ``training=False`` uses the running buffers.
     ``process_group`` (training only): reduce batch statistics across that group, so the
     result equals one process on the concatenated batch.
     """

@@ -1,6 +1,7 @@
 """Arms of an A/B comparison: what each arm does to the task's parent model.
 
-Spec strings: ``parent``; ``ib`` (the library default family, λ and placement); ``ib-S`` /
+Spec strings: ``parent``; ``ib`` (the library default family, λ and placement; the arm is
+named by its canonical spec, e.g. ``ib:S:0.1:centered``); ``ib-S`` /
 ``ib-L`` / ``ib-T`` (that family at λ = 1, standardized); ``ib-learnable`` (family L,
 learnable λ from 1, standardized); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any
 registered family, λ and placement (``standardized``, the meaning when none is named, or
@@ -18,11 +19,11 @@ from torch import nn
 from .._validation import check_lam, check_placement
 from ..baselines import convert_to_dyt, convert_to_normalnorm
 from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+from ..convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
 # a spec in a results file keeps its meaning when the default changes.
 SPEC_PLACEMENT = "standardized"
-from ..convert import convert_norms
 
 # λ of the family arms ib-S/ib-L/ib-T and the starting λ of ib-learnable (family L).
 FAMILY_ARM_LAM = 1.0
@@ -48,6 +49,14 @@ class Arm:
         elif self.kind == "dyt":
             model, _ = convert_to_dyt(model)
         return model
+
+
+def ib_spec(family: str, lam: float, placement: str = SPEC_PLACEMENT, learnable: bool = False) -> str:
+    """The canonical spec ``ib:<family>:<λ>[:centered][:learnable]``; λ is written short and
+    parses back to exactly the same float."""
+    short = f"{lam:g}"
+    text = short if float(short) == lam else repr(float(lam))
+    return f"ib:{family}:{text}" + ("" if placement == SPEC_PLACEMENT else f":{placement}") + (":learnable" if learnable else "")
 
 
 def default_arms(parents: set[str]) -> list[str]:
@@ -76,7 +85,8 @@ def parse_arm(spec: str, parent: str) -> Arm:
             raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
         return Arm(spec, spec)
     if spec == "ib":
-        return Arm(spec, "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, placement=DEFAULT_PLACEMENT)
+        # named by what it is, so results keep their meaning when the library default changes
+        return Arm(ib_spec(DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT), "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, placement=DEFAULT_PLACEMENT)
     if spec == "ib-learnable":
         return Arm(spec, "ib", "L", FAMILY_ARM_LAM, True)
     if spec.startswith("ib-") and len(spec) > 3:

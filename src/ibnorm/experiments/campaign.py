@@ -109,10 +109,9 @@ def best_variants(
         spec = runs[0]["arm_spec"]
         if spec.get("kind") != "ib" or spec.get("learnable_lam"):
             continue
-        values = [r["metrics"].get(_val_key(r)) for r in runs if not r.get("diverged")]
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if not values:
-            continue
+        values = [r["metrics"].get(_val_key(r)) for r in runs]
+        if any(r.get("diverged") or v is None or not math.isfinite(v) for r, v in zip(runs, values)):
+            continue  # a variant that diverged on any seed is not a candidate
         mean = statistics.fmean(values)
         sign = 1 if runs[0]["higher_is_better"] else -1
         placement = spec.get("placement", "standardized")
@@ -218,12 +217,16 @@ def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
     from .timing import measure_step_times, read_timing, write_timing
 
     out = entry.out(root)
-    (task_name,) = _option(argv, "--tasks")
+    tasks, arms = _option(argv, "--tasks"), _option(argv, "--arms")
+    if len(tasks) != 1 or not arms:
+        print(f"[{entry.name}] no quiet timing: it needs one task and explicit --arms")
+        return
+    (task_name,) = tasks
     if task_name in read_timing(out):
         return
     task = get_task(task_name)
-    print(f"[{entry.name}] timing {_option(argv, '--arms')} (quiet, interleaved)", flush=True)
-    times = measure_step_times(task, task.load(None), _option(argv, "--arms"), batch_size=task.defaults.batch_size)
+    print(f"[{entry.name}] timing {arms} (quiet, interleaved)", flush=True)
+    times = measure_step_times(task, task.load(None), arms, batch_size=task.defaults.batch_size)
     write_timing(out, task_name, times, batch_size=task.defaults.batch_size)
     write_report(out, f"ibnorm compare: {task_name}")
 
@@ -244,7 +247,10 @@ def _sweep_table(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
     for r in finals:
         value = r["metrics"].get(key)
         value = value if value is not None and math.isfinite(value) and not r.get("diverged") else float("nan")
-        arm = parse_arm(r["arm"], r["parent"])
+        try:
+            arm = parse_arm(r["arm"], r["parent"])
+        except ValueError:  # e.g. a family registered only in the session that ran it
+            continue
         if arm.kind == "parent":
             parent.append(value)
         elif arm.kind == "ib" and not arm.learnable_lam:

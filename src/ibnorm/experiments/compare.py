@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from .._io import atomic_write_bytes, atomic_write_text
-from .arms import SPEC_PLACEMENT, Arm, parse_arm
+from .arms import Arm, ib_spec, parse_arm
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
 
@@ -52,10 +52,14 @@ def make_plans(
     checkpoint_every: Optional[int] = None,
     analyze_every: int = 0,
     final_items: Optional[int] = None,
+    first_seed: int = 0,
+    device: Optional[str] = None,
 ) -> list[Plan]:
     """Validate everything up front: unknown tasks/arms, bad λ and bad budgets raise here.
     ``eval_items`` bounds the evaluations along the curve, ``final_items`` the final ones
-    (None: the whole validation and test splits)."""
+    (None: the whole validation and test splits). Seeds are ``first_seed, first_seed + 1, …``:
+    a comparison whose arms were chosen on a sweep's seeds should start past them, so that
+    the runs that made the choice are not also the evidence for it. ``device`` is checked here."""
     if not tasks:
         raise ValueError("tasks must name at least one task")
     if not arms:
@@ -71,6 +75,15 @@ def make_plans(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise ValueError(f"first_seed must be an int >= 0, got {first_seed!r}")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from exc
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
     if not isinstance(analyze_every, int) or isinstance(analyze_every, bool) or analyze_every < 0:
         raise ValueError(f"analyze_every must be 0 (off) or a positive number of steps, got {analyze_every!r}")
     if not isinstance(tune_lr, int) or tune_lr < 0 or tune_lr == 1:
@@ -92,7 +105,7 @@ def make_plans(
             analyze_every=analyze_every,
         )
         parsed = tuple(parse_arm(a, task.parent) for a in dict.fromkeys(arms))
-        plans.append(Plan(task, parsed, tuple(range(seeds or d.seeds)), cfg, tune_lr))
+        plans.append(Plan(task, parsed, tuple(range(first_seed, first_seed + (seeds or d.seeds))), cfg, tune_lr))
     return plans
 
 
@@ -145,7 +158,8 @@ def _run_one(
     key = (task.name, arm.name, seed, phase, _config_key(cfg, arm))
     if key in done:
         return None
-    run_dir = Path(out) / "runs" / _folder_name(task.name) / _folder_name(arm.name) / f"{phase}-lr{cfg.lr:g}-seed{seed}"
+    # the config key in the folder name: a checkpoint never resumes a run of another configuration
+    run_dir = Path(out) / "runs" / _folder_name(task.name) / _folder_name(arm.name) / f"{phase}-seed{seed}-{key[-1]}"
     result = train_run(task, data, arm, seed, cfg, run_dir, progress=progress, device=device)
     import torch.distributed as dist
 
@@ -195,7 +209,7 @@ def run_plans(
     ``command`` (the command line that asked for these runs) and the device that trained
     (``device``, default CPU) are recorded in every row.
 
-    With ``tune_lr = K`` each arm first trains seed 0 at K rates log-spaced over
+    With ``tune_lr = K`` each arm first trains its first seed at K rates log-spaced over
     [lr/3, 3·lr] and keeps the rate with the best *validation* metric (a diverged trial
     scores worst); the test split is never looked at."""
     from tqdm import tqdm
@@ -214,7 +228,7 @@ def run_plans(
                 scores = {}
                 for lr in _lr_grid(plan.config.lr, plan.tune_lr):
                     trial = replace(plan.config, lr=lr)
-                    _run_one(out, plan.task, data, arm, 0, trial, "tune", done, progress, command, device)
+                    _run_one(out, plan.task, data, arm, plan.seeds[0], trial, "tune", done, progress, command, device)
                     row = next(
                         r
                         for r in read_results(out)
@@ -233,17 +247,11 @@ def run_plans(
     return read_results(out)
 
 
-def _lam_text(lam: float) -> str:
-    """λ as written in an arm spec: short, and parsed back to exactly the same float."""
-    short = f"{lam:g}"
-    return short if float(short) == lam else repr(float(lam))
-
-
 def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = ("standardized",)) -> list[str]:
     """Arm specs for a family × λ × placement grid; λ = 0 is the parent itself, listed once."""
     arms = ["parent"] if any(lam == 0 for lam in lams) else []
     arms += [
-        f"ib:{f}:{_lam_text(lam)}" + ("" if placement == SPEC_PLACEMENT else f":{placement}")
+        ib_spec(f, lam, placement)
         for placement in placements
         for f in families
         for lam in lams

@@ -30,8 +30,10 @@ def demo_arms(task: str) -> list[str]:
     try:
         entry = next(e for e in load_plan(DEFAULT_PLAN) if e.name == SWEEPS[task])
         best = best_variants(read_results(entry.out(DEFAULT_PLAN.parent)), sweep_grid(entry))
+        if "centered" not in best:
+            raise LookupError("no centered variant finished without diverging")
     except (LookupError, StopIteration, FileNotFoundError) as exc:
-        print(f"demo: {task}: no finished sweep {SWEEPS[task]} ({exc!r}); using {FALLBACK_CENTERED}")
+        print(f"demo: {task}: no finished sweep {SWEEPS[task]} with a centered choice ({exc!r}); using {FALLBACK_CENTERED}")
         best = {"centered": (FALLBACK_CENTERED,)}
     default = parse_arm("ib", "layer")
     centered = parse_arm(best["centered"][0], "layer")

@@ -381,7 +381,7 @@ def _sweep_point(row: Mapping[str, Any]) -> Optional[Arm]:
 
 def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
     """Metric vs λ for ``ib:<family>:<λ>[:<placement>]`` arms, one line per (family,
-    placement) and budget (no placement: the library default); the parent is λ = 0."""
+    placement) and budget (no placement: standardized, as arm specs read); the parent is λ = 0."""
     lines: dict[tuple, list[tuple[float, dict]]] = {}
     for r in table:
         arm = _sweep_point(r)

@@ -75,8 +75,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 def final_evaluation(task: Task, model: nn.Module, data: Any, items: Optional[int]) -> dict[str, float]:
     """Test and validation metrics on ``items`` examples/characters of each split (None:
-    the whole split), and the generalization gap: the loss on as many training examples
-    (characters) as the test evaluation saw, minus the test loss.
+    the whole split), and the generalization gap: the test loss minus the loss on as many
+    training examples (characters) as the test evaluation saw.
 
     ``gen_gap = heldout_loss − heldin_loss`` in the task's loss unit (nats per example for
     classification, bits per character for language models)."""
@@ -169,6 +169,8 @@ def train_run(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if loss.is_cuda:
+            torch.cuda.synchronize()  # time the GPU's work, not the kernel launches
         step_times.append(time.perf_counter() - began)
         losses.append(_global_mean(loss.detach(), world))
         if not math.isfinite(losses[-1]):

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, get_compression
+from .._validation import check_placement
+from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
@@ -23,7 +24,8 @@ def convert_hf_model(
     model: nn.Module, compression: str = DEFAULT_COMPRESSION, lam: float = DEFAULT_LAM, **convert_kwargs: Any
 ) -> tuple[nn.Module, ConversionRecord]:
     """:func:`ibnorm.convert_norms` for a ``transformers`` model, noting the settings in
-    ``model.config.ibnorm`` (``compression``, ``lam``, ``learnable_lam``, ``converted``)."""
+    ``model.config.ibnorm`` (``compression``, ``lam``, ``learnable_lam``, ``placement``,
+    ``converted``)."""
     model, record = convert_norms(model, compression, lam, **convert_kwargs)
     config = getattr(model, "config", None)
     if config is not None:
@@ -31,6 +33,7 @@ def convert_hf_model(
             "compression": get_compression(compression).name,
             "lam": lam,
             "learnable_lam": bool(convert_kwargs.get("learnable_lam", False)),
+            "placement": check_placement(convert_kwargs.get("placement", DEFAULT_PLACEMENT)),
             "converted": len(record),
         }
     return model, record
