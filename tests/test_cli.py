@@ -46,6 +46,8 @@ def test_compare_records_the_command_and_placement_then_roi_reads_it(tmp_path, c
         (["results", "--only", "nope"], "unknown plan entries ['nope']"),
         (["results", "--plan", "/nonexistent/plan.json"], "does not exist"),
         (["roi", "/nonexistent"], "ibnorm roi: error"),
+        (["compare", "--tasks", "mnist1d-cnn", "--device", "warp9", "--out", "x"], "device='warp9' is not a torch device"),
+        (["compare", "--tasks", "mnist1d-cnn", "--first-seed", "-1", "--out", "x"], "first_seed must be an int >= 0"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(capsys, argv, message):

@@ -193,3 +193,31 @@ def test_run_folders_are_single_safe_path_components(tmp_path):
     assert parts[0] == "runs" and len(parts) == 4 and all(":" not in p and " " not in p for p in parts)
     assert (tmp_path / "out" / row["run_dir"] / "final.pt").exists()
     assert read_results(tmp_path / "out")[0]["arm_spec"]["placement"] == "centered"
+
+
+def test_a_variant_that_diverged_on_any_seed_is_never_chosen():
+    rows = _sweep_rows()
+    for r in rows:
+        if r["arm"] == "ib:S:0.1" and r["seed"] == 1:
+            r["diverged"] = True
+            r["metrics"]["val_acc"] = float("nan")
+    assert C.best_variants(rows)["standardized"][0] == "ib:L:1"
+
+
+def test_the_default_arm_is_named_by_what_it_is():
+    import ibnorm
+    from ibnorm.experiments.arms import ib_spec, parse_arm
+
+    arm = parse_arm("ib", "batch")
+    assert arm.name == ib_spec(ibnorm.DEFAULT_COMPRESSION, ibnorm.DEFAULT_LAM, ibnorm.DEFAULT_PLACEMENT)
+    again = parse_arm(arm.name, "batch")
+    assert (again.compression, again.lam, again.placement) == (arm.compression, arm.lam, arm.placement)
+    assert parse_arm("ib:S:0.5", "batch").placement == "standardized"  # a spec without placement never follows the default
+
+
+def test_seeds_start_at_first_seed_and_tuning_uses_the_first_of_them(tmp_path):
+    from ibnorm.experiments.compare import make_plans, run_plans
+
+    plans = make_plans(["mnist1d-mlp"], ["parent"], seeds=2, steps=2, batch_size=8, eval_every=2, eval_items=64, tune_lr=2, first_seed=7)
+    rows = run_plans(plans, tmp_path, progress=False)
+    assert sorted((r["phase"], r["seed"]) for r in rows) == [("final", 7), ("final", 8), ("tune", 7), ("tune", 7)]
