@@ -256,9 +256,8 @@ def verdict(row: Mapping[str, Any]) -> str:
 
 
 def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
-    """One line per task: the compared arm with the best paired Δ against the parent, its
-    Δ and interval, the decision, and its step-time cost; "parent" wins where every Δ is
-    in the parent's favour."""
+    """One line per task: whether any arm is significantly ahead of the parent (Holm), then
+    the compared arm with the best paired Δ, its interval, its verdict and its step-time cost."""
     lines = []
     for task, table in summary.items():
         compared = [r for r in table if r["compared"] and _finite(r["diff"])]
@@ -266,9 +265,10 @@ def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
             continue
         sign = 1 if compared[0]["higher_is_better"] else -1
         best = max(compared, key=lambda r: sign * r["diff"])
-        leader = best["label"] if sign * best["diff"] > 0 else "the parent norm"
+        winners = [r["label"] for r in compared if outcome(r) == "better than parent"]
+        lead = f"better than the parent: {', '.join(winners)}" if winners else "no arm is measurably better than the parent norm"
         lines.append(
-            f"**{task}**: ahead is {leader}; best challenger {best['label']} Δ {_fmt(best['diff'], signed=True)} "
+            f"**{task}**: {lead}; best challenger {best['label']} Δ {_fmt(best['diff'], signed=True)} "
             f"{_unit(best['metric'])} (95% CI [{_fmt(best['diff_low'])}, {_fmt(best['diff_high'])}], Holm p={_fmt_p(best['p_holm'])}, "
             f"n={best['pairs']}): {outcome(best)}, at {_fmt(best['time_overhead_pct'], 0, signed=True)}% step time."
         )
