@@ -178,6 +178,8 @@ def run_campaign(
             continue
         argv += ["--out", str(entry.out(root))]
         if report_only:
+            if not read_results(entry.out(root)):
+                continue  # nothing run yet: no report to rewrite
             argv.append("--report-only")
         if not progress:
             argv.append("--no-progress")
