@@ -130,8 +130,6 @@ def _forward(
     grouping: int,
     family: int,
 ) -> tuple[Tensor, GroupStats]:
-    if x.dtype not in DTYPES:
-        raise Unsupported(f"ibnorm C++ CPU kernels do not support {x.dtype}")
     y, *stats = module.forward(
         x,
         weight,
