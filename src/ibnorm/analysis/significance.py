@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 CONFIDENCE = 0.95
+# Fewest seed pairs on which a comparison gets a verdict (reports), a paired test
+# (representation analysis) or a sweep choice: with 2 the t critical value is 12.7.
+MIN_PAIRED_SEEDS = 3
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -29,6 +29,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from .capture import LayerSelector, capture_activations
+from .significance import MIN_PAIRED_SEEDS
 
 __all__ = [
     "excess_kurtosis",
@@ -59,9 +60,6 @@ STAT_KEYS = (
 )
 
 _DEAD_STD = 1e-8
-
-# Fewest seed pairs for which paired_difference reports an interval and a p-value.
-MIN_PAIRED_SEEDS = 3
 
 
 def _as_float64(x: ArrayLike) -> np.ndarray:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..analysis.significance import MIN_PAIRED_SEEDS
 from .compare import read_results, sweep_arms
 
 DEFAULT_PLAN = Path("docs/results/plan.json")
@@ -82,7 +83,9 @@ def sweep_grid(entry: Entry) -> tuple[list[str], int]:
 
 
 def best_variants(
-    rows: Sequence[dict[str, Any]], expected: Optional[tuple[Sequence[str], int]] = None, min_seeds: int = 3
+    rows: Sequence[dict[str, Any]],
+    expected: Optional[tuple[Sequence[str], int]] = None,
+    min_seeds: int = MIN_PAIRED_SEEDS,
 ) -> dict[str, tuple[str, float, int]]:
     """Per placement, ``(arm spec, mean validation metric, seeds)`` of the IB arm with the
     best mean validation metric over its non-diverged seeds (fixed-λ arms only).

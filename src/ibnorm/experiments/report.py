@@ -28,11 +28,10 @@ from .._io import atomic_write_bytes, atomic_write_text
 from .._plotting import figure_png, pyplot
 from .arms import Arm, parse_arm
 from .compare import read_results
-from ..analysis.significance import holm, paired_difference, t_interval, within_margin
+from ..analysis.significance import MIN_PAIRED_SEEDS, holm, paired_difference, t_interval, within_margin
 from .timing import TIMING, read_timing
 
 ALPHA = 0.05
-MIN_SEEDS = 3
 DEFAULT_MARGINS = {"acc": 0.5, "bpc": 0.02}  # metric suffix → equivalence margin in the metric's units
 QUIET_TIMES = f"step times: quiet interleaved measurement ({TIMING})"
 TRAINING_TIMES = "step times: median of training steps (runs may have shared the CPU; indicative only)"
@@ -201,7 +200,7 @@ def summarize(rows: list[dict[str, Any]], timing: Optional[Mapping[str, Any]] = 
         times, source = step_times(groups, timing or {})
         margin = equivalence_margin(r for g in groups for r in g.runs)
         table = [_summary_row(g, parent_group(g, groups), times, source, margin) for g in groups]
-        family = [r for r in table if r["compared"] and r["pairs"] >= MIN_SEEDS and not math.isnan(r["p"])]
+        family = [r for r in table if r["compared"] and r["pairs"] >= MIN_PAIRED_SEEDS and not math.isnan(r["p"])]
         for r, adjusted in zip(family, holm([r["p"] for r in family])):
             r["p_holm"] = adjusted
         sentence = f"Holm over {len(family)} comparison{'' if len(family) == 1 else 's'} with parent in task {task}"
@@ -225,8 +224,8 @@ def outcome(row: Mapping[str, Any]) -> str:
     variance, equivalence, Holm-significant difference, inconclusive."""
     if not row["compared"]:
         return "no parent runs at this budget: no comparison"
-    if row["pairs"] < MIN_SEEDS:
-        return f"too few seeds (n={row['pairs']}; need ≥{MIN_SEEDS})"
+    if row["pairs"] < MIN_PAIRED_SEEDS:
+        return f"too few seeds (n={row['pairs']}; need ≥{MIN_PAIRED_SEEDS})"
     if row["identical"]:
         return "identical differences across seeds: no test"
     margin = row["margin"]
@@ -450,7 +449,7 @@ def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
             f"## {task}",
             "",
             f"{first['metric']} ({direction} is better); equivalence margin {_margin_text(first)}; "
-            f"verdicts at α = {ALPHA:g} on p adjusted by {first['family']}; no verdict below {MIN_SEEDS} paired seeds.",
+            f"verdicts at α = {ALPHA:g} on p adjusted by {first['family']}; no verdict below {MIN_PAIRED_SEEDS} paired seeds.",
             "",
             f"{first['step_time_source']}.",
             "",
