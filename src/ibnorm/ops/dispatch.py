@@ -246,8 +246,8 @@ def _cpp_bodies(cfg: KernelConfig, dtype: torch.dtype) -> Bodies:
     if key not in _cpp_cache:
         try:
             _cpp_cache[key] = cpp.bodies(cfg, dtype)
-        except cpp.Unsupported:
-            _cpp_cache[key] = eager_bodies(cfg) if _compile_failed else _compiled_bodies(cfg)
+        except cpp.Unsupported:  # the compiled bodies fall back to eager by themselves
+            _cpp_cache[key] = _compiled_bodies(cfg)
     return _cpp_cache[key]
 
 

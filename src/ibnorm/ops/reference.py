@@ -43,10 +43,10 @@ def mean_over(dims: tuple[int, ...]) -> ReduceMean:
     return lambda t: t.mean(dim=dims, keepdim=True)
 
 
-def _standardize(
-    t: Tensor, reduce_mean: ReduceMean, eps: float, center: bool, mean: Optional[Tensor], var: Optional[Tensor]
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """(t − μ)·rsqrt(σ² + eps) and μ, σ², rsqrt(σ² + eps); μ and σ² from ``reduce_mean`` unless given."""
+def _center(
+    t: Tensor, reduce_mean: ReduceMean, center: bool, mean: Optional[Tensor], var: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """t − μ (t itself without centering) and μ, σ²; from ``reduce_mean`` unless given."""
     if var is None:
         if center:
             mean = reduce_mean(t)
@@ -54,6 +54,14 @@ def _standardize(
         var = reduce_mean(t * t)
     elif center:
         t = t - mean
+    return t, mean, var
+
+
+def _standardize(
+    t: Tensor, reduce_mean: ReduceMean, eps: float, center: bool, mean: Optional[Tensor], var: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(t − μ)·rsqrt(σ² + eps) and μ, σ², rsqrt(σ² + eps); μ and σ² from ``reduce_mean`` unless given."""
+    t, mean, var = _center(t, reduce_mean, center, mean, var)
     rstd = torch.rsqrt(var + eps)
     return t * rstd, mean, var, rstd
 
@@ -75,12 +83,11 @@ def ib_normalize_reference(
     μ and σ² of x are still returned (batch grouping keeps its running statistics of x).
     ``given`` (mean, var, mean_psi, var_psi) replaces computed statistics, as batch
     grouping does in eval mode."""
-    z, mean, var, rstd = _standardize(x, reduce_mean, eps, center, given.mean, given.var)
+    xc, mean, var = _center(x, reduce_mean, center, given.mean, given.var)
+    rstd = torch.rsqrt(var + eps)
     if is_identity(lam):
-        return z, GroupStats(mean, var, rstd)
-    if placement == "centered":
-        z = (x - mean) if center else x
-    u = family.psi(z, lam)
+        return xc * rstd, GroupStats(mean, var, rstd)
+    u = family.psi(xc if placement == "centered" else xc * rstd, lam)
     y, mean_psi, var_psi, rstd_psi = _standardize(u, reduce_mean, eps, center, given.mean_psi, given.var_psi)
     return y, GroupStats(mean, var, rstd, mean_psi, var_psi, rstd_psi)
 
