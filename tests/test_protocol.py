@@ -221,3 +221,57 @@ def test_seeds_start_at_first_seed_and_tuning_uses_the_first_of_them(tmp_path):
     plans = make_plans(["mnist1d-mlp"], ["parent"], seeds=2, steps=2, batch_size=8, eval_every=2, eval_items=64, tune_lr=2, first_seed=7)
     rows = run_plans(plans, tmp_path, progress=False)
     assert sorted((r["phase"], r["seed"]) for r in rows) == [("final", 7), ("final", 8), ("tune", 7), ("tune", 7)]
+
+
+def test_rank_arms_take_the_kth_variant_of_the_screen_on_validation(tmp_path):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp", *SWEEP_GRID]},
+            {"name": "check-x", "stage": "check", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "rank:1", "rank:2", "rank:4", "best:standardized", "--seeds", "3"], "best_from": "sweep-x"},
+        ],
+    )
+    (tmp_path / "sweep-x").mkdir()
+    (tmp_path / "sweep-x" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sweep_rows()))
+    calls = []
+    assert C.run_campaign(calls.append, plan, only=["check-x"], progress=False) == []
+    (argv,) = calls
+    # validation means: S:0.1 93, L:1 91, S:2:centered 86, T:1:centered 85; best:standardized repeats rank 1
+    assert argv[argv.index("--arms") + 1 : argv.index("--seeds")] == ["parent", "ib:S:0.1", "ib:L:1", "ib:T:1:centered"]
+    for bad, error, message in (("rank:0", ValueError, "non-zero integer"), ("rank:x", ValueError, "non-zero integer"), ("rank:99", LookupError, "out of range")):
+        entry = C.Entry("check-y", "check", ("compare", "--tasks", "mnist1d-mlp", "--arms", bad), "sweep-x")
+        with pytest.raises(error, match=message):
+            C.resolve_arms(entry, tmp_path, [*C.load_plan(plan), entry])
+
+
+def test_spearman_rho_matches_its_definition_with_ties():
+    a = [1.0, 2.0, 2.0, 4.0, 7.0, 3.0]
+    b = [2.0, 1.0, 3.0, 5.0, 5.0, 4.0]
+    # ranks with ties averaged, then Pearson's r of the ranks (worked by hand)
+    ra = [1, 2.5, 2.5, 5, 6, 4]
+    rb = [2, 1, 3, 5.5, 5.5, 4]
+    ma, mb = sum(ra) / 6, sum(rb) / 6
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    expected = cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    assert C.spearman_rho(a, b) == pytest.approx(expected)
+    assert C.spearman_rho([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert C.spearman_rho([1, 2], [1, 2]) != C.spearman_rho([1, 2], [1, 2])  # nan below 3 pairs
+    with pytest.raises(ValueError, match="equal length"):
+        C.spearman_rho([1, 2, 3], [1, 2])
+
+
+def test_the_summary_states_how_well_the_screen_ranking_held(tmp_path):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp", *SWEEP_GRID]},
+            {"name": "check-x", "stage": "check", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "rank:1", "rank:2", "--seeds", "3"], "best_from": "sweep-x"},
+        ],
+    )
+    for name, rows in (("sweep-x", _sweep_rows()), ("check-x", [_row(a, s, v, v, "standardized", kind="ib") for a, v in (("parent", 95.0), ("ib:S:0.1", 90.0), ("ib:L:1", 94.0)) for s in range(3)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = C.write_summary(plan).read_text()
+    # screen order S:0.1 (93) > L:1 (91) > parent (90); final budget 90 < 94 < 95: fully reversed
+    assert "Spearman ρ = -1.00 over 3 arms" in text
+    assert "the screen's best is `ib:S:0.1`, the final budget's best is `parent`" in text

@@ -9,7 +9,10 @@ records the command that made it.
 
 An entry's arms may name ``best:<placement>``: the variant of that placement (family and
 λ) with the best mean *validation* metric in the sweep folder named by ``best_from``; the
-test split is never used to choose. An entry whose sweep is not finished yet is skipped
+test split is never used to choose. ``rank:<k>`` names the k-th best fixed-λ variant of any
+placement (``rank:-1`` the worst that did not diverge): a ``check`` entry reruns a spread of
+ranks at the final budget, and the summary states how well the screen's ranking held
+(Spearman's ρ over the arms both ran). An entry whose sweep is not finished yet is skipped
 with a message, and the next call picks it up.
 """
 
@@ -29,6 +32,7 @@ from .compare import read_results, sweep_arms
 
 DEFAULT_PLAN = Path("docs/results/plan.json")
 BEST_PREFIX = "best:"
+RANK_PREFIX = "rank:"
 SWEEP_FLAGS = ("--families", "--lams", "--placements", "--seeds")
 
 
@@ -82,13 +86,13 @@ def sweep_grid(entry: Entry) -> tuple[list[str], int]:
     return arms, int(_option(argv, "--seeds")[0])
 
 
-def best_variants(
+def ranked_variants(
     rows: Sequence[dict[str, Any]],
     expected: Optional[tuple[Sequence[str], int]] = None,
     min_seeds: int = MIN_PAIRED_SEEDS,
-) -> dict[str, tuple[str, float, int]]:
-    """Per placement, ``(arm spec, mean validation metric, seeds)`` of the IB arm with the
-    best mean validation metric over its non-diverged seeds (fixed-λ arms only).
+) -> list[tuple[str, float, int, str]]:
+    """``(arm spec, mean validation metric, seeds, placement)`` of every fixed-λ IB arm whose
+    seeds all finished without diverging, best first.
 
     Raises ``LookupError`` while the sweep is not finished: an arm of ``expected`` (arm
     specs, seeds per arm) has fewer finished seeds, or any arm has fewer than ``min_seeds``
@@ -107,7 +111,8 @@ def best_variants(
     counts = {arm: len(runs) for arm, runs in by_arm.items()}
     if min(counts.values()) < max(min_seeds, max(counts.values())):
         raise LookupError(f"the sweep is not finished: seeds per arm range {min(counts.values())}–{max(counts.values())}")
-    best: dict[str, tuple[str, float, int]] = {}
+    ranked = []
+    sign = 1
     for arm, runs in by_arm.items():
         spec = runs[0]["arm_spec"]
         if spec.get("kind") != "ib" or spec.get("learnable_lam"):
@@ -115,11 +120,21 @@ def best_variants(
         values = [r["metrics"].get(_val_key(r)) for r in runs]
         if any(r.get("diverged") or v is None or not math.isfinite(v) for r, v in zip(runs, values)):
             continue  # a variant that diverged on any seed is not a candidate
-        mean = statistics.fmean(values)
         sign = 1 if runs[0]["higher_is_better"] else -1
-        placement = spec.get("placement", "standardized")
-        if placement not in best or sign * mean > sign * best[placement][1]:
-            best[placement] = (arm, mean, len(values))
+        ranked.append((arm, statistics.fmean(values), len(values), spec.get("placement", "standardized")))
+    return sorted(ranked, key=lambda item: -sign * item[1])
+
+
+def best_variants(
+    rows: Sequence[dict[str, Any]],
+    expected: Optional[tuple[Sequence[str], int]] = None,
+    min_seeds: int = MIN_PAIRED_SEEDS,
+) -> dict[str, tuple[str, float, int]]:
+    """Per placement, ``(arm spec, mean validation metric, seeds)`` of the first variant of
+    :func:`ranked_variants` with that placement."""
+    best: dict[str, tuple[str, float, int]] = {}
+    for arm, mean, seeds, placement in ranked_variants(rows, expected, min_seeds):
+        best.setdefault(placement, (arm, mean, seeds))
     return best
 
 
@@ -132,20 +147,26 @@ def resolve_arms(entry: Entry, root: Path, entries: Sequence[Entry]) -> list[str
     arms = _option(argv, "--arms")
     start = argv.index("--arms") + 1
     end = start + len(arms)
-    if any(a.startswith(BEST_PREFIX) for a in arms):
+    if any(a.startswith((BEST_PREFIX, RANK_PREFIX)) for a in arms):
         if entry.best_from is None:
-            raise ValueError(f"plan entry {entry.name!r} uses best:<placement> arms but names no best_from sweep")
+            raise ValueError(f"plan entry {entry.name!r} uses best:/rank: arms but names no best_from sweep")
         sweep = next((e for e in entries if e.name == entry.best_from), None)
         if sweep is None or sweep.argv[0] != "sweep":
             raise ValueError(f"plan entry {entry.name!r}: best_from={entry.best_from!r} names no sweep entry of the plan")
-        best = best_variants(read_results(root / entry.best_from), sweep_grid(sweep))
+        ranked = ranked_variants(read_results(root / entry.best_from), sweep_grid(sweep))
         resolved = []
         for arm in arms:
             if arm.startswith(BEST_PREFIX):
                 placement = arm[len(BEST_PREFIX) :]
-                if placement not in best:
+                chosen = [spec for spec, _, _, p in ranked if p == placement]
+                if not chosen:
                     raise LookupError(f"sweep {entry.best_from!r} has no finished arm with placement {placement!r}")
-                arm = best[placement][0]
+                arm = chosen[0]
+            elif arm.startswith(RANK_PREFIX):
+                k = _rank_index(entry, arm)
+                if not -len(ranked) <= k < len(ranked):
+                    raise LookupError(f"sweep {entry.best_from!r} ranks {len(ranked)} variants; {arm!r} is out of range")
+                arm = ranked[k][0]
             if arm not in resolved:
                 resolved.append(arm)
         arms = resolved
@@ -199,6 +220,18 @@ def run_campaign(
     return waiting
 
 
+def _rank_index(entry: Entry, arm: str) -> int:
+    """The list index of ``rank:<k>`` (k ≥ 1 counts from the best, k ≤ −1 from the worst)."""
+    text = arm[len(RANK_PREFIX) :]
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k == 0:
+        raise ValueError(f"plan entry {entry.name!r}: arm {arm!r} must be rank:<k> with a non-zero integer k")
+    return k - 1 if k > 0 else k
+
+
 def _option(argv: Sequence[str], flag: str) -> list[str]:
     if flag not in argv:
         return []
@@ -237,6 +270,61 @@ def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
 
 
 SUMMARY = "SUMMARY.md"
+
+
+def mean_validation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean validation metric per arm over its finished, non-diverged final runs."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        value = r["metrics"].get(_val_key(r)) if r["phase"] == "final" else None
+        if value is not None and math.isfinite(value) and not r.get("diverged"):
+            values[r["arm"]].append(value)
+    return {arm: statistics.fmean(v) for arm, v in values.items()}
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n of ``values`` (ascending), ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's ρ: the Pearson correlation of the two samples' ranks (nan below 3 pairs or
+    when either side is constant)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman_rho needs samples of equal length, got {len(a)} and {len(b)}")
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+
+
+def _rank_check(screen_rows: Sequence[dict[str, Any]], check_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Screen vs. final-budget validation means of the arms both ran, and Spearman's ρ."""
+    screen, check = mean_validation(screen_rows), mean_validation(check_rows)
+    arms = [arm for arm in screen if arm in check]
+    if not arms:
+        return ["No arm has finished at both budgets yet."]
+    higher = next(r["higher_is_better"] for r in check_rows if r["phase"] == "final")
+    arms.sort(key=lambda arm: -screen[arm] if higher else screen[arm])
+    rho = spearman_rho([screen[a] for a in arms], [check[a] for a in arms])
+    lines = ["| arm | screen val | final-budget val |", "|---|---|---|"]
+    lines += [f"| {arm} | {screen[arm]:.4f} | {check[arm]:.4f} |" for arm in arms]
+    best_check = max(arms, key=lambda arm: check[arm] if higher else -check[arm])
+    lines += ["", f"Ranking stability: Spearman ρ = {rho:.2f} over {len(arms)} arms; the screen's best is `{arms[0]}`, the final budget's best is `{best_check}`."]
+    return lines
 
 
 def _sweep_table(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
@@ -299,6 +387,8 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
                 md.append(f"- no choice yet: {exc}")
             md.append("")
         else:
+            if entry.stage == "check" and entry.best_from:
+                md += [*_rank_check(read_results(root / entry.best_from), rows), ""]
             summary = summarize(rows, read_timing(entry.out(root)))
             md += [f"- {line}" for line in at_a_glance(summary)] + [""]
             for table in summary.values():
