@@ -21,7 +21,8 @@ Rows:
 - timm (added on first use once ``timm`` has been imported, never importing it):
   ``LayerNorm``, ``LayerNorm2d``, ``RmsNorm``, ``GroupNorm``, ``GroupNorm1``,
   ``BatchNormAct2d``, ``SyncBatchNormAct``, ``GroupNormAct``, ``GroupNorm1Act``,
-  ``LayerNormAct``, ``LayerNormAct2d``.
+  ``LayerNormAct``, ``LayerNormAct2d``; known with no counterpart: ``RmsNormFp32``,
+  ``RmsNorm2d``, ``RmsNorm2dFp32``, ``FrozenBatchNormAct2d``.
 
 A subclass of a row's class that has no row of its own (it may change the forward) is known
 with its parent's grouping and no counterpart. ibnorm's own layers (IB and baselines) carry
