@@ -2,18 +2,20 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned here (not in pyproject) because 2.13.0 is the CPU build on this machine's disk;
-# a loose `torch` requirement would pull a multi-GB CUDA build.
-TORCH_PIN := torch==2.13.0
-# Triton runs the GPU kernels' tests on CPU through its interpreter; 3.9.0 is the one measured with torch 2.13.0.
-TRITON_PIN := triton==3.9.0
+# torch and torchvision are pinned here (not in pyproject) to a matching pair in this machine's package cache
+# (timm needs torchvision, and no torchvision loads beside the CPU torch 2.13.0); a loose `torch` would
+# resolve to another multi-GB build.
+TORCH_PIN := torch==2.14.1
+TORCHVISION_PIN := torchvision==0.29.1
+# Triton runs the GPU kernels' tests on CPU through its interpreter; torch 2.14.1 requires triton~=3.8.0.
+TRITON_PIN := triton==3.8.0
 
 .PHONY: install data test demo results clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TORCHVISION_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN) $(TORCHVISION_PIN) $(TRITON_PIN)
 	touch $@
 
 install: $(VENV)/.installed

@@ -26,6 +26,14 @@ from .modules import (
     IBRMSNorm,
     SyncIBBatchNorm,
 )
+from .timm_counterparts import (
+    IBBatchNormAct2d,
+    IBGroupNormAct,
+    IBLayerNorm2d,
+    IBLayerNormAct,
+    IBLayerNormAct2d,
+    SyncIBBatchNormAct,
+)
 
 __version__ = "0.1.0"
 
@@ -52,6 +60,12 @@ __all__ = [
     "IBBatchNorm3d",
     "SyncIBBatchNorm",
     "IBGroupNorm",
+    "IBLayerNorm2d",
+    "IBBatchNormAct2d",
+    "SyncIBBatchNormAct",
+    "IBGroupNormAct",
+    "IBLayerNormAct",
+    "IBLayerNormAct2d",
     "convert_norms",
     "convert_sync_ibbatchnorm",
     "get_norm_layer",

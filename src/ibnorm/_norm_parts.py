@@ -17,6 +17,10 @@ class NormBase(nn.Module):
     """
 
     _optional_state: tuple[str, ...] = ()
+    #: which elements share statistics ("layer", "rms", "batch", "group"; "elementwise" for
+    #: DyT) and where the channels are: -1 (rows, features last) or 1 ((N, C, *) input)
+    grouping: str = ""
+    channel_dim: int = -1
 
     def _init_affine(self, shape: Sequence[int], affine: bool, bias: bool, factory_kwargs: dict[str, Any]) -> None:
         """``weight`` (and ``bias`` when ``bias``) of ``shape`` if ``affine``, else both None."""

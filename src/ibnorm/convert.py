@@ -1,38 +1,30 @@
 """Model surgery (``convert_norms``, ``convert_sync_ibbatchnorm``) and norm layers by name
-(``get_norm_layer``).
+(``get_norm_layer``), all read off the table of norms (:mod:`ibnorm.norms`).
 
 Conversion keeps the very same ``Parameter`` and buffer objects, the ``training`` flag,
 device and dtype, so optimizers built before conversion still hold the right tensors and
 the parent's ``state_dict`` keys are all still there (batch layers add their two
-``*_psi`` buffers). Only exact torch classes are converted: a subclass such as timm's
-``LayerNorm2d`` may change the forward (it permutes channels) and is reported as skipped.
+``*_psi`` buffers). A class whose forward adds to the norm (timm's ``LayerNorm2d``,
+``BatchNormAct2d``, ...) gets an IB counterpart that keeps that forward; a subclass the table
+does not know is reported as skipped.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
-import torch
 from torch import nn
 
+from ._norm_parts import NormBase
 from ._validation import check_lam, check_placement
 from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, available_compressions, get_compression
-from .modules import (
-    IBBatchNorm1d,
-    IBBatchNorm2d,
-    IBBatchNorm3d,
-    IBGroupNorm,
-    IBLayerNorm,
-    IBRMSNorm,
-    SyncIBBatchNorm,
-    _IBBatchNorm,
-)
+from .modules import _IBNorm
+from .norms import SYNCHRONIZED, NormSpec, factory_kwargs, find_norm, norm_layer_classes
 
-__all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "replace_modules", "ConversionRecord"]
+__all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "replace_modules", "norm_replacer", "ConversionRecord"]
 
 Selector = Union[str, type]
 
@@ -61,77 +53,33 @@ class ConversionRecord:
         return "\n".join(lines)
 
 
-def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
-    for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-        if tensor is not None and tensor.is_floating_point():
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
+#: ``counterpart(spec, args)``: the replacement built from a row and the module's
+#: hyper-parameters (with ``device``/``dtype``), or why this family has none.
+Counterpart = Callable[[NormSpec, dict[str, Any]], Union[nn.Module, str]]
 
 
-def _hf_rms_eps(module: nn.Module) -> Optional[float]:
-    for attr in ("variance_epsilon", "eps"):
-        value = getattr(module, attr, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def norm_replacer(counterpart: Counterpart) -> Callable[[nn.Module], Union[nn.Module, str, None]]:
+    """A ``build`` for :func:`replace_modules` that replaces the norm layers of the table.
 
-
-def _is_hf_style_rmsnorm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    weight = getattr(module, "weight", None)
-    return (
-        name.endswith("RMSNorm")
-        and not isinstance(module, nn.RMSNorm)
-        and isinstance(weight, nn.Parameter)
-        and _hf_rms_eps(module) is not None
-    )
-
-
-def _rmsnorm_mismatch(module: nn.Module) -> Optional[str]:
-    """Why a name-matched RMSNorm is not a drop-in for ``weight · x / rms(x)``, or None.
-
-    Some classes (Gemma's, Qwen3-Next's, ...) scale by ``1 + weight`` or take a gate; the
-    name cannot tell, so the module is run once on a probe input and compared.
+    Not a norm, or already an ibnorm layer: None (not a candidate). A row that no family can
+    replace (an unknown subclass, a frozen norm) or an instance its row's check rejects (a
+    Hugging Face RMSNorm that scales by ``1 + weight``): the reason. Otherwise
+    ``counterpart(spec, args)`` with ``args`` the row's hyper-parameters plus ``device`` and
+    ``dtype``.
     """
-    params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
-    if len(params) != 1:
-        return "forward takes more than the input (gated or conditioned norm)"
-    weight = module.weight
-    if weight.device.type == "meta":
-        return "weights on the meta device: cannot check it is a plain RMSNorm"
-    probe = torch.randn(3, *weight.shape, generator=torch.Generator().manual_seed(0)).to(weight.device)
-    with torch.no_grad():
-        out = module(probe.to(weight.dtype)).float()
-        expected = torch.nn.functional.rms_norm(probe, tuple(weight.shape), weight.float(), _hf_rms_eps(module))
-    if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
-        return "its forward is not weight · x / rms(x) (e.g. it scales by 1 + weight)"
-    return None
 
+    def build(module: nn.Module) -> Union[nn.Module, str, None]:
+        spec = find_norm(module)
+        if spec is None or isinstance(module, NormBase):
+            return None
+        if spec.args is None:
+            return spec.why_not
+        reason = spec.check(module) if spec.check is not None else None
+        if reason is not None:
+            return reason
+        return counterpart(spec, {**spec.args(module), **factory_kwargs(module)})
 
-def _build_replacement(module: nn.Module, ib: dict[str, Any]) -> Optional[nn.Module]:
-    """A new IB layer with ``module``'s hyper-parameters, or None if the type is not handled."""
-    kind = type(module)
-    fk = _factory_kwargs(module)
-    if kind is nn.LayerNorm:
-        return IBLayerNorm(
-            module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None, **fk, **ib
-        )
-    if kind is nn.RMSNorm:
-        return IBRMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, **fk, **ib)
-    if kind is nn.GroupNorm:
-        return IBGroupNorm(
-            module.num_groups, module.num_channels, module.eps, module.affine, **fk, bias=module.bias is not None, **ib
-        )
-    batch = {nn.BatchNorm1d: IBBatchNorm1d, nn.BatchNorm2d: IBBatchNorm2d, nn.BatchNorm3d: IBBatchNorm3d}
-    if kind in batch or kind is nn.SyncBatchNorm:
-        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        extra = {"bias": module.bias is not None, **ib}
-        if kind is nn.SyncBatchNorm:
-            return SyncIBBatchNorm(*args, module.process_group, **fk, **extra)
-        return batch[kind](*args, **fk, **extra)
-    if _is_hf_style_rmsnorm(module):
-        return IBRMSNorm(tuple(module.weight.shape), _hf_rms_eps(module), True, **fk, **ib)
-    return None
+    return build
 
 
 def _move_state(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -177,11 +125,13 @@ def convert_norms(
 ) -> tuple[nn.Module, ConversionRecord]:
     """Replace every normalization layer of ``model`` by its IBNorm counterpart, in place.
 
-    Converted: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm1d/2d/3d``,
-    ``nn.SyncBatchNorm``, ``nn.GroupNorm`` (exact classes) and any module whose class name
-    ends in ``RMSNorm`` with a ``weight`` Parameter and an ``eps``/``variance_epsilon``
-    (Hugging Face LLaMA style) whose forward, run once on a probe input, is
-    ``weight · x / rms(x)``; others (``1 + weight`` scaling, gated norms) are skipped.
+    Converted: every row of the table (:mod:`ibnorm.norms`) with an IB counterpart:
+    ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``,
+    ``nn.GroupNorm``; Hugging Face RMSNorms (LLaMA style) whose forward, run once on a probe
+    input, is ``weight · x / rms(x)``; timm's ``LayerNorm``, ``LayerNorm2d``, ``RmsNorm``,
+    ``GroupNorm(1)``, ``BatchNormAct2d``, ``GroupNormAct``, ... (the counterpart keeps the
+    source's permute or drop + activation). Every other norm the table knows (InstanceNorm,
+    ``1 + weight`` RMSNorms, unknown subclasses) is listed in ``record.skipped`` with why.
     ``include``/``exclude`` take fnmatch patterns over qualified module names
     (``"transformer.h.*.ln_1"``) or classes; a match selects the module and everything
     under it (``exclude=["transformer.h.0"]`` keeps that whole block as it is).
@@ -200,16 +150,10 @@ def convert_norms(
         "placement": check_placement(placement),
     }
 
-    def build(module: nn.Module) -> Union[nn.Module, str, None]:
-        mismatch = _rmsnorm_mismatch(module) if _is_hf_style_rmsnorm(module) else None
-        if mismatch is not None:
-            return mismatch
-        new = _build_replacement(module, ib)
-        if new is None and isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-            return "subclass of a torch norm with its own forward"
-        return new
+    def ib_counterpart(spec: NormSpec, args: dict[str, Any]) -> Union[nn.Module, str]:
+        return spec.ib(**args, **ib) if spec.ib is not None else spec.why_not
 
-    return replace_modules(model, build, include=include, exclude=exclude)
+    return replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
 
 
 def replace_modules(
@@ -264,45 +208,37 @@ def replace_modules(
 
 
 def convert_sync_ibbatchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
-    """Turn every ``IBBatchNorm1d/2d/3d`` into :class:`SyncIBBatchNorm` (for DDP), keeping
-    Parameters, buffers, λ and the training flag; returns a new root if the root was one."""
-    if isinstance(module, _IBBatchNorm) and not isinstance(module, SyncIBBatchNorm):
-        new = SyncIBBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            **_factory_kwargs(module),
-            bias=module.bias is not None,
-            compression=module.compression,
-            lam=module.lam_value(),
-            learnable_lam=module.learnable_lam,
-            placement=module.placement,
+    """Turn every IB batch layer (``IBBatchNorm1d/2d/3d``, ``IBBatchNormAct2d``) into its
+    synchronized counterpart (``SyncIBBatchNorm``, ``SyncIBBatchNormAct``) for DDP, keeping
+    Parameters, buffers, λ, drop and act and the training flag; returns a new root if the
+    root was one."""
+
+    def build(layer: nn.Module) -> Optional[nn.Module]:
+        if type(layer) not in SYNCHRONIZED:
+            return None
+        sync, args = SYNCHRONIZED[type(layer)]
+        return sync(
+            **args(layer),
+            process_group=process_group,
+            **factory_kwargs(layer),
+            bias=layer.bias is not None,
+            **_ib_options(layer),
         )
-        return _move_state(module, new)
-    for name, child in list(module.named_children()):
-        new_child = convert_sync_ibbatchnorm(child, process_group)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+
+    return replace_modules(module, build)[0]
 
 
-_NORM_CLASSES: dict[str, type[nn.Module]] = {
-    "layernorm": IBLayerNorm,
-    "rmsnorm": IBRMSNorm,
-    "batchnorm": IBBatchNorm2d,
-    "batchnorm1d": IBBatchNorm1d,
-    "batchnorm2d": IBBatchNorm2d,
-    "batchnorm3d": IBBatchNorm3d,
-    "syncbatchnorm": SyncIBBatchNorm,
-    "groupnorm": IBGroupNorm,
-}
+def _ib_options(layer: _IBNorm) -> dict[str, Any]:
+    return {
+        "compression": layer.compression,
+        "lam": layer.lam_value(),
+        "learnable_lam": layer.learnable_lam,
+        "placement": layer.placement,
+    }
 
 
 def _norm_layer_names() -> list[str]:
-    return [f"ib_{kind}[_<compression>[_<placement>]]" for kind in _NORM_CLASSES] + [
+    return [f"ib_{kind}[_<compression>[_<placement>]]" for kind in norm_layer_classes()] + [
         f"compression one of {available_compressions()}",
         f"placement one of {list(PLACEMENTS)}",
     ]
@@ -332,7 +268,8 @@ def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[...,
     if key.startswith("ib_"):
         kind, _, rest = key[3:].partition("_")
         family, _, placement = rest.rpartition("_") if rest.endswith(PLACEMENTS) else (rest, "", "")
-        if kind in _NORM_CLASSES:
+        classes = norm_layer_classes()
+        if kind in classes:
             options = {}
             try:
                 if family:
@@ -342,7 +279,7 @@ def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[...,
             except ValueError:
                 options = None
             if options == {}:
-                return _NORM_CLASSES[kind]
+                return classes[kind]
             if options:
-                return functools.partial(_NORM_CLASSES[kind], **options)
+                return functools.partial(classes[kind], **options)
     raise ValueError(f"norm_layer={norm_layer!r} is not a known name; accepted: {_norm_layer_names()}")

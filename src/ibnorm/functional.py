@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._running_stats import unbiased_variance, update_running
 from ._validation import (
     check_affine_shape,
     check_eps,
@@ -319,12 +320,8 @@ def _update_running_stats(
     norm by that factor). With the centered placement u = ψ(x − μ) keeps x's units and,
     like x, its variance is stored unbiased (at λ → 0 it is x's, and eval is BatchNorm's).
     """
-    unbiased = count / (count - 1)
     var_psi = stats.var_psi
     if var_psi is not None and placement == "centered":
-        var_psi = var_psi * unbiased
-    batch = (stats.mean, stats.var * unbiased, stats.mean_psi, var_psi)
-    with torch.no_grad():
-        for running, value in zip(buffers, batch):
-            if running is not None and value is not None:
-                running.lerp_(value.detach().reshape(-1).to(running.dtype), momentum)
+        var_psi = unbiased_variance(var_psi, count)
+    batch = (stats.mean, unbiased_variance(stats.var, count), stats.mean_psi, var_psi)
+    update_running(zip(buffers, batch), momentum)

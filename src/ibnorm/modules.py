@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as IBF
 from ._norm_parts import NormBase
+from ._running_stats import count_batch
 from ._validation import check_eps, check_lam, check_momentum, check_placement, check_positive_int, normalize_shape
 from .compression import (
     DEFAULT_COMPRESSION,
@@ -121,6 +122,9 @@ class IBLayerNorm(_IBNorm):
     last ``len(normalized_shape)`` dims (see :mod:`ibnorm.functional`).
     """
 
+    grouping = "layer"
+    channel_dim = -1
+
     def __init__(
         self,
         normalized_shape: _shape_t,
@@ -167,6 +171,9 @@ class IBRMSNorm(_IBNorm):
     ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
     """
 
+    grouping = "rms"
+    channel_dim = -1
+
     def __init__(
         self,
         normalized_shape: _shape_t,
@@ -208,6 +215,9 @@ class IBRMSNorm(_IBNorm):
 
 class IBGroupNorm(_IBNorm):
     """IBNorm with group grouping; a drop-in for :class:`torch.nn.GroupNorm`."""
+
+    grouping = "group"
+    channel_dim = 1
 
     def __init__(
         self,
@@ -263,6 +273,9 @@ class _IBBatchNorm(_IBNorm):
     Deliberately not a subclass of ``torch.nn.modules.batchnorm._BatchNorm``: torch's
     ``convert_sync_batchnorm`` would silently turn it into a plain ``SyncBatchNorm``.
     """
+
+    grouping = "batch"
+    channel_dim = 1
 
     _optional_state = ("lam_raw", "running_mean_psi", "running_var_psi")
     _input_dims: tuple[int, ...] = ()
@@ -338,12 +351,8 @@ class _IBBatchNorm(_IBNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # Same bookkeeping as torch's _BatchNorm.forward: momentum=None is a cumulative average.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        # the weight of this batch in the running averages; nothing is updated outside training
+        factor = count_batch(self.momentum, self.num_batches_tracked) if self.training and self.track_running_stats else 0.0
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return IBF.ib_batch_norm(

@@ -7,9 +7,10 @@ active, each call of a chosen layer turns the layer's output (for the ``norm_in`
 first tensor input) into a 2-D float32 CPU tensor ``(rows, units)`` and appends it.
 
 **Units and rows.** A layer's output has a batch dimension first (dimension 0) and a
-*channel* dimension: dimension 1 for channel-first norms (BatchNorm, GroupNorm,
-InstanceNorm and their IB/NormalNorm versions), the last dimension for feature-last norms
-(LayerNorm, RMSNorm, IBLayerNorm, IBRMSNorm, NormalLayerNorm, DyT, HF ``*RMSNorm``). The
+*channel* dimension, read from the table of norms (:mod:`ibnorm.norms`): dimension 1 for
+channel-first norms (BatchNorm, GroupNorm, InstanceNorm, timm's ``LayerNorm2d`` and their IB/
+NormalNorm versions), the last dimension for feature-last norms (LayerNorm, RMSNorm,
+IBLayerNorm, IBRMSNorm, NormalLayerNorm, DyT, HF ``*RMSNorm``). The
 remaining dimensions are *positions* (spatial positions of a feature map, tokens of a
 sequence). ``spatial`` says what happens to them:
 
@@ -78,6 +79,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from ..norms import find_norm
+
 __all__ = [
     "ActivationCapture",
     "capture_activations",
@@ -120,35 +123,19 @@ _BLOCK_CONTAINER_NAMES = ("h", "layers", "blocks")
 LayerSelector = Union[None, str, type, Callable[[str, nn.Module], bool], Sequence[Union[str, type]]]
 
 
-def _norm_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(channel-first norm classes, feature-last norm classes)."""
-    from torch.nn.modules.batchnorm import _NormBase
-
-    from ..baselines import DyT, NormalBatchNorm, NormalLayerNorm
-    from ..modules import IBGroupNorm, IBLayerNorm, IBRMSNorm, _IBBatchNorm, _IBNorm
-
-    channel_first = (_NormBase, nn.GroupNorm, _IBBatchNorm, IBGroupNorm, NormalBatchNorm)
-    feature_last = (nn.LayerNorm, nn.RMSNorm, IBLayerNorm, IBRMSNorm, NormalLayerNorm, DyT, _IBNorm)
-    return channel_first, feature_last
-
-
-def _is_hf_rmsnorm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm")
-
-
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for torch's norms (BatchNorm*, SyncBatchNorm, InstanceNorm*, LayerNorm, RMSNorm,
-    GroupNorm), every IB layer (:class:`ibnorm.modules._IBNorm` subclasses), the baselines
-    (NormalBatchNorm, NormalLayerNorm, DyT) and any class whose name ends with ``RMSNorm``
-    (the ``transformers`` ones, e.g. ``LlamaRMSNorm``)."""
-    channel_first, feature_last = _norm_classes()
-    return isinstance(module, channel_first + feature_last) or _is_hf_rmsnorm(module)
+    """True for every normalization layer of the table of norms (:func:`ibnorm.norms.find_norm`):
+    torch's (BatchNorm*, SyncBatchNorm, InstanceNorm*, LayerNorm, RMSNorm, GroupNorm and their
+    subclasses), Hugging Face RMSNorms (e.g. ``LlamaRMSNorm``), timm's once timm is imported,
+    every IB layer and the baselines (NormalBatchNorm, NormalLayerNorm, DyT)."""
+    return find_norm(module) is not None
 
 
 def channel_dim(module: nn.Module) -> int:
-    """1 for channel-first norms (batch and group grouping), -1 for the others."""
-    channel_first, _ = _norm_classes()
-    return 1 if isinstance(module, channel_first) else -1
+    """The channel dim of a norm layer, from the table: 1 for ``(N, C, *)`` input (batch and
+    group grouping, timm's ``LayerNorm2d``), -1 for rows (LayerNorm, RMSNorm, DyT)."""
+    spec = find_norm(module)
+    return -1 if spec is None else spec.channel_dim
 
 
 def norm_layer_names(model: nn.Module) -> list[str]:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from .._validation import check_floating, check_trailing_shape, normalize_shape
 from .._norm_parts import NormBase
-from ..convert import ConversionRecord, Selector, _factory_kwargs, replace_modules
+from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
+from ..norms import NormSpec
 
 __all__ = ["DyT", "convert_to_dyt"]
 
@@ -45,6 +46,9 @@ class DyT(NormBase):
     value). The input must end with ``normalized_shape``. Half-precision inputs are computed in
     float32; the output has the input's dtype.
     """
+
+    grouping = "elementwise"
+    channel_dim = -1
 
     _optional_state = ("alpha",)
 
@@ -86,23 +90,22 @@ class DyT(NormBase):
         return f"{self.normalized_shape}, alpha_init={self.alpha_init}, elementwise_affine={self.elementwise_affine}"
 
 
-def _dyt_builder(alpha_init: float):
-    def build(module: nn.Module) -> Union[nn.Module, str, None]:
-        if type(module) is nn.LayerNorm:
-            return DyT(
-                module.normalized_shape,
-                alpha_init,
-                module.elementwise_affine,
-                module.bias is not None,
-                **_factory_kwargs(module),
-            )
-        if isinstance(module, nn.LayerNorm):
-            return "subclass of a torch norm with its own forward"
-        if isinstance(module, (nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+def _dyt_counterpart(alpha_init: float):
+    def counterpart(spec: NormSpec, args: dict) -> Union[nn.Module, str]:
+        if spec.adds is not None:
+            return f"DyT has no counterpart that keeps {spec.adds}"
+        if spec.grouping != "layer" or spec.channel_dim != -1:
             return "DyT replaces LayerNorm only"
-        return None
+        return DyT(
+            args["normalized_shape"],
+            alpha_init,
+            args["elementwise_affine"],
+            args["bias"],
+            device=args.get("device"),
+            dtype=args.get("dtype"),
+        )
 
-    return build
+    return counterpart
 
 
 def convert_to_dyt(
@@ -112,13 +115,16 @@ def convert_to_dyt(
     exclude: Optional[Iterable[Selector]] = None,
     alpha_init: float = 0.5,
 ) -> tuple[nn.Module, ConversionRecord]:
-    """Replace every ``nn.LayerNorm`` (exact class) of ``model`` by :class:`DyT`, in place.
+    """Replace every row LayerNorm of ``model`` (``nn.LayerNorm``, timm's ``LayerNorm``; read
+    from the table of norms, :mod:`ibnorm.norms`) by :class:`DyT`, in place.
 
     The LayerNorm's very ``weight`` and ``bias`` Parameters become the DyT's (not
     re-initialised), with the ``training`` flag, device and dtype; ``alpha`` starts at
     ``alpha_init``; LayerNorm's ``eps`` has no counterpart. ``include``/``exclude`` select
     subtrees as in :func:`ibnorm.convert_norms`. Returns ``(model, record)``; ``model`` is a new
-    object only when ``model`` itself was a LayerNorm. LayerNorm subclasses and other torch
-    norms (RMSNorm, GroupNorm, BatchNorm) are left as they are and listed in ``record.skipped``.
+    object only when ``model`` itself was a LayerNorm. Other norms (RMSNorm, GroupNorm,
+    BatchNorm, timm's ``LayerNorm2d``) and unknown LayerNorm subclasses are left as they are
+    and listed in ``record.skipped``.
     """
-    return replace_modules(model, _dyt_builder(_check_alpha_init(alpha_init)), include=include, exclude=exclude)
+    counterpart = _dyt_counterpart(_check_alpha_init(alpha_init))
+    return replace_modules(model, norm_replacer(counterpart), include=include, exclude=exclude)

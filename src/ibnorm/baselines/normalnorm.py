@@ -69,7 +69,9 @@ from .._validation import (
     normalize_shape,
 )
 from .._norm_parts import NormBase
-from ..convert import ConversionRecord, Selector, _factory_kwargs, replace_modules
+from .._running_stats import count_batch, unbiased_variance, update_running
+from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
+from ..norms import NormSpec
 
 __all__ = [
     "NormalBatchNorm",
@@ -216,6 +218,9 @@ class NormalBatchNorm(_NormalNorm):
     for batch grouping; ``xi=0`` turns the noise off.
     """
 
+    grouping = "batch"
+    channel_dim = 1
+
     _version = 2
     _optional_state = ("running_lam",)
 
@@ -303,14 +308,10 @@ class NormalBatchNorm(_NormalNorm):
             u = u * self.weight.to(x.dtype).reshape(stat_shape) + self.bias.to(x.dtype).reshape(stat_shape)
         return u.reshape(input.shape).to(input.dtype)
 
-    @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, lam: Tensor, count: int) -> None:
-        # Same bookkeeping as torch's _BatchNorm: momentum=None is a cumulative average.
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (count / (count - 1))
-        for buffer, batch in ((self.running_mean, mean), (self.running_var, unbiased), (self.running_lam, lam)):
-            buffer.mul_(1 - factor).add_(batch.reshape(-1).to(buffer.dtype), alpha=factor)
+        factor = count_batch(self.momentum, self.num_batches_tracked)
+        pairs = ((self.running_mean, mean), (self.running_var, unbiased_variance(var, count)), (self.running_lam, lam))
+        update_running(pairs, factor)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -342,6 +343,9 @@ class NormalLayerNorm(_NormalNorm):
     paper's value for layer grouping. A torch LayerNorm ``state_dict`` loads with
     ``strict=True``.
     """
+
+    grouping = "layer"
+    channel_dim = -1
 
     def __init__(
         self,
@@ -385,37 +389,18 @@ class NormalLayerNorm(_NormalNorm):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, xi={self.xi}"
 
 
-_BATCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _build_normalnorm(module: nn.Module) -> Union[nn.Module, str, None]:
-    kind = type(module)
-    if kind in _BATCH_CLASSES:
-        return NormalBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            **_factory_kwargs(module),
-            xi=0.4,
-        )
-    if kind is nn.LayerNorm:
-        return NormalLayerNorm(
-            module.normalized_shape,
-            module.eps,
-            module.elementwise_affine,
-            module.bias is not None,
-            **_factory_kwargs(module),
-            xi=1.0,
-        )
-    if isinstance(module, nn.SyncBatchNorm):
-        return "NormalBatchNorm has no synchronized variant"
-    if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-        return "subclass of a torch norm with its own forward"
-    if isinstance(module, (nn.GroupNorm, nn.RMSNorm)):
-        return "NormalNorm is implemented for batch and layer grouping only"
-    return None
+def _normalnorm_counterpart(spec: NormSpec, args: dict) -> Union[nn.Module, str]:
+    """NormalBatchNorm (ξ = 0.4) for batch grouping over (N, C, *), NormalLayerNorm (ξ = 1.0)
+    for layer grouping over rows; a norm whose forward adds to the plain one keeps no counterpart."""
+    if spec.adds is not None:
+        return f"NormalNorm has no counterpart that keeps {spec.adds}"
+    if spec.grouping == "batch" and spec.channel_dim == 1:
+        if "process_group" in args:
+            return "NormalBatchNorm has no synchronized variant"
+        return NormalBatchNorm(**args, xi=0.4)
+    if spec.grouping == "layer" and spec.channel_dim == -1:
+        return NormalLayerNorm(**args, xi=1.0)
+    return "NormalNorm is implemented for batch and layer grouping only"
 
 
 def convert_to_normalnorm(
@@ -424,13 +409,17 @@ def convert_to_normalnorm(
     include: Optional[Iterable[Selector]] = None,
     exclude: Optional[Iterable[Selector]] = None,
 ) -> tuple[nn.Module, ConversionRecord]:
-    """Replace ``nn.BatchNorm1d/2d/3d`` by :class:`NormalBatchNorm` (ξ = 0.4) and
-    ``nn.LayerNorm`` by :class:`NormalLayerNorm` (ξ = 1.0), in place (exact classes only).
+    """Replace every batch norm over ``(N, C, *)`` (``nn.BatchNorm1d/2d/3d``) by
+    :class:`NormalBatchNorm` (ξ = 0.4) and every row LayerNorm (``nn.LayerNorm``, timm's
+    ``LayerNorm``) by :class:`NormalLayerNorm` (ξ = 1.0), in place; which classes those are is
+    read from the table of norms (:mod:`ibnorm.norms`).
 
     The very same Parameters and buffers, the ``training`` flag, device and dtype are kept
     (nothing is re-initialised; ``running_lam`` starts at 1). ``include``/``exclude`` select
     subtrees as in :func:`ibnorm.convert_norms`. Returns ``(model, record)``; ``model`` is a
-    new object only when ``model`` itself was a norm layer. Subclasses, ``SyncBatchNorm``,
-    ``GroupNorm`` and ``RMSNorm`` are left as they are and listed in ``record.skipped``.
+    new object only when ``model`` itself was a norm layer. ``SyncBatchNorm``, ``GroupNorm``,
+    ``RMSNorm``, norms whose forward adds to the plain one (timm's ``LayerNorm2d``,
+    ``BatchNormAct2d``) and unknown subclasses are left as they are and listed in
+    ``record.skipped``.
     """
-    return replace_modules(model, _build_normalnorm, include=include, exclude=exclude)
+    return replace_modules(model, norm_replacer(_normalnorm_counterpart), include=include, exclude=exclude)

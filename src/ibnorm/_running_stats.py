@@ -1,0 +1,45 @@
+"""Running statistics of batch grouping, kept as torch's ``_BatchNorm`` keeps them.
+
+Each training step with ``track_running_stats`` counts one batch in ``num_batches_tracked``
+(a long tensor) and moves every running buffer toward the batch value::
+
+    running ← (1 − f) · running + f · batch
+    f = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average)
+
+The variance of x is stored unbiased, ``var · n / (n − 1)`` for ``n`` values per channel.
+Used by the IB batch layers, :func:`ibnorm.functional.ib_batch_norm` and NormalNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+
+def count_batch(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
+    """Count one training batch in ``num_batches_tracked`` (in place, when it is a tensor)
+    and return the weight ``f`` of this batch in the running average: ``momentum``, or
+    ``1 / num_batches_tracked`` when ``momentum`` is None."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        return 0.0
+    return 1.0 / float(num_batches_tracked)
+
+
+def unbiased_variance(var: Tensor, count: int) -> Tensor:
+    """``var · n / (n − 1)``: the unbiased estimate from the biased variance of ``n = count`` values."""
+    return var * (count / (count - 1))
+
+
+@torch.no_grad()
+def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], factor: float) -> None:
+    """``running ← (1 − factor) · running + factor · batch`` for each ``(running, batch)``
+    pair where both are given; ``batch`` is detached, flattened and cast to the buffer's dtype."""
+    for running, batch in pairs:
+        if running is not None and batch is not None:
+            running.lerp_(batch.detach().reshape(-1).to(running.dtype), factor)
