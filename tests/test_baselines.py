@@ -363,7 +363,7 @@ def test_convert_to_dyt_keeps_parameters_and_batchnorm_eval_output():
     assert model.seq[1].bias is None and model.seq[1].alpha.dtype == torch.float64 and model.seq[1].alpha.item() == 0.5
     assert_state_kept(model, before, ["seq.1"])
     skipped = dict((row[0], row[2]) for row in record.skipped)
-    assert skipped["stem.1"] == "DyT replaces LayerNorm only" and "subclass" in skipped["sub"]
+    assert skipped["stem.1"] == "DyT replaces row LayerNorm and RMSNorm only" and "subclass" in skipped["sub"]
     ln = nn.LayerNorm(8)
     root, _ = convert_to_dyt(ln, alpha_init=1.5)
     assert type(root) is DyT and root.weight is ln.weight and root.bias is ln.bias and root.alpha.item() == 1.5

@@ -285,9 +285,16 @@ def test_baselines_replace_by_grouping_from_the_table():
         "2": "NormalNorm is implemented for batch and layer grouping only",
         "5": "NormalNorm is implemented for batch and layer grouping only",
     }
-    _, record = convert_to_dyt(copy.deepcopy(model))
-    assert [(n, new) for n, _, new in record.converted] == [("4", "DyT")]
-    assert {why for _, _, why in record.skipped} == {"DyT replaces LayerNorm only"}
+    converted, record = convert_to_dyt(copy.deepcopy(model))
+    assert [(n, new) for n, _, new in record.converted] == [("4", "DyT"), ("5", "DyT")]
+    assert {why for _, _, why in record.skipped} == {"DyT replaces row LayerNorm and RMSNorm only"}
+    # the RMSNorm's DyT: γ·tanh(α·x), its very weight and no bias
+    rms_dyt = converted[5]
+    assert rms_dyt.weight is not None and rms_dyt.bias is None
+    with torch.no_grad():
+        rms_dyt.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(rms_dyt(x), rms_dyt.weight * torch.tanh(0.5 * x))
 
 
 def test_convert_sync_keeps_drop_and_act():

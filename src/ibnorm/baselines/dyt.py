@@ -94,13 +94,13 @@ def _dyt_counterpart(alpha_init: float):
     def counterpart(spec: NormSpec, args: dict) -> Union[nn.Module, str]:
         if spec.adds is not None:
             return f"DyT has no counterpart that keeps {spec.adds}"
-        if spec.grouping != "layer" or spec.channel_dim != -1:
-            return "DyT replaces LayerNorm only"
+        if spec.grouping not in ("layer", "rms") or spec.channel_dim != -1:
+            return "DyT replaces row LayerNorm and RMSNorm only"
         return DyT(
             args["normalized_shape"],
             alpha_init,
             args["elementwise_affine"],
-            args["bias"],
+            args.get("bias", False),  # an RMSNorm has no shift, so its DyT gets none
             device=args.get("device"),
             dtype=args.get("dtype"),
         )
@@ -115,16 +115,17 @@ def convert_to_dyt(
     exclude: Optional[Iterable[Selector]] = None,
     alpha_init: float = 0.5,
 ) -> tuple[nn.Module, ConversionRecord]:
-    """Replace every row LayerNorm of ``model`` (``nn.LayerNorm``, timm's ``LayerNorm``; read
-    from the table of norms, :mod:`ibnorm.norms`) by :class:`DyT`, in place.
+    """Replace every row LayerNorm and RMSNorm of ``model`` (``nn.LayerNorm``, ``nn.RMSNorm``,
+    timm's ``LayerNorm``/``RmsNorm``, Hugging Face RMSNorms; read from the table of norms,
+    :mod:`ibnorm.norms`) by :class:`DyT`, in place, as the DyT paper does in ViTs and LLaMA.
 
-    The LayerNorm's very ``weight`` and ``bias`` Parameters become the DyT's (not
-    re-initialised), with the ``training`` flag, device and dtype; ``alpha`` starts at
-    ``alpha_init``; LayerNorm's ``eps`` has no counterpart. ``include``/``exclude`` select
+    The norm's very ``weight`` and ``bias`` Parameters become the DyT's (not re-initialised;
+    an RMSNorm's DyT has no bias), with the ``training`` flag, device and dtype; ``alpha``
+    starts at ``alpha_init``; ``eps`` has no counterpart. ``include``/``exclude`` select
     subtrees as in :func:`ibnorm.convert_norms`. Returns ``(model, record)``; ``model`` is a new
-    object only when ``model`` itself was a LayerNorm. Other norms (RMSNorm, GroupNorm,
-    BatchNorm, timm's ``LayerNorm2d``) and unknown LayerNorm subclasses are left as they are
-    and listed in ``record.skipped``.
+    object only when ``model`` itself was a norm. Other norms (GroupNorm, BatchNorm, timm's
+    ``LayerNorm2d``) and unknown subclasses are left as they are and listed in
+    ``record.skipped``.
     """
     counterpart = _dyt_counterpart(_check_alpha_init(alpha_init))
     return replace_modules(model, norm_replacer(counterpart), include=include, exclude=exclude)
