@@ -13,7 +13,7 @@ TRITON_PIN := triton==3.9.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet -e '.[test,onnx,lab]' $(TORCH_PIN) $(TRITON_PIN)
 	touch $@
 
 install: $(VENV)/.installed

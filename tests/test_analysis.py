@@ -14,7 +14,6 @@ from ibnorm.analysis import (
     ActivationCapture,
     ActivationMonitor,
     activation_stats,
-    analyze_run,
     bin_activations,
     binned_mutual_information,
     capture_activations,
@@ -27,17 +26,17 @@ from ibnorm.analysis import (
     kernel_mutual_information,
     knn_mutual_information,
     knn_mutual_information_pairs,
-    main,
     mutual_information_discrete,
     mutual_information_from_joint,
     near_zero_fraction,
     norm_layer_names,
-    plot_information_plane,
-    plot_layer_stats,
     probe_mutual_information,
     tail_mass,
 )
 from ibnorm.baselines import DyT, NormalBatchNorm, NormalLayerNorm
+from ibnorm.lab.analysis_plots import plot_information_plane, plot_layer_stats
+from ibnorm.lab.analysis_run import analyze_run
+from ibnorm.lab.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -349,7 +348,7 @@ def test_information_plane_rows_and_plots():
 
 # =============================================================================== end to end
 def test_analyze_run_end_to_end(tmp_path, capsys):
-    from ibnorm.experiments.compare import make_plans, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
 
     plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=3, batch_size=16, eval_every=3, eval_items=100)
     results = run_plans(plans, tmp_path, progress=False)
@@ -376,8 +375,8 @@ def test_analyze_run_end_to_end(tmp_path, capsys):
 
     # the CLI entry on one run folder writes into that folder and says where
     run_dir = tmp_path / results[0]["run_dir"]
-    path = main([str(run_dir), "--max-examples", "64", "--no-progress", "--sites", "norm_out"])
-    assert path == run_dir.resolve() / "analysis.md" and path.exists()
-    assert str(path) in capsys.readouterr().out
+    main(["analyze", str(run_dir), "--max-examples", "64", "--no-progress", "--sites", "norm_out"])
+    path = run_dir.resolve() / "analysis.md"
+    assert path.exists() and f"analysis: {path} " in capsys.readouterr().out
     assert len((run_dir / "analysis.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "analysis.jsonl").read_text().splitlines()) == 8  # untouched

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ibnorm.cli import main
+from ibnorm.lab.cli import main
 
 
 def _error_exit(capsys, argv):
@@ -61,7 +61,7 @@ def test_missing_data_is_an_error_line_before_any_training(tmp_path, capsys):
 
 
 def test_default_arms_fit_every_task():
-    from ibnorm.experiments.arms import default_arms, parse_arm
+    from ibnorm.lab.experiments.arms import default_arms, parse_arm
 
     for parents, absent in (({"rms"}, {"normalnorm", "dyt"}), ({"batch"}, {"dyt"}), ({"layer"}, set()), ({"layer", "rms"}, {"normalnorm", "dyt"})):
         arms = default_arms(parents)

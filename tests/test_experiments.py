@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ibnorm.experiments import data as D
-from ibnorm.experiments.arms import DEFAULT_ARMS, parse_arm
-from ibnorm.experiments.compare import make_plans, read_results, run_plans, sweep_arms
-from ibnorm.experiments.report import summarize, write_report
-from ibnorm.experiments.tasks import get_task
-from ibnorm.experiments.train import INTERRUPT_ENV, TrainConfig, train_run
+from ibnorm.lab.experiments import data as D
+from ibnorm.lab.experiments.arms import DEFAULT_ARMS, parse_arm
+from ibnorm.lab.experiments.compare import make_plans, read_results, run_plans, sweep_arms
+from ibnorm.lab.experiments.report import summarize, write_report
+from ibnorm.lab.experiments.tasks import get_task
+from ibnorm.lab.experiments.train import INTERRUPT_ENV, TrainConfig, train_run
 
 
 def _fmnist_available() -> bool:

@@ -16,10 +16,10 @@ from typing import Optional
 
 from torch import nn
 
-from .._validation import check_lam, check_placement
-from ..baselines import convert_to_dyt, convert_to_normalnorm
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
-from ..convert import convert_norms
+from ibnorm._validation import check_lam, check_placement
+from ibnorm.baselines import convert_to_dyt, convert_to_normalnorm
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+from ibnorm.convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
 # a spec in a results file keeps its meaning when the default changes.
