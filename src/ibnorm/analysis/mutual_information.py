@@ -391,7 +391,7 @@ def _ksg(x: Tensor, y: Tensor, k: int) -> float:
     radius = _strictly_inside_kth_neighbour((x, y), k)
     nx = _count_within(x, radius) - 1
     ny = _count_within(y, radius) - 1
-    mi = _digamma(float(x.shape[0])) + _digamma(float(k)) - _digamma(nx + 1.0).mean() - _digamma(ny + 1.0).mean()
+    mi = _digamma(float(x.shape[0])) + _digamma(float(k)) - _digamma(nx + 1).mean() - _digamma(ny + 1).mean()
     return max(float(mi), 0.0)
 
 
