@@ -15,7 +15,7 @@ TRITON_PIN := triton==3.8.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN) $(TORCHVISION_PIN) $(TRITON_PIN)
-	$(PY) -m pip install --quiet -e '.[test,onnx,experiments]' $(TORCH_PIN) $(TORCHVISION_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet -e '.[test,onnx,lab]' $(TORCH_PIN) $(TORCHVISION_PIN) $(TRITON_PIN)
 	touch $@
 
 install: $(VENV)/.installed

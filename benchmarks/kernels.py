@@ -4,7 +4,9 @@ Same as `ibnorm bench`; writes benchmarks/results/{kernels,model_step}.csv and k
 Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kernels.py [--quick] [--models gpt2 llama resnet]
 """
 
-from ibnorm.benchmark import main
+import sys
+
+from ibnorm.lab.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["bench", *sys.argv[1:]])

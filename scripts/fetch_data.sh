@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the offline data sets of ibnorm.experiments into <repo>/.data, from Debian packages.
+# Fetch the offline data sets of ibnorm.lab.experiments into <repo>/.data, from Debian packages.
 #
 #   dataset-fashion-mnist -> .data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 #   r-cran-janeaustenr    -> .data/janeaustenr/ (the R package folder; data/Rdata.rdb holds the novels)

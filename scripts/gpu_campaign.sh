@@ -27,7 +27,7 @@ deadline=$((SECONDS + BUDGET))
 for entry in $ENTRIES; do
   left=$((deadline - SECONDS))
   [ "$left" -gt 30 ] || break
-  timeout --signal=INT "$left" python -m ibnorm.cli results --only "$entry" --device cuda --no-progress
+  timeout --signal=INT "$left" python -m ibnorm.lab.cli results --only "$entry" --device cuda --no-progress
   echo "gpu_campaign: $entry exited with $?"
 done
 

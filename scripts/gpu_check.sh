@@ -33,7 +33,7 @@ test_status=${PIPESTATUS[0]}
 echo "gpu_check: tests exited with $test_status"
 [ "$test_status" -eq 0 ] || status=1
 
-timeout 240 python -m ibnorm.cli bench --device cuda --groupings layer batch group rms --models --out "$RESULTS"
+timeout 240 python -m ibnorm.lab.cli bench --device cuda --groupings layer batch group rms --models --out "$RESULTS"
 bench_status=$?
 echo "gpu_check: benchmark exited with $bench_status"
 [ "$bench_status" -eq 0 ] || status=1

@@ -14,7 +14,6 @@ from ibnorm.analysis import (
     ActivationCapture,
     ActivationMonitor,
     activation_stats,
-    analyze_run,
     bin_activations,
     binned_mutual_information,
     capture_activations,
@@ -27,17 +26,18 @@ from ibnorm.analysis import (
     kernel_mutual_information,
     knn_mutual_information,
     knn_mutual_information_pairs,
-    main,
     mutual_information_discrete,
     mutual_information_from_joint,
     near_zero_fraction,
     norm_layer_names,
-    plot_information_plane,
-    plot_layer_stats,
     probe_mutual_information,
     tail_mass,
 )
+from ibnorm.analysis import student_t
 from ibnorm.baselines import DyT, NormalBatchNorm, NormalLayerNorm
+from ibnorm.lab.analysis_plots import plot_information_plane, plot_layer_stats
+from ibnorm.lab.analysis_run import analyze_run
+from ibnorm.lab.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,8 +63,7 @@ def _mixture_entropy_bits(centers, weights, var):
 # =============================================================================== estimators
 def test_knn_estimator_matches_jointly_gaussian_mi():
     # The noise/kernel estimator targets I(X; T + noise) of a deterministic T, not the MI of a
-    # continuous Gaussian pair, so this check uses scikit-learn's KSG kNN estimator.
-    pytest.importorskip("sklearn")
+    # continuous Gaussian pair, so this check uses the KSG kNN estimator.
     rng = np.random.default_rng(0)
     rhos = np.array([0.9, 0.7, 0.5])
     x = rng.standard_normal((2000, 3))
@@ -193,6 +192,104 @@ def test_kurtosis_matches_scipy_and_hoyer_extremes():
     summary = activation_stats(np.concatenate([gauss[:1000], np.zeros((1000, 1))], 1))
     assert summary["dead_fraction"] == pytest.approx(1 / 6) and abs(summary["kurtosis"]) < 0.3
     assert summary["n_examples"] == 1000 and summary["n_units"] == 6
+
+
+def _ksg_reference_nats(x, y, k):
+    """Kraskov et al. 2004, estimator 1, written from the paper with loops, on x and y each
+    divided by its (biased) standard deviation: ε_i the max-norm distance to the k-th
+    neighbour, n_x / n_y the other points strictly closer than ε_i in x / in y."""
+    from scipy.special import digamma
+
+    x, y = x / x.std(), y / y.std()
+    n = len(x)
+    nx, ny = np.empty(n), np.empty(n)
+    for i in range(n):
+        dx, dy = np.abs(x - x[i]), np.abs(y - y[i])
+        joint = np.maximum(dx, dy)
+        joint[i] = np.inf
+        eps = np.sort(joint)[k - 1]
+        nx[i], ny[i] = np.sum(dx < eps) - 1, np.sum(dy < eps) - 1
+    return max(0.0, digamma(n) + digamma(k) - digamma(nx + 1).mean() - digamma(ny + 1).mean())
+
+
+def _ross_reference_nats(c, labels, k):
+    """Ross 2014 with loops: per point of a label seen N_y ≥ 2 times, k_i = min(k, N_y − 1), d_i
+    the distance to its k_i-th neighbour of the same label, m_i the points (itself included)
+    strictly closer than d_i among all kept points."""
+    from scipy.special import digamma
+
+    counts = {v: int(np.sum(labels == v)) for v in np.unique(labels)}
+    keep = np.array([counts[v] > 1 for v in labels])
+    c, labels = c[keep], labels[keep]
+    terms = []
+    for i in range(len(c)):
+        same = np.abs(c[labels == labels[i]] - c[i])
+        k_i = min(k, counts[labels[i]] - 1)
+        d = np.sort(same)[k_i]  # index 0 is the point itself
+        m = np.sum(np.abs(c - c[i]) < d)
+        terms.append(digamma(k_i) - digamma(counts[labels[i]]) - digamma(m))
+    return max(0.0, digamma(len(c)) + float(np.mean(terms)))
+
+
+def test_knn_estimators_match_references_written_from_the_papers_and_scikit_learn():
+    """Continuous data (no ties: the 1e-10 jitter cannot reorder neighbours), the per-unit
+    values in bits equal the loop references above and scikit-learn's estimators. (Labels
+    seen a few times are left out of the scikit-learn check: for small groups it finds
+    neighbours by brute force from ‖a‖² + ‖b‖² − 2ab, whose rounding moves points across
+    the neighbour radius.)"""
+    feature_selection = pytest.importorskip("sklearn.feature_selection")
+    rng = np.random.default_rng(3)
+    n = 300
+    y = rng.integers(0, 4, n)
+    y[:3] = 7  # a rare label
+    y[3] = 9  # a label seen once: left out
+    x = np.stack([y + rng.standard_normal(n), rng.standard_normal(n) * 5, np.sin(y) + 0.3 * rng.exponential(size=n)], 1)
+    got = knn_mutual_information(x, y, n_neighbors=3)
+    reference = [_ross_reference_nats(x[:, u], y, 3) / math.log(2) for u in range(3)]
+    np.testing.assert_allclose(got, reference, rtol=1e-12, atol=1e-12)
+    common = slice(4, None)
+    sk = feature_selection.mutual_info_classif(x[common], y[common], discrete_features=False, n_neighbors=3, random_state=0)
+    np.testing.assert_allclose(knn_mutual_information(x[common], y[common], n_neighbors=3), sk / math.log(2), rtol=1e-9, atol=1e-12)
+
+    target = x[:, 0] + rng.standard_normal(n)
+    got = knn_mutual_information(x, target, discrete_target=False, n_neighbors=4)
+    reference = [_ksg_reference_nats(x[:, u], target, 4) / math.log(2) for u in range(3)]
+    np.testing.assert_allclose(got, reference, rtol=1e-12, atol=1e-12)
+    sk = feature_selection.mutual_info_regression(x, target, n_neighbors=4, random_state=0) / math.log(2)
+    np.testing.assert_allclose(got, sk, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        knn_mutual_information(x, y, n_neighbors=0)
+
+
+def test_quantile_bins_equal_numpys_quantiles_with_ties():
+    """Equal-mass bin edges are numpy's (linear) quantiles value for value, so tied values
+    (ReLU zeros, repeated levels) fall in the same bins as with ``np.searchsorted``."""
+    rng = np.random.default_rng(5)
+    for n, n_bins in ((7, 3), (100, 30), (391, 30), (50, 1)):
+        t = np.maximum(rng.standard_normal((n, 4)), 0)
+        t[:, 3] = rng.integers(0, 3, n)
+        edges = np.quantile(t, np.arange(1, n_bins) / n_bins, axis=0)
+        reference = np.stack([np.searchsorted(edges[:, u], t[:, u], side="right") for u in range(4)], 1)
+        np.testing.assert_array_equal(bin_activations(t, n_bins, "quantile").numpy(), reference)
+
+
+def test_student_t_against_closed_forms_and_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for t in (0.0, 1e-8, 0.3, 1.0, 4.3, 12.7, 1e3, -2.0):
+        # ν = 1 (Cauchy) and ν = 2 have closed forms
+        assert student_t.sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-13)
+        assert student_t.sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-13)
+    for df in (1, 2, 3, 4, 7, 29, 100, 2.5):
+        for t in (-3.0, 0.2, 1.0, 2.5, 6.0, 40.0):
+            assert student_t.sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-10)
+        for q in (0.025, 0.3, 0.6, 0.9, 0.975, 0.995, 1 - 1e-9):
+            assert student_t.ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-10)
+            assert student_t.sf(-student_t.ppf(q, df), df) == pytest.approx(q, rel=1e-12)
+    assert student_t.ppf(0.5, 3) == 0.0 and student_t.sf(math.inf, 3) == 0.0
+    with pytest.raises(ValueError, match="q must lie in"):
+        student_t.ppf(1.0, 3)
+    with pytest.raises(ValueError, match="df must be"):
+        student_t.sf(1.0, 0)
 
 
 # =============================================================================== hooks
@@ -349,7 +446,7 @@ def test_information_plane_rows_and_plots():
 
 # =============================================================================== end to end
 def test_analyze_run_end_to_end(tmp_path, capsys):
-    from ibnorm.experiments.compare import make_plans, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
 
     plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=3, batch_size=16, eval_every=3, eval_items=100)
     results = run_plans(plans, tmp_path, progress=False)
@@ -376,8 +473,8 @@ def test_analyze_run_end_to_end(tmp_path, capsys):
 
     # the CLI entry on one run folder writes into that folder and says where
     run_dir = tmp_path / results[0]["run_dir"]
-    path = main([str(run_dir), "--max-examples", "64", "--no-progress", "--sites", "norm_out"])
-    assert path == run_dir.resolve() / "analysis.md" and path.exists()
-    assert str(path) in capsys.readouterr().out
+    main(["analyze", str(run_dir), "--max-examples", "64", "--no-progress", "--sites", "norm_out"])
+    path = run_dir.resolve() / "analysis.md"
+    assert path.exists() and f"analysis: {path} " in capsys.readouterr().out
     assert len((run_dir / "analysis.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "analysis.jsonl").read_text().splitlines()) == 8  # untouched

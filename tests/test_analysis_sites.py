@@ -9,16 +9,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from ibnorm.analysis import (
-    SITES,
-    ActivationCapture,
-    analyze_run,
-    capture_activations,
-    find_sites,
-    paired_difference,
-    site_comparison,
-)
-from ibnorm.analysis.run_analysis import _site_markdown
+from ibnorm.analysis import SITES, ActivationCapture, capture_activations, find_sites, paired_difference
+from ibnorm.lab.analysis_run import _site_markdown, analyze_run, site_comparison
 
 ALL = dict(max_units=None, max_examples=None)
 
@@ -117,7 +109,7 @@ def test_residual_blocks_and_functional_activations():
     # an activation applied with torch.relu in forward has no module: reported, not skipped
     functional = find_sites(_Tower(functional=True))
     assert functional.modules["act_out"] == [] and "functionally" in functional.unavailable["act_out"]
-    from ibnorm.experiments.models import SmallResNet
+    from ibnorm.lab.experiments.models import SmallResNet
 
     resnet = find_sites(SmallResNet())
     assert [n for n, _ in resnet.modules["block_out"]] == ["stages.0", "stages.1", "stages.2"]
@@ -243,7 +235,7 @@ def test_paired_site_table_matches_scipy_ttest_rel():
 
 
 def test_analyze_run_reports_every_site(tmp_path):
-    from ibnorm.experiments.compare import make_plans, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
 
     plans = make_plans(["mnist1d-cnn"], ["parent", "ib-L"], seeds=2, steps=2, batch_size=16, eval_every=2, eval_items=50)
     run_plans(plans, tmp_path, progress=False)

@@ -1,11 +1,17 @@
-"""The `ibnorm` command line: a tiny real run per experiment subcommand, and bad input
-answered by one error line and exit status 2, never a traceback."""
+"""The `ibnorm` command line: every subcommand's help, a tiny real run of each (``demo``
+excepted: it has no flag that makes it small), bad input answered by one error line and
+exit status 2, never a traceback, and every recorded command still parses."""
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
-from ibnorm.cli import main
+from ibnorm.lab.cli import SUBCOMMANDS, build_parser, main
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def _error_exit(capsys, argv):
@@ -15,11 +21,11 @@ def _error_exit(capsys, argv):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("ibnorm ") and ": error: " in last
+    assert re.match(r"ibnorm( [a-z]+)?: error: ", last), last
     return last
 
 
-def test_compare_records_the_command_and_placement_then_roi_reads_it(tmp_path, capsys):
+def test_compare_records_the_command_and_placement_then_roi_and_analyze_read_it(tmp_path, capsys):
     argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "ib:L:1:centered", "--seeds", "1", "--steps", "3"]
     main(argv + ["--out", str(tmp_path), "--no-progress"])
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -30,9 +36,42 @@ def test_compare_records_the_command_and_placement_then_roi_reads_it(tmp_path, c
     capsys.readouterr()
     main(["roi", str(tmp_path)])
     assert "ib:L:1:centered" in capsys.readouterr().out
+    main(["analyze", str(tmp_path), "--max-examples", "64", "--sites", "norm_out", "--no-progress"])
+    assert f"analysis: {tmp_path.resolve() / 'analysis.md'} " in capsys.readouterr().out
+    analysed = [json.loads(line) for line in (tmp_path / "analysis.jsonl").read_text().splitlines()]
+    assert {(r["arm"], r["layer_type"]) for r in analysed} == {("parent", "LayerNorm"), ("ib:L:1:centered", "IBLayerNorm")}
     before = (tmp_path / "results.jsonl").read_text()
     main(argv + ["--out", str(tmp_path), "--report-only"])
     assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_sweep_trains_each_family_and_lambda(tmp_path):
+    main(["sweep", "--task", "mnist1d-mlp", "--lams", "0", "0.5", "--families", "S", "T", "--seeds", "1", "--steps", "2",
+          "--out", str(tmp_path), "--no-progress"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["arm"] for r in rows) == ["ib:S:0.5", "ib:T:0.5", "parent"]
+    assert all(r["command"].startswith("ibnorm sweep --task mnist1d-mlp") for r in rows)
+    assert "| ib:T:0.5 |" in (tmp_path / "report.md").read_text()
+
+
+def test_results_runs_a_recorded_plan(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    entry = {"name": "tiny", "stage": "screen", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1", "--steps", "2"]}
+    plan.write_text(json.dumps({"entries": [entry]}))
+    main(["results", "--plan", str(plan), "--no-progress"])
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["parent"] and "## tiny" in (tmp_path / "SUMMARY.md").read_text()
+    assert "[tiny] ibnorm compare --tasks mnist1d-mlp" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_its_tables(tmp_path, capsys):
+    main(["bench", "--quick", "--groupings", "layer", "--dtypes", "float32", "--models", "--out", str(tmp_path)])
+    lines = (tmp_path / "kernels.csv").read_text().splitlines()
+    assert lines[0].startswith("grouping,shape,dtype,impl,")
+    assert sorted(line.split(",")[3] for line in lines[1:]) == sorted(["parent", "ib_cpp", "ib_compiled", "ib_eager", "composite"])
+    assert (tmp_path / "kernels.png").read_bytes().startswith(b"\x89PNG")
+    assert "backend resolved for cpu" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -40,7 +79,7 @@ def test_compare_records_the_command_and_placement_then_roi_reads_it(tmp_path, c
     [
         (["compare", "--tasks", "mnist9", "--out", "x"], "task='mnist9' is not known"),
         (["compare", "--tasks", "mnist1d-cnn", "--arms", "ib:L:one", "--out", "x"], "lam 'one' is not a number"),
-        (["compare", "--tasks", "mnist1d-cnn", "--arms", "dyt", "--out", "x"], "'dyt' replaces LayerNorm only"),
+        (["compare", "--tasks", "mnist1d-cnn", "--arms", "dyt", "--out", "x"], "'dyt' replaces LayerNorm and RMSNorm only"),
         (["compare", "--tasks", "mnist1d-cnn", "--steps", "0", "--out", "x"], "steps must be a positive int"),
         (["sweep", "--task", "mnist1d-cnn", "--placements", "middle", "--out", "x"], "invalid choice: 'middle'"),
         (["results", "--only", "nope"], "unknown plan entries ['nope']"),
@@ -48,6 +87,14 @@ def test_compare_records_the_command_and_placement_then_roi_reads_it(tmp_path, c
         (["roi", "/nonexistent"], "ibnorm roi: error"),
         (["compare", "--tasks", "mnist1d-cnn", "--device", "warp9", "--out", "x"], "device='warp9' is not a torch device"),
         (["compare", "--tasks", "mnist1d-cnn", "--first-seed", "-1", "--out", "x"], "first_seed must be an int >= 0"),
+        (["demo", "--steps", "3"], "unrecognized arguments: --steps 3"),
+        (["analyze", "/nonexistent"], "is neither an `ibnorm compare` output folder"),
+        (["analyze", "x", "--sites", "everywhere"], "invalid choice: 'everywhere'"),
+        (["bench", "--groupings", "instance"], "invalid choice: 'instance'"),
+        (["bench", "--compression", "Q"], "compression='Q' is not registered"),
+        (["bench", "--lam", "-1"], "lam must be"),
+        (["bench", "--repeats", "0"], "--repeats must be a positive int"),
+        (["nope"], "invalid choice: 'nope'"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(capsys, argv, message):
@@ -61,9 +108,9 @@ def test_missing_data_is_an_error_line_before_any_training(tmp_path, capsys):
 
 
 def test_default_arms_fit_every_task():
-    from ibnorm.experiments.arms import default_arms, parse_arm
+    from ibnorm.lab.experiments.arms import default_arms, parse_arm
 
-    for parents, absent in (({"rms"}, {"normalnorm", "dyt"}), ({"batch"}, {"dyt"}), ({"layer"}, set()), ({"layer", "rms"}, {"normalnorm", "dyt"})):
+    for parents, absent in (({"rms"}, {"normalnorm"}), ({"batch"}, {"dyt"}), ({"layer"}, set()), ({"layer", "rms"}, {"normalnorm"})):
         arms = default_arms(parents)
         assert not absent & set(arms) and "parent" in arms and "ib" in arms
         for parent in parents:
@@ -71,8 +118,22 @@ def test_default_arms_fit_every_task():
                 parse_arm(spec, parent)
 
 
-@pytest.mark.parametrize("command", ["compare", "sweep", "results", "demo"])
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
-    assert exit_info.value.code == 0 and "usage: ibnorm" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"usage: ibnorm {command}" in capsys.readouterr().out
+
+
+def test_every_recorded_command_still_parses():
+    """The commands in the committed results rows and in the campaign plan are accepted by
+    today's parser (parsing only: nothing runs)."""
+    parser, _ = build_parser()
+    commands = {
+        json.loads(line)["command"] for path in RESULTS_DIR.glob("*/results.jsonl") for line in path.read_text().splitlines() if line
+    }
+    assert {c.split()[1] for c in commands} >= {"compare", "sweep", "demo"}
+    for command in sorted(commands):
+        parser.parse_args(shlex.split(command)[1:])
+    for entry in json.loads((RESULTS_DIR / "plan.json").read_text())["entries"]:
+        parser.parse_args([*entry["argv"], "--out", "x"])

@@ -117,6 +117,17 @@ def test_gaussian_second_moment_matches_monte_carlo(name, lam):
     assert not math.isnan(gaussian_second_moment(name, lam))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gaussian_second_moment_is_numpys_80_point_gauss_hermite_sum(name):
+    """The quadrature nodes and weights (computed with torch) are numpy's ``hermegauss``."""
+    np = pytest.importorskip("numpy")
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    for lam in (0.1, 1.0, 7.0):
+        psi = ibnorm.get_compression(name).psi(torch.from_numpy(nodes), lam).numpy()
+        reference = float((weights * psi**2).sum() / math.sqrt(2 * math.pi))
+        assert gaussian_second_moment(name, lam) == pytest.approx(reference, rel=1e-13, abs=0)
+
+
 _PSI_MP = {  # ψ_λ(z) for z ≥ 0 in mpmath's arbitrary precision: the truth for ∂ψ/∂λ
     "S": lambda z, lam: 2 * z / (mpmath.sqrt(1 + lam * z) + 1),
     "L": lambda z, lam: mpmath.log1p(lam * z) / lam,

@@ -1,4 +1,4 @@
-"""Data loaders of ibnorm.experiments: shapes, dtypes, sizes, file parsing and error messages.
+"""Data loaders of ibnorm.lab.experiments: shapes, dtypes, sizes, file parsing and error messages.
 
 Tests on the real Fashion-MNIST and Austen files skip when the files are absent (run
 `make data`, i.e. scripts/fetch_data.sh); everything else runs on small files made here.
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from ibnorm.experiments import data as D
+from ibnorm.lab.experiments import data as D
 
 # ---------------------------------------------------------------------------- helpers
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ibnorm.experiments import data as D
-from ibnorm.experiments.arms import DEFAULT_ARMS, parse_arm
-from ibnorm.experiments.compare import make_plans, read_results, run_plans, sweep_arms
-from ibnorm.experiments.report import summarize, write_report
-from ibnorm.experiments.tasks import get_task
-from ibnorm.experiments.train import INTERRUPT_ENV, TrainConfig, train_run
+from ibnorm.lab.experiments import data as D
+from ibnorm.lab.experiments.arms import DEFAULT_ARMS, parse_arm
+from ibnorm.lab.experiments.compare import make_plans, read_results, run_plans, sweep_arms
+from ibnorm.lab.experiments.report import summarize, write_report
+from ibnorm.lab.experiments.tasks import get_task
+from ibnorm.lab.experiments.train import INTERRUPT_ENV, TrainConfig, train_run
 
 
 def _fmnist_available() -> bool:
@@ -61,7 +61,7 @@ def test_every_task_trains_three_steps_with_every_arm(task, tmp_path):
     for r in rows:
         assert all(isinstance(v, float) and v == v for v in r["metrics"].values()), r["metrics"]
         assert r["metric"] in r["metrics"] and r["activation_bytes"] > 0 and r["step_time_s"] > 0
-    expected = {"layer": {"dyt", "normalnorm"}, "batch": {"normalnorm"}, "rms": set()}[get_task(task).parent]
+    expected = {"layer": {"dyt", "normalnorm"}, "batch": {"normalnorm"}, "rms": {"dyt"}}[get_task(task).parent]
     assert expected <= set(arms)
 
 
@@ -158,7 +158,7 @@ def test_sweep_arms_and_plot(tmp_path):
         (dict(tasks=["mnist1d-cnn"], arms=["ib-Q"]), ValueError, r"compression='Q' is not registered"),
         (dict(tasks=["mnist1d-cnn"], arms=["ib:L:-1"]), ValueError, r"lam must be a finite real number >= 0, got -1"),
         (dict(tasks=["mnist1d-cnn"], arms=["ib:L:big"]), ValueError, r"lam 'big' is not a number"),
-        (dict(tasks=["mnist1d-cnn"], arms=["dyt"]), ValueError, r"'dyt' replaces LayerNorm only"),
+        (dict(tasks=["mnist1d-cnn"], arms=["dyt"]), ValueError, r"'dyt' replaces LayerNorm and RMSNorm only"),
         (dict(tasks=["mnist1d-cnn"], arms=["fancy"]), ValueError, r"arm='fancy' is not known; accepted"),
         (dict(tasks=["mnist1d-cnn"], arms=["parent"], steps=0), ValueError, r"steps must be a positive int, got 0"),
         (dict(tasks=["mnist1d-cnn"], arms=["parent"], tune_lr=1), ValueError, r"tune_lr must be 0"),

@@ -30,7 +30,7 @@ from torch import nn
 
 import ibnorm
 import ibnorm.functional as IBF
-from ibnorm.experiments.arms import parse_arm
+from ibnorm.lab.experiments.arms import parse_arm
 
 FAMILIES = ["S", "L", "T"]
 KINDS = ["layer", "rms", "batch", "batch_eval", "group"]

@@ -7,7 +7,7 @@ SCRIPT = """
 import matplotlib
 matplotlib.use("pdf")
 import matplotlib.pyplot as plt
-from ibnorm._plotting import figure_png, pyplot
+from ibnorm.lab._plotting import figure_png, pyplot
 fig, ax = pyplot().subplots(figsize=(3, 2))
 ax.plot([1, 2], [3, 4])
 png = figure_png(fig)

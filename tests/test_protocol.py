@@ -10,10 +10,10 @@ from torch import nn
 
 from ibnorm.baselines import convert_to_dyt
 from ibnorm.convert import convert_norms
-from ibnorm.experiments import campaign as C
-from ibnorm.experiments.compare import sweep_arms
-from ibnorm.experiments.tasks import get_task
-from ibnorm.experiments.train import final_evaluation, parameter_groups
+from ibnorm.lab.experiments import campaign as C
+from ibnorm.lab.experiments.compare import sweep_arms
+from ibnorm.lab.experiments.tasks import get_task
+from ibnorm.lab.experiments.train import final_evaluation, parameter_groups
 
 
 def test_weight_decay_skips_every_parameter_with_at_most_one_dim():
@@ -183,7 +183,7 @@ def test_the_recorded_plan_is_valid():
 
 
 def test_run_folders_are_single_safe_path_components(tmp_path):
-    from ibnorm.experiments.compare import make_plans, read_results, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, read_results, run_plans
 
     text = tmp_path / "my corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
@@ -206,7 +206,7 @@ def test_a_variant_that_diverged_on_any_seed_is_never_chosen():
 
 def test_the_default_arm_is_named_by_what_it_is():
     import ibnorm
-    from ibnorm.experiments.arms import ib_spec, parse_arm
+    from ibnorm.lab.experiments.arms import ib_spec, parse_arm
 
     arm = parse_arm("ib", "batch")
     assert arm.name == ib_spec(ibnorm.DEFAULT_COMPRESSION, ibnorm.DEFAULT_LAM, ibnorm.DEFAULT_PLACEMENT)
@@ -216,7 +216,7 @@ def test_the_default_arm_is_named_by_what_it_is():
 
 
 def test_seeds_start_at_first_seed_and_tuning_uses_the_first_of_them(tmp_path):
-    from ibnorm.experiments.compare import make_plans, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
 
     plans = make_plans(["mnist1d-mlp"], ["parent"], seeds=2, steps=2, batch_size=8, eval_every=2, eval_items=64, tune_lr=2, first_seed=7)
     rows = run_plans(plans, tmp_path, progress=False)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ibnorm.experiments.report import plot_sweep, summarize, verdict, write_report
-from ibnorm.experiments.roi import compute_equivalent_gain, main, net_gain, roi_table
 from ibnorm.analysis.significance import holm, paired_difference
-from ibnorm.experiments.timing import measure_step_times, read_timing, write_timing
+from ibnorm.lab.cli import main
+from ibnorm.lab.experiments.report import plot_sweep, summarize, verdict, write_report
+from ibnorm.lab.experiments.roi import compute_equivalent_gain, net_gain, roi_table
+from ibnorm.lab.experiments.timing import measure_step_times, read_timing, write_timing
 
 
 def make_row(task, arm, seed, value, *, steps=100, lr=1e-3, metric="test_acc", higher=True, gen_gap=None, diverged=False,
@@ -162,7 +163,7 @@ def test_diverged_runs_are_counted_and_the_verdict_remains():
 
 
 def test_sweep_plot_draws_one_line_per_family_and_placement(monkeypatch):
-    import ibnorm.experiments.report as report
+    import ibnorm.lab.experiments.report as report
 
     rows = [make_row("t", "parent", s, 80.0 + s) for s in range(3)]
     arms = ["ib:S:0.5", "ib:S:2:standardized", "ib:S:0.5:centered", "ib:S:2:centered", "ib:T:1", "ib:L:1:learnable"]
@@ -224,10 +225,10 @@ def test_roi_table_values(tmp_path):
 
 def test_roi_main_prints_a_table(tmp_path, capsys):
     _results(tmp_path, ab_rows([0.5, 0.6, 0.4]))
-    main([str(tmp_path)])
+    main(["roi", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| task | arm |" in out and "| t | ib |" in out and "cosine schedule" in out
-    main([str(tmp_path), "--gpu-hours", "10", "--price", "2.5"])
+    main(["roi", str(tmp_path), "--gpu-hours", "10", "--price", "2.5"])
     assert "net money" in capsys.readouterr().out
 
 
@@ -247,7 +248,7 @@ def test_roi_main_rejects_bad_input(tmp_path, capsys, args, message):
     run = _results(tmp_path / "run", ab_rows([0.5, 0.6, 0.4]))
     paths = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "run": run}
     with pytest.raises(SystemExit) as exc:
-        main([a.format(**paths) for a in args])
+        main(["roi", *(a.format(**paths) for a in args)])
     assert exc.value.code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(error) == 1 and error[0].startswith("ibnorm roi: error: ") and message in error[0]
@@ -276,7 +277,7 @@ def test_write_report_has_holm_family_gap_and_cost_sections(tmp_path):
 
 
 def test_measure_step_times_interleaved(tmp_path):
-    from ibnorm.experiments.tasks import get_task
+    from ibnorm.lab.experiments.tasks import get_task
 
     task = get_task("mnist1d-mlp")
     pytest.importorskip("mnist1d")

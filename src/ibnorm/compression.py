@@ -218,6 +218,17 @@ def available_compressions() -> list[str]:
     return [family.name for family in _REGISTRY.values()]
 
 
+def _gauss_hermite_e(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights of n-point Gauss quadrature for the weight exp(−z²/2) (float64).
+
+    Golub–Welsch: the nodes are the eigenvalues of the symmetric tridiagonal Jacobi matrix of
+    the probabilists' Hermite polynomials (zero diagonal, off-diagonal √k, k = 1..n−1); each
+    weight is √(2π) times the squared first component of its unit eigenvector."""
+    off = torch.arange(1, n, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    return nodes, math.sqrt(2 * math.pi) * vectors[0] ** 2
+
+
 def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
     """E[ψ_λ(z)²] for z ~ N(0, 1), by 80-point Gauss–Hermite quadrature.
 
@@ -226,12 +237,9 @@ def gaussian_second_moment(compression: str | Compression, lam: float) -> float:
     """
     if lam == 0:
         return 1.0
-    import numpy as np
-
-    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
-    z = torch.from_numpy(nodes)
+    z, weights = _gauss_hermite_e(80)
     psi = get_compression(compression).psi(z, float(lam))
-    return float((torch.from_numpy(weights) * psi**2).sum() / math.sqrt(2 * math.pi))
+    return float((weights * psi**2).sum() / math.sqrt(2 * math.pi))
 
 
 # The built-in families in a fixed order: hand-written kernels (ibnorm.ops.triton) select

@@ -15,9 +15,10 @@ on continuous inputs, which is infinite or undefined; each fixes that in its own
   *noisy* representation; bounded by ``log2(N)`` and depends on σ².
 - **Variational probe** (:func:`probe_mutual_information`): a lower bound on I(T;Y) by a
   logistic-regression decoder; never exceeds H(Y).
-- **kNN** (:func:`knn_mutual_information`, :func:`knn_mutual_information_pairs`): thin
-  wrappers of scikit-learn's ``mutual_info_classif`` / ``mutual_info_regression``
-  (Kraskov et al. 2004; Ross 2014) for one unit at a time; needs scikit-learn.
+- **kNN** (:func:`knn_mutual_information`, :func:`knn_mutual_information_pairs`): the
+  nearest-neighbour estimators of Kraskov et al. 2004 (continuous pairs) and Ross 2014
+  (continuous vs discrete), one unit at a time, as scikit-learn's ``mutual_info_regression``
+  / ``mutual_info_classif`` compute them.
 - **Discrete** (:func:`mutual_information_discrete`, :func:`entropy_discrete`): the exact
   mutual information / entropy of the empirical (plug-in) distribution of discrete samples.
 """
@@ -25,11 +26,13 @@ on continuous inputs, which is infinite or undefined; each fixes that in its own
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from statistics import fmean
+from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from ._inputs import ArrayLike, as_float64, as_tensor
 
 __all__ = [
     "NATS_PER_BIT",
@@ -48,38 +51,29 @@ __all__ = [
 
 NATS_PER_BIT = math.log(2.0)
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
-
-
-def _numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
 
 # =============================================================================== discrete
-def discrete_symbols(a: ArrayLike) -> np.ndarray:
+def discrete_symbols(a: ArrayLike) -> Tensor:
     """One integer symbol per sample: a 1-D array is relabelled ``0..K-1``; for a 2-D array
     each row (e.g. a binned activation pattern) is one symbol, equal rows giving equal symbols."""
-    a = _numpy(a)
-    if a.ndim == 0:
+    a = as_tensor(a)
+    if a.dim() == 0:
         raise ValueError("need at least one sample")
-    if a.ndim == 1:
-        return np.unique(a, return_inverse=True)[1].reshape(-1)
-    rows = np.ascontiguousarray(a.reshape(a.shape[0], -1))
-    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+    if a.dim() == 1:
+        return torch.unique(a, return_inverse=True)[1].reshape(-1)
+    rows = a.reshape(a.shape[0], -1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1].reshape(-1)
 
 
-def _entropy_from_counts(counts: np.ndarray) -> float:
-    counts = counts[counts > 0].astype(np.float64)
-    n = counts.sum()
-    return float(math.log2(n) - (counts * np.log2(counts)).sum() / n)
+def _entropy_from_counts(counts: Tensor) -> float:
+    counts = counts[counts > 0].double()
+    n = float(counts.sum())
+    return math.log2(n) - float((counts * counts.log2()).sum()) / n
 
 
 def entropy_discrete(a: ArrayLike) -> float:
     """Plug-in (empirical) entropy in bits of discrete samples (1-D, or rows of a 2-D array)."""
-    symbols = discrete_symbols(a)
-    return _entropy_from_counts(np.bincount(symbols))
+    return _entropy_from_counts(torch.bincount(discrete_symbols(a)))
 
 
 def mutual_information_discrete(a: ArrayLike, b: ArrayLike) -> float:
@@ -93,27 +87,42 @@ def mutual_information_discrete(a: ArrayLike, b: ArrayLike) -> float:
     if sa.shape != sb.shape:
         raise ValueError(f"a and b must hold the same number of samples, got {sa.shape[0]} and {sb.shape[0]}")
     n = sa.shape[0]
-    joint = np.zeros((sa.max() + 1, sb.max() + 1), dtype=np.float64)
-    np.add.at(joint, (sa, sb), 1.0)
+    rows, cols = int(sa.max()) + 1, int(sb.max()) + 1
+    joint = torch.bincount(sa * cols + sb, minlength=rows * cols).reshape(rows, cols).double()
     return mutual_information_from_joint(joint / n)
 
 
 def mutual_information_from_joint(p: ArrayLike) -> float:
     """Mutual information in bits of a joint probability table ``p[a, b]`` (non-negative;
     normalized here)."""
-    p = np.asarray(_numpy(p), dtype=np.float64)
-    if p.ndim != 2 or (p < 0).any() or p.sum() <= 0:
+    p = as_float64(p)
+    if p.dim() != 2 or bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError("p must be a 2-D table of non-negative numbers with a positive sum")
     p = p / p.sum()
-    pa, pb = p.sum(axis=1, keepdims=True), p.sum(axis=0, keepdims=True)
+    pa, pb = p.sum(dim=1, keepdim=True), p.sum(dim=0, keepdim=True)
     mask = p > 0
-    value = float((p[mask] * np.log2(p[mask] / (pa @ pb)[mask])).sum())
+    value = float((p[mask] * (p[mask] / (pa @ pb)[mask]).log2()).sum())
     return max(value, 0.0)
 
 
 # =============================================================================== binning
-def bin_activations(t: ArrayLike, n_bins: int = 30, strategy: str = "uniform") -> np.ndarray:
-    """Bin indices ``(examples, units)`` in ``[0, n_bins)``, each unit binned on its own.
+def _quantiles(t: Tensor, q: Tensor) -> Tensor:
+    """Quantiles ``q`` (in [0, 1]) of every column of ``t``, one row per quantile: linear
+    interpolation between the order statistics around position q·(n − 1), interpolated
+    from the nearer end (numpy's default method, value for value)."""
+    ordered = t.sort(dim=0).values
+    n = ordered.shape[0]
+    position = (n - 1) * q
+    below = position.floor()
+    weight = (position - below)[:, None]
+    low = ordered[below.long()]
+    high = ordered[(below.long() + 1).clamp(max=n - 1)]
+    diff = high - low
+    return torch.where(weight < 0.5, low + diff * weight, high - diff * (1 - weight))
+
+
+def bin_activations(t: ArrayLike, n_bins: int = 30, strategy: str = "uniform") -> Tensor:
+    """Bin indices ``(examples, units)`` (int64) in ``[0, n_bins)``, each unit binned on its own.
 
     ``"uniform"``: ``n_bins`` equal-width bins between the unit's minimum and maximum over
     the examples (a constant unit is all bin 0). ``"quantile"`` (equal mass): edges at the
@@ -121,22 +130,19 @@ def bin_activations(t: ArrayLike, n_bins: int = 30, strategy: str = "uniform") -
     distinct bins when values tie)."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
-    t = np.asarray(_numpy(t), dtype=np.float64)
-    if t.ndim == 1:
+    t = as_float64(t)
+    if t.dim() == 1:
         t = t[:, None]
-    if t.ndim != 2:
-        raise ValueError(f"t must be (examples, units), got shape {t.shape}")
+    if t.dim() != 2:
+        raise ValueError(f"t must be (examples, units), got shape {tuple(t.shape)}")
     if strategy == "uniform":
-        low, high = t.min(axis=0), t.max(axis=0)
-        width = np.where(high > low, high - low, 1.0)
-        codes = np.floor((t - low) / width * n_bins)
-        return np.clip(codes, 0, n_bins - 1).astype(np.int64)
+        low, high = t.min(dim=0).values, t.max(dim=0).values
+        width = torch.where(high > low, high - low, 1.0)
+        codes = ((t - low) / width * n_bins).floor()
+        return codes.clamp(0, n_bins - 1).long()
     if strategy == "quantile":
-        edges = np.quantile(t, np.arange(1, n_bins) / n_bins, axis=0)  # (n_bins-1, units)
-        codes = np.empty(t.shape, dtype=np.int64)
-        for u in range(t.shape[1]):
-            codes[:, u] = np.searchsorted(edges[:, u], t[:, u], side="right")
-        return codes
+        edges = _quantiles(t, torch.arange(1, n_bins, dtype=torch.float64) / n_bins)  # (n_bins-1, units)
+        return torch.searchsorted(edges.T.contiguous(), t.T.contiguous(), right=True).T
     raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
 
 
@@ -159,24 +165,24 @@ def binned_mutual_information(
     """
     codes = bin_activations(t, n_bins, strategy)
     symbols = discrete_symbols(codes)
-    h_t = _entropy_from_counts(np.bincount(symbols))
+    h_t = _entropy_from_counts(torch.bincount(symbols))
     unit_h = [entropy_discrete(codes[:, u]) for u in range(codes.shape[1])]
     out = {
         "I_XT": h_t,
         "I_TY": float("nan"),
         "H_T_given_Y": float("nan"),
         "n_patterns": float(symbols.max() + 1),
-        "I_XT_unit_mean": float(np.mean(unit_h)),
+        "I_XT_unit_mean": fmean(unit_h),
         "I_TY_unit_mean": float("nan"),
     }
     if y is not None:
-        y = _numpy(y).reshape(-1)
+        y = as_tensor(y).reshape(-1)
         if y.shape[0] != codes.shape[0]:
             raise ValueError(f"y has {y.shape[0]} labels for {codes.shape[0]} examples")
         i_ty = mutual_information_discrete(symbols, y)
         out["I_TY"] = i_ty
         out["H_T_given_Y"] = h_t - i_ty
-        out["I_TY_unit_mean"] = float(np.mean([mutual_information_discrete(codes[:, u], y) for u in range(codes.shape[1])]))
+        out["I_TY_unit_mean"] = fmean(mutual_information_discrete(codes[:, u], y) for u in range(codes.shape[1]))
     return out
 
 
@@ -232,7 +238,7 @@ def kernel_mutual_information(
     """
     if not (isinstance(noise_var, (int, float)) and not isinstance(noise_var, bool) and noise_var > 0 and math.isfinite(noise_var)):
         raise ValueError(f"noise_var must be a positive number, got {noise_var!r}")
-    tt = torch.as_tensor(np.asarray(_numpy(t), dtype=np.float64))
+    tt = as_float64(t)
     if tt.dim() == 1:
         tt = tt[:, None]
     if tt.dim() != 2 or tt.shape[0] < 1:
@@ -252,14 +258,14 @@ def kernel_mutual_information(
         "noise_var": var,
     }
     if y is not None:
-        labels = _numpy(y).reshape(-1)
+        labels = as_tensor(y).reshape(-1)
         if labels.shape[0] != tt.shape[0]:
             raise ValueError(f"y has {labels.shape[0]} labels for {tt.shape[0]} examples")
-        classes, counts = np.unique(labels, return_counts=True)
-        weights = counts / counts.sum()
+        classes, counts = torch.unique(labels, return_counts=True)
+        weights = counts.double() / counts.sum()
         cond_upper = cond_lower = 0.0
         for cls, w in zip(classes, weights.tolist()):
-            rows = tt[torch.as_tensor(labels == cls)]
+            rows = tt[labels == cls]
             cond_upper += w * _neg_mean_log_mean_exp(rows, 1.0 / (2.0 * var)) / NATS_PER_BIT
             cond_lower += w * _neg_mean_log_mean_exp(rows, 1.0 / (8.0 * var)) / NATS_PER_BIT
         h_y = _entropy_from_counts(counts)
@@ -309,8 +315,8 @@ def probe_mutual_information(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    xs, xt = (torch.as_tensor(np.asarray(_numpy(a), dtype=np.float64)) for a in (t_train, t_test))
-    ys, yt = (torch.as_tensor(np.asarray(_numpy(a), dtype=np.int64)).reshape(-1) for a in (y_train, y_test))
+    xs, xt = (as_float64(a) for a in (t_train, t_test))
+    ys, yt = (as_tensor(a).long().reshape(-1) for a in (y_train, y_test))
     xs, xt = (x[:, None] if x.dim() == 1 else x for x in (xs, xt))
     if xs.shape[0] != ys.shape[0] or xt.shape[0] != yt.shape[0] or xs.shape[1] != xt.shape[1]:
         raise ValueError("t_train/y_train and t_test/y_test must pair up and have the same number of units")
@@ -337,58 +343,138 @@ def probe_mutual_information(
         logits = xt @ weight + bias
         ce = float(torch.nn.functional.cross_entropy(logits, yt)) / NATS_PER_BIT
         acc = float((logits.argmax(dim=1) == yt).double().mean())
-    h_y = _entropy_from_counts(np.bincount(yt.numpy()))
+    h_y = _entropy_from_counts(torch.bincount(yt))
     raw = h_y - ce
     return {"I_TY": min(max(raw, 0.0), h_y), "I_TY_raw": raw, "H_Y": h_y, "cross_entropy": ce, "accuracy": acc}
 
 
-# =============================================================================== kNN (scikit-learn)
-def _sklearn_feature_selection() -> Any:
-    try:
-        from sklearn import feature_selection
-    except ImportError as exc:
-        raise ImportError(f"the kNN estimators need scikit-learn (`pip install scikit-learn`): {exc}") from exc
-    return feature_selection
+# =============================================================================== kNN
+_CHUNK = 1024  # rows of an (N, N) distance matrix formed at a time
+
+
+def _count_within(points: Tensor, radius: Tensor) -> Tensor:
+    """For each point i of a 1-D tensor, how many points j (i included) have
+    ``|points[j] − points[i]| ≤ radius[i]``."""
+    return torch.cat(
+        [
+            ((points[None, :] - block[:, None]).abs() <= r[:, None]).sum(dim=1)
+            for block, r in zip(points.split(_CHUNK), radius.split(_CHUNK))
+        ]
+    )
+
+
+def _strictly_inside_kth_neighbour(coordinates: Sequence[Tensor], k: int) -> Tensor:
+    """For points given by 1-D ``coordinates`` (one tensor per dimension), the largest
+    float below the max-norm distance from each point to its k-th nearest other point: a
+    radius that takes in exactly the points strictly closer than that neighbour."""
+    n = coordinates[0].shape[0]
+    radii = []
+    for start in range(0, n, _CHUNK):
+        rows = slice(start, min(start + _CHUNK, n))
+        distance = torch.stack([(c[rows, None] - c[None, :]).abs() for c in coordinates]).amax(dim=0)
+        index = torch.arange(rows.start, rows.stop)
+        distance[index - start, index] = math.inf  # a point is not its own neighbour
+        radii.append(distance.kthvalue(k, dim=1).values)
+    kth = torch.cat(radii)
+    return torch.nextafter(kth, torch.zeros_like(kth))
+
+
+def _digamma(x: Union[Tensor, float]) -> Tensor:
+    return torch.special.digamma(torch.as_tensor(x, dtype=torch.float64))
+
+
+def _ksg(x: Tensor, y: Tensor, k: int) -> float:
+    """Kraskov et al. 2004 (their first estimator), in nats, clipped at 0:
+    ψ(N) + ψ(k) − ⟨ψ(n_x + 1)⟩ − ⟨ψ(n_y + 1)⟩, where ε_i is the max-norm distance from
+    (x_i, y_i) to its k-th neighbour and n_x (n_y) counts the other points closer than ε_i
+    in x (in y)."""
+    radius = _strictly_inside_kth_neighbour((x, y), k)
+    nx = _count_within(x, radius) - 1
+    ny = _count_within(y, radius) - 1
+    mi = _digamma(float(x.shape[0])) + _digamma(float(k)) - _digamma(nx + 1).mean() - _digamma(ny + 1).mean()
+    return max(float(mi), 0.0)
+
+
+def _ross(c: Tensor, labels: Tensor, k: int) -> float:
+    """Ross 2014, in nats, clipped at 0: ψ(N) + ⟨ψ(k_i)⟩ − ⟨ψ(N_{y_i})⟩ − ⟨ψ(m_i)⟩ over the
+    N points whose label occurs at least twice, where N_{y_i} counts the points of i's
+    label, k_i = min(k, N_{y_i} − 1), r_i is the distance to the k_i-th neighbour of the
+    same label and m_i counts all points (itself included) closer than r_i."""
+    radius = torch.empty_like(c)
+    neighbours = torch.zeros_like(c)
+    label_counts = torch.zeros_like(c)
+    for label in torch.unique(labels):
+        mask = labels == label
+        count = int(mask.sum())
+        if count > 1:
+            k_label = min(k, count - 1)
+            radius[mask] = _strictly_inside_kth_neighbour((c[mask],), k_label)
+            neighbours[mask] = float(k_label)
+        label_counts[mask] = float(count)
+    kept = label_counts > 1
+    c, radius, neighbours, label_counts = c[kept], radius[kept], neighbours[kept], label_counts[kept]
+    m = _count_within(c, radius)
+    mi = _digamma(float(c.shape[0])) + _digamma(neighbours).mean() - _digamma(label_counts).mean() - _digamma(m).mean()
+    return max(float(mi), 0.0)
+
+
+def _unit_scale_with_jitter(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Columns divided by their standard deviation (biased; 1 for a constant one), plus
+    Gaussian noise of 1e-10 × max(1, mean |column|) that breaks ties (Kraskov et al.)."""
+    std = x.std(dim=0, correction=0)
+    x = x / torch.where(std < 10 * torch.finfo(torch.float64).eps, 1.0, std)
+    scale = x.abs().mean(dim=0).clamp(min=1.0)
+    return x + 1e-10 * scale * torch.randn(x.shape, dtype=torch.float64, generator=generator)
+
+
+def _check_neighbours(n_neighbors: int) -> None:
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
 
 
 def knn_mutual_information(
     t: ArrayLike, y: ArrayLike, *, discrete_target: bool = True, n_neighbors: int = 3, seed: int = 0
-) -> np.ndarray:
-    """I(T_u; Y) in bits for every unit u separately, by scikit-learn's kNN estimators:
-    ``mutual_info_classif`` when ``discrete_target`` (Ross 2014, continuous T_u vs discrete
-    Y), else ``mutual_info_regression`` (Kraskov et al. 2004, continuous vs continuous).
+) -> Tensor:
+    """I(T_u; Y) in bits for every unit u separately (a float64 tensor of one value per
+    unit), by nearest neighbours: Ross 2014 when ``discrete_target`` (continuous T_u vs
+    discrete Y), else Kraskov et al. 2004 (continuous vs continuous, max-norm). These are
+    the estimators of scikit-learn's ``mutual_info_classif`` / ``mutual_info_regression``,
+    with the same preprocessing: every continuous variable is divided by its standard
+    deviation and jittered by Gaussian noise of relative size 1e-10 (seeded by ``seed``)
+    to break ties.
 
-    Assumptions: the examples are i.i.d. and T_u has a density (scikit-learn adds tiny noise
-    to break ties; ``seed`` seeds it); per-unit values ignore dependence between units, so
-    they neither sum to nor bound the layer's I(T;Y). scikit-learn clips negative
-    estimates to 0 and works in nats; the result is converted to bits."""
-    fs = _sklearn_feature_selection()
-    x = np.asarray(_numpy(t), dtype=np.float64)
-    x = x[:, None] if x.ndim == 1 else x
-    target = _numpy(y).reshape(-1)
+    Assumptions: the examples are i.i.d. and T_u has a density; per-unit values ignore
+    dependence between units, so they neither sum to nor bound the layer's I(T;Y).
+    Negative estimates are clipped to 0."""
+    _check_neighbours(n_neighbors)
+    generator = torch.Generator().manual_seed(seed)
+    x = as_float64(t)
+    x = x[:, None] if x.dim() == 1 else x
+    x = _unit_scale_with_jitter(x, generator)
+    target = as_tensor(y).reshape(-1)
+    if target.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {target.shape[0]} values for {x.shape[0]} examples")
     if discrete_target:
-        values = fs.mutual_info_classif(x, target, discrete_features=False, n_neighbors=n_neighbors, random_state=seed)
+        values = [_ross(x[:, u], target, n_neighbors) for u in range(x.shape[1])]
     else:
-        values = fs.mutual_info_regression(
-            x, target.astype(np.float64), discrete_features=False, n_neighbors=n_neighbors, random_state=seed
-        )
-    return np.asarray(values, dtype=np.float64) / NATS_PER_BIT
+        target = _unit_scale_with_jitter(target.double()[:, None], generator)[:, 0]
+        values = [_ksg(x[:, u], target, n_neighbors) for u in range(x.shape[1])]
+    return torch.tensor(values, dtype=torch.float64) / NATS_PER_BIT
 
 
 def knn_mutual_information_pairs(x: ArrayLike, t: ArrayLike, *, n_neighbors: int = 3, seed: int = 0) -> float:
     """``Σ_i I(X_i; T_i)`` in bits over paired columns of ``x`` and ``t`` (same shape), each
-    term by scikit-learn's ``mutual_info_regression`` (the KSG kNN estimator).
+    term by the Kraskov et al. kNN estimator of :func:`knn_mutual_information` (continuous
+    target; pair i jittered with seed ``seed + i``).
 
     This equals the joint I(X;T) only when the pairs ``(X_i, T_i)`` are independent of one
     another (e.g. jointly Gaussian with a diagonal cross-covariance); it is the check the
     tests use against ``−½ log(1−ρ²)`` per pair."""
-    fs = _sklearn_feature_selection()
-    a = np.asarray(_numpy(x), dtype=np.float64)
-    b = np.asarray(_numpy(t), dtype=np.float64)
-    a, b = (v[:, None] if v.ndim == 1 else v for v in (a, b))
+    a, b = as_float64(x), as_float64(t)
+    a, b = (v[:, None] if v.dim() == 1 else v for v in (a, b))
     if a.shape != b.shape:
-        raise ValueError(f"x and t must have the same shape, got {a.shape} and {b.shape}")
-    total = 0.0
-    for i in range(a.shape[1]):
-        total += float(fs.mutual_info_regression(a[:, [i]], b[:, i], n_neighbors=n_neighbors, random_state=seed + i)[0])
-    return total / NATS_PER_BIT
+        raise ValueError(f"x and t must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return sum(
+        float(knn_mutual_information(a[:, i], b[:, i], discrete_target=False, n_neighbors=n_neighbors, seed=seed + i)[0])
+        for i in range(a.shape[1])
+    )

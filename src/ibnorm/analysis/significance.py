@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from . import student_t
+
 CONFIDENCE = 0.95
 # Fewest seed pairs on which a comparison gets a verdict (reports), a paired test
 # (representation analysis) or a sweep choice: with 2 the t critical value is 12.7.
@@ -26,13 +28,11 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple
     """Two-sided t confidence interval of the mean: x̄ ± t_{(1+c)/2, n−1} · s/√n.
 
     NaN bounds for fewer than two values (no variance estimate)."""
-    from scipy import stats
-
     n = len(values)
     if n < 2:
         return float("nan"), float("nan")
     mean, sd = _mean_sd(values)
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    half = student_t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -56,8 +56,6 @@ def paired_difference(arm: Mapping[int, float], parent: Mapping[int, float], con
     With d_i = arm_i − parent_i (i over shared seeds), d̄ and s_d: t = d̄ / (s_d/√n) on
     n − 1 degrees of freedom, p = 2·P(T > |t|), interval d̄ ± t_{(1+c)/2, n−1} · s_d/√n
     (the same as ``scipy.stats.ttest_rel(arm, parent)``). Fewer than two pairs: no test."""
-    from scipy import stats
-
     seeds = sorted(set(arm) & set(parent))
     diffs = [arm[s] - parent[s] for s in seeds]
     n = len(diffs)
@@ -71,7 +69,7 @@ def paired_difference(arm: Mapping[int, float], parent: Mapping[int, float], con
         return PairedDifference(n, mean, nan, nan, nan, True)
     se = sd / math.sqrt(n)
     low, high = t_interval(diffs, confidence)
-    p = 2 * float(stats.t.sf(abs(mean / se), n - 1))
+    p = 2 * student_t.sf(abs(mean / se), n - 1)
     return PairedDifference(n, mean, low, high, p, False)
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import numpy as np
+import torch
 from torch import Tensor, nn
 
+from ._inputs import ArrayLike, as_float64
 from .capture import LayerSelector, capture_activations
 from .significance import MIN_PAIRED_SEEDS
 
@@ -42,8 +43,6 @@ __all__ = [
     "STAT_KEYS",
     "MIN_PAIRED_SEEDS",
 ]
-
-ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
 
 STAT_KEYS = (
     "kurtosis",
@@ -62,88 +61,92 @@ STAT_KEYS = (
 _DEAD_STD = 1e-8
 
 
-def _as_float64(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def excess_kurtosis(x: ArrayLike, axis: int = 0) -> np.ndarray:
+def excess_kurtosis(x: ArrayLike, axis: int = 0) -> Tensor:
     """Fisher's excess kurtosis ``m4/m2² − 3`` (biased moments) along ``axis``, as
     ``scipy.stats.kurtosis`` with its defaults; NaN where the variance is 0."""
-    x = _as_float64(x)
-    d = x - x.mean(axis=axis, keepdims=True)
-    m2 = (d**2).mean(axis=axis)
-    m4 = (d**4).mean(axis=axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, np.nan)
+    x = as_float64(x)
+    d = x - x.mean(dim=axis, keepdim=True)
+    m2 = (d**2).mean(dim=axis)
+    m4 = (d**4).mean(dim=axis)
+    live = m2 > 0
+    return torch.where(live, m4 / torch.where(live, m2, 1.0) ** 2 - 3.0, float("nan"))
 
 
-def hoyer_sparsity(x: ArrayLike, axis: int = -1) -> np.ndarray:
+def hoyer_sparsity(x: ArrayLike, axis: int = -1) -> Tensor:
     """Hoyer's sparsity ``(√n − ‖x‖₁/‖x‖₂)/(√n − 1)`` along ``axis`` (n ≥ 2 entries):
     1 for one non-zero entry, 0 when all ``|x|`` are equal; 0 for an all-zero vector."""
-    x = np.abs(_as_float64(x))
+    x = as_float64(x).abs()
     n = x.shape[axis]
     if n < 2:
         raise ValueError(f"Hoyer sparsity needs at least 2 entries along axis {axis}, got {n}")
-    l1 = x.sum(axis=axis)
-    l2 = np.sqrt((x**2).sum(axis=axis))
+    l1 = x.sum(dim=axis)
+    l2 = (x**2).sum(dim=axis).sqrt()
     root = math.sqrt(n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(l2 > 0, l1 / np.where(l2 > 0, l2, 1.0), root)
-    return np.clip((root - ratio) / (root - 1.0), 0.0, 1.0)
+    ratio = torch.where(l2 > 0, l1 / torch.where(l2 > 0, l2, 1.0), root)
+    return ((root - ratio) / (root - 1.0)).clamp(0.0, 1.0)
 
 
-def _standardized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _standardized(x: Tensor) -> tuple[Tensor, Tensor]:
     """Columns standardized over rows (biased std) and the mask of live columns."""
-    std = x.std(axis=0)
+    std = x.std(dim=0, correction=0)
     live = std > _DEAD_STD
-    z = (x[:, live] - x[:, live].mean(axis=0)) / std[live]
+    z = (x[:, live] - x[:, live].mean(dim=0)) / std[live]
     return z, live
+
+
+def _fraction(mask: Tensor) -> float:
+    return float(mask.double().mean()) if mask.numel() else float("nan")
 
 
 def near_zero_fraction(x: ArrayLike, threshold: float = 0.1) -> float:
     """Fraction of entries with ``|z| < threshold`` after standardizing each unit (column)
     over the examples (rows); dead units are left out. 0.080 for Gaussian data at 0.1."""
-    z, _ = _standardized(_as_float64(x))
-    return float(np.mean(np.abs(z) < threshold)) if z.size else float("nan")
+    z, _ = _standardized(as_float64(x))
+    return _fraction(z.abs() < threshold)
 
 
 def tail_mass(x: ArrayLike, k: float = 3.0) -> float:
     """Fraction of entries with ``|z| > k`` after standardizing each unit (column) over
     the examples (rows); dead units are left out. 0.0027 for Gaussian data at k = 3."""
-    z, _ = _standardized(_as_float64(x))
-    return float(np.mean(np.abs(z) > k)) if z.size else float("nan")
+    z, _ = _standardized(as_float64(x))
+    return _fraction(z.abs() > k)
+
+
+def _median(values: Tensor) -> float:
+    """The median of a 1-D tensor; the mean of the two middle values for an even count."""
+    ordered = values.sort().values
+    n = ordered.numel()
+    return float(ordered[n // 2]) if n % 2 else float((ordered[n // 2 - 1] + ordered[n // 2]) / 2)
 
 
 def activation_stats(x: ArrayLike) -> dict[str, float]:
     """All statistics of one layer's ``(examples, units)`` matrix as a flat dict of floats
     (keys :data:`STAT_KEYS` plus ``n_examples`` and ``n_units``); see the module docstring."""
-    x = _as_float64(x)
-    if x.ndim == 1:
+    x = as_float64(x)
+    if x.dim() == 1:
         x = x[:, None]
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"activation_stats needs a (examples >= 2, units) matrix, got shape {x.shape}")
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"activation_stats needs a (examples >= 2, units) matrix, got shape {tuple(x.shape)}")
     n, u = x.shape
-    means, stds = x.mean(axis=0), x.std(axis=0)
+    means, stds = x.mean(dim=0), x.std(dim=0, correction=0)
     live = stds > _DEAD_STD
-    kurt = excess_kurtosis(x[:, live], axis=0) if live.any() else np.array([np.nan])
+    kurt = excess_kurtosis(x[:, live], axis=0)
     z, _ = _standardized(x)
     nan = float("nan")
     return {
         "n_examples": float(n),
         "n_units": float(u),
-        "kurtosis": float(np.mean(kurt)) if live.any() else nan,
-        "kurtosis_median": float(np.median(kurt)) if live.any() else nan,
-        "hoyer": float(np.mean(hoyer_sparsity(x, axis=1))) if u >= 2 else nan,
-        "near_zero_fraction": float(np.mean(np.abs(z) < 0.1)) if z.size else nan,
-        "tail_mass_3sigma": float(np.mean(np.abs(z) > 3.0)) if z.size else nan,
+        "kurtosis": float(kurt.mean()) if kurt.numel() else nan,
+        "kurtosis_median": _median(kurt) if kurt.numel() else nan,
+        "hoyer": float(hoyer_sparsity(x, axis=1).mean()) if u >= 2 else nan,
+        "near_zero_fraction": _fraction(z.abs() < 0.1),
+        "tail_mass_3sigma": _fraction(z.abs() > 3.0),
         "unit_mean_mean": float(means.mean()),
-        "unit_mean_std": float(means.std()),
+        "unit_mean_std": float(means.std(correction=0)),
         "unit_std_mean": float(stds.mean()),
         "unit_std_min": float(stds.min()),
         "unit_std_max": float(stds.max()),
-        "dead_fraction": float(1.0 - live.mean()),
+        "dead_fraction": float(1.0 - live.double().mean()),
     }
 
 
@@ -154,7 +157,8 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], confi
     With dᵢ = valuesᵢ − referenceᵢ over the n pairs, mean d̄ and sample standard deviation
     s (n − 1 in the denominator): ``delta`` = d̄, the interval d̄ ± t_{(1+c)/2, n−1} · s/√n,
     and ``p`` the two-sided p-value of the paired t-test t = d̄ / (s/√n) on n − 1 degrees of
-    freedom, from ``scipy.stats.ttest_rel(values, reference)``. Returns ``{"n", "delta",
+    freedom (:func:`ibnorm.analysis.significance.paired_difference`, the value of
+    ``scipy.stats.ttest_rel(values, reference)``). Returns ``{"n", "delta",
     "ci_low", "ci_high", "p", "note"}``; with fewer than :data:`MIN_PAIRED_SEEDS` pairs or
     identical differences (s = 0, t undefined) the interval and p are None and ``note``
     says why (``"too few seeds"``, ``"zero-variance differences"``; ``"no paired seeds"``

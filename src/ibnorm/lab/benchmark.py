@@ -28,7 +28,6 @@ from ``transformers`` configs, with the parent norms vs converted to IBNorm.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -39,17 +38,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import modules as ib
+from ibnorm import modules as ib
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
-from .convert import convert_norms
-from .ops import dispatch, use_backend
+from ibnorm.convert import convert_norms
+from ibnorm.ops import dispatch, use_backend
 
 ROW_SHAPES = [(4096, 768), (8192, 1024), (2048, 4096)]
 IMAGE_SHAPES = [(64, 64, 32, 32)]
 IMPLEMENTATIONS = {"parent": None, "ib_cpp": "cpp", "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GROUPINGS = ("layer", "rms", "batch", "group")
+MODELS = ("gpt2", "llama", "resnet")
 
 CUDA_ROW_SHAPES = [(4096, 768), (8192, 1024), (16384, 4096), (4096, 8192)]
 CUDA_IMAGE_SHAPES = [(64, 64, 56, 56)]
@@ -113,7 +114,7 @@ def _inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cpu") -> tu
 
 
 def kernel_benchmark(
-    groupings: Sequence[str] = ("layer", "rms", "batch", "group"),
+    groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 10,
     compression: str = "L",
@@ -203,7 +204,7 @@ def _cuda_time_modes(module: Callable[[torch.Tensor], torch.Tensor], params: Seq
 
 
 def cuda_kernel_benchmark(
-    groupings: Sequence[str] = ("layer", "rms", "batch", "group"),
+    groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 50,
     compression: str = "L",
@@ -307,7 +308,7 @@ def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
 
 
 def model_step_benchmark(
-    models: Sequence[str] = ("gpt2", "llama", "resnet"), repeats: int = 10, compression: str = "L", lam: float = 1.0
+    models: Sequence[str] = MODELS, repeats: int = 10, compression: str = "L", lam: float = 1.0
 ) -> list[dict[str, object]]:
     specs = _tiny_models()
     rows = []
@@ -381,64 +382,55 @@ def format_table(rows: list[dict[str, object]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="ibnorm bench", description="IBNorm speed and memory vs the torch parents")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default: 10 on CPU, 50 on CUDA)")
-    parser.add_argument("--groupings", nargs="+", default=["layer", "rms", "batch", "group"])
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--models", nargs="*", default=["gpt2", "llama", "resnet"])
-    parser.add_argument("--compression", default="L")
-    parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
-    parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu",
-        help="cuda: Triton kernels vs the parent and torch.compile of the composite, at GPU sizes, "
-        "into kernels_cuda.csv/.png (no model-step benchmark)",
-    )
-    args = parser.parse_args(argv)
-
-    args.repeats = args.repeats or (50 if args.device == "cuda" else 10)
-    shapes = {}
-    if args.quick:
-        args.repeats = 3
-        shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]}
-    if args.device == "cuda":
-        return _main_cuda(args, shapes)
-    kernels = kernel_benchmark(args.groupings, args.dtypes, args.repeats, args.compression, args.lam, **shapes)
-    atomic_write_csv(args.out / "kernels.csv", kernels)
+def run_benchmarks(
+    out: Path,
+    *,
+    repeats: Optional[int] = None,
+    groupings: Sequence[str] = GROUPINGS,
+    dtypes: Sequence[str] = tuple(DTYPES),
+    models: Sequence[str] = MODELS,
+    compression: str = "L",
+    lam: float = 1.0,
+    quick: bool = False,
+    device: str = "cpu",
+) -> None:
+    """What ``ibnorm bench`` runs: the kernel benchmark (and on CPU the model-step benchmark
+    of ``models``) into ``out`` as CSV and PNG, with tables on stdout. ``repeats`` defaults
+    to 10 on CPU and 50 on CUDA; ``quick`` uses small shapes and 3 repeats (a smoke test)."""
+    repeats = 3 if quick else repeats or (50 if device == "cuda" else 10)
+    shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]} if quick else {}
+    if device == "cuda":
+        return _run_cuda(out, repeats, groupings, dtypes, compression, lam, shapes)
+    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, **shapes)
+    atomic_write_csv(out / "kernels.csv", kernels)
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd", "saved_bytes_ratio", "first_call_s"]
     print(format_table(kernels, columns))
-    plot = plot_kernels(kernels, args.out / "kernels.png")
-    print(f"\nwrote {args.out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
-    if args.models:
-        steps = model_step_benchmark(args.models, args.repeats, args.compression, args.lam)
-        atomic_write_csv(args.out / "model_step.csv", steps)
+    plot = plot_kernels(kernels, out / "kernels.png")
+    print(f"\nwrote {out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
+    if models:
+        steps = model_step_benchmark(models, repeats, compression, lam)
+        atomic_write_csv(out / "model_step.csv", steps)
         print()
         print(format_table(steps, list(steps[0])))
-        print(f"\nwrote {args.out / 'model_step.csv'}")
+        print(f"\nwrote {out / 'model_step.csv'}")
     print(f"backend resolved for cpu: {dispatch.resolve_backend(torch.device('cpu'))}; torch {torch.__version__}")
 
 
-def _main_cuda(args: argparse.Namespace, shapes: dict) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("ibnorm bench --device cuda: no CUDA device")
-    csv_path = args.out / "kernels_cuda.csv"
+def _run_cuda(
+    out: Path, repeats: int, groupings: Sequence[str], dtypes: Sequence[str], compression: str, lam: float, shapes: dict
+) -> None:
+    csv_path = out / "kernels_cuda.csv"
     kernels = cuda_kernel_benchmark(
-        args.groupings, args.dtypes, args.repeats, args.compression, args.lam,
+        groupings, dtypes, repeats, compression, lam,
         on_case=lambda rows: atomic_write_csv(csv_path, rows), **shapes,
     )
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "gbps_forward", "gbps_backward", "gbps_fwd_bwd",
                "ratio_fwd_bwd", "ratio_fwd_bwd_vs_compiled", "first_call_s"]
     print(format_table(kernels, columns))
     plot = plot_kernels(
-        kernels, args.out / "kernels_cuda.png", impls=CUDA_IMPLEMENTATIONS, value="gbps_fwd_bwd",
+        kernels, out / "kernels_cuda.png", impls=CUDA_IMPLEMENTATIONS, value="gbps_fwd_bwd",
         ylabel="forward+backward GB/s (bytes that must move / time)",
-        title=f"IBNorm ({args.compression}, λ={args.lam}) vs torch parent on {kernels[0]['device']} (higher is better)",
+        title=f"IBNorm ({compression}, λ={lam}) vs torch parent on {kernels[0]['device']} (higher is better)",
     )
     print(f"\nwrote {csv_path}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     print(f"backend resolved for cuda: {dispatch.resolve_backend(torch.device('cuda'))}; torch {torch.__version__}")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ named by its canonical spec, e.g. ``ib:S:0.1:centered``); ``ib-S`` /
 ``ib-L`` / ``ib-T`` (that family at λ = 1, standardized); ``ib-learnable`` (family L,
 learnable λ from 1, standardized); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any
 registered family, λ and placement (``standardized``, the meaning when none is named, or
-``centered``), e.g. ``ib:L:1:centered``; ``normalnorm``; ``dyt`` (LayerNorm tasks only). Every arm starts from the same initial weights: converters keep
+``centered``), e.g. ``ib:L:1:centered``; ``normalnorm``; ``dyt`` (LayerNorm and RMSNorm tasks). Every arm starts from the same initial weights: converters keep
 the parent's Parameters.
 """
 
@@ -16,10 +16,10 @@ from typing import Optional
 
 from torch import nn
 
-from .._validation import check_lam, check_placement
-from ..baselines import convert_to_dyt, convert_to_normalnorm
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
-from ..convert import convert_norms
+from ibnorm._validation import check_lam, check_placement
+from ibnorm.baselines import convert_to_dyt, convert_to_normalnorm
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+from ibnorm.convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
 # a spec in a results file keeps its meaning when the default changes.
@@ -79,8 +79,8 @@ def parse_arm(spec: str, parent: str) -> Arm:
     if spec == "parent":
         return Arm("parent", "parent")
     if spec in ("normalnorm", "dyt"):
-        if spec == "dyt" and parent != "layer":
-            raise ValueError(f"arm 'dyt' replaces LayerNorm only; this task's parent norm is {parent!r}")
+        if spec == "dyt" and parent not in ("layer", "rms"):
+            raise ValueError(f"arm 'dyt' replaces LayerNorm and RMSNorm only; this task's parent norm is {parent!r}")
         if spec == "normalnorm" and parent == "rms":
             raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
         return Arm(spec, spec)

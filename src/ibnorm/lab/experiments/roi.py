@@ -8,16 +8,14 @@ per unit of wall time, relative to the parent; positive means worth it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Mapping, Optional, Sequence
 
-from .compare import RESULTS, read_results
-from .report import Group, group_runs, parent_group, step_times
+from .compare import read_results
+from .groups import Group, group_runs, parent_group, step_times
 from .timing import read_timing
 
 CAVEAT = (
@@ -203,28 +201,3 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
         notes.append(EXTRAPOLATED)
     notes += [f"{task}: {source}." for task, source in dict.fromkeys((r["task"], r["step_time_source"]) for r in rows)]
     return "\n".join(lines + notes)
-
-
-def main(argv: Sequence[str]) -> None:
-    """``ibnorm roi RUN_DIR [--gpu-hours H] [--price P]``: print the cost/benefit table."""
-    parser = argparse.ArgumentParser(prog="ibnorm roi", description="compute-equivalent gain and net benefit of each arm")
-    parser.add_argument("run_dir", type=Path, help="a finished `ibnorm compare` folder (results.jsonl)")
-    parser.add_argument("--gpu-hours", type=float, help="GPU hours of the parent's training budget to price")
-    parser.add_argument("--price", type=float, help="price per GPU hour (with --gpu-hours)")
-    args = parser.parse_args(list(argv))
-    for flag, value in (("--gpu-hours", args.gpu_hours), ("--price", args.price)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            parser.error(f"{flag} must be a finite number >= 0, got {value:g}")
-    if (args.gpu_hours is None) != (args.price is None):
-        parser.error("--gpu-hours and --price go together")
-    if not args.run_dir.is_dir():
-        parser.error(f"run folder {args.run_dir} does not exist")
-    if not (args.run_dir / RESULTS).is_file():
-        parser.error(f"no {RESULTS} in {args.run_dir}: run `ibnorm compare --out {args.run_dir}` first")
-    try:
-        rows = roi_table(args.run_dir, args.gpu_hours, args.price)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        parser.error(f"{args.run_dir / RESULTS} is not a results file ({type(exc).__name__}: {exc})")
-    if not rows:
-        parser.error(f"no final runs in {args.run_dir / RESULTS}")
-    print(format_roi(rows))

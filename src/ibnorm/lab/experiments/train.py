@@ -23,10 +23,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ibnorm.convert import convert_norms, convert_sync_ibbatchnorm
+
 from .._io import atomic_write_bytes
 from .._measure import saved_tensor_bytes
-from ..convert import convert_norms, convert_sync_ibbatchnorm
 from .arms import Arm
+from .probe import information_snapshot
 from .tasks import Task
 
 INTERRUPT_ENV = "IBNORM_INTERRUPT_AT"  # "<task>/<arm>/<seed>:<step>": raise KeyboardInterrupt there (resume tests)
@@ -183,8 +185,6 @@ def train_run(
             point = {"step": step + 1, "train_loss": sum(losses) / len(losses)}
             point.update(task.evaluate(_unwrap(model), data, "val", cfg.eval_items))
             if cfg.analyze_every and ((step + 1) % cfg.analyze_every == 0 or step + 1 == cfg.steps) and rank == 0:
-                from ..analysis.run_analysis import information_snapshot
-
                 point["layers"] = information_snapshot(task, data, _unwrap(model), seed=seed)
             curve.append(point)
             losses = []

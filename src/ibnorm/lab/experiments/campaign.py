@@ -27,8 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..analysis.significance import MIN_PAIRED_SEEDS
+from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
+
+from .._io import atomic_write_text
+from .arms import parse_arm
 from .compare import read_results, sweep_arms
+from .report import _table_md, at_a_glance, summarize, verdict, write_report
+from .tasks import get_task
+from .timing import measure_step_times, read_timing, write_timing
 
 DEFAULT_PLAN = Path("docs/results/plan.json")
 BEST_PREFIX = "best:"
@@ -250,10 +256,6 @@ def _models_present(out: Path) -> bool:
 def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
     """A final entry's arms timed quietly and interleaved (``timing.json``), once: the report
     then takes its step-time overheads from there rather than from the training runs."""
-    from .report import write_report
-    from .tasks import get_task
-    from .timing import measure_step_times, read_timing, write_timing
-
     out = entry.out(root)
     tasks, arms = _option(argv, "--tasks"), _option(argv, "--arms")
     if len(tasks) != 1 or not arms:
@@ -329,8 +331,6 @@ def _rank_check(screen_rows: Sequence[dict[str, Any]], check_rows: Sequence[dict
 
 def _sweep_table(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
     """Mean ``split`` metric over seeds per (placement, family) × λ, the parent in the title."""
-    from .arms import parse_arm
-
     cells: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     parent: list[float] = []
     finals = [r for r in rows if r["phase"] == "final"]
@@ -362,10 +362,6 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
     """``SUMMARY.md`` beside the plan: per sweep, the validation and test tables and the
     variant chosen per placement (on validation); per final comparison, its headline
     lines and table. README's evidence tables are copied from this file."""
-    from .._io import atomic_write_text
-    from .report import _table_md, at_a_glance, summarize, verdict
-    from .timing import read_timing
-
     root = Path(plan).parent
     md = ["# Evidence campaign: summary", "", f"Made by `ibnorm results` from `{plan}`; each section names its folder.", ""]
     for entry in load_plan(plan):

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from .. import __version__
+from ibnorm import __version__
 from .._io import atomic_write_bytes, atomic_write_text
 from .arms import Arm, ib_spec, parse_arm
 from .tasks import Task, get_task

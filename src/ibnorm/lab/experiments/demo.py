@@ -3,7 +3,7 @@
 Two tasks, each with the parent norm, the library default (``ib``) and the best ``centered``
 variant of the committed validation sweep for that grouping (the best ``standardized`` one
 where the default is already that variant) (``docs/results/sweep-*``, read
-with :func:`ibnorm.experiments.campaign.best_variants`; where the sweep is not available the
+with :func:`ibnorm.lab.experiments.campaign.best_variants`; where the sweep is not available the
 demo says so and uses the fallback below): MNIST-1D CNN (BatchNorm, 5 seeds) and a
 character-level GPT-2 on Python's own documentation (LayerNorm, 3 seeds). Equal budgets,
 seed-paired Δ with 95% intervals and Holm-adjusted p; the report opens with one line per

@@ -2,7 +2,7 @@
 ``report.html`` (PNG plots embedded).
 
 Final runs are grouped by task, arm and budget (the training config without the learning
-rate, which each arm may tune) and learning rate; groups are never pooled. Each group is
+rate, which each arm may tune) and learning rate (:mod:`.groups`); groups are never pooled. Each group is
 paired by seed with the parent group of the same budget: Δ = arm − parent with its 95%
 t-interval and paired t-test. Within a task the p-values of all comparisons with the
 parent that have at least three pairs form one Holm family, and verdicts use the adjusted
@@ -16,119 +16,39 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean, median, stdev
+from statistics import fmean, stdev
 from typing import Any, Iterable, Mapping, Optional
+
+from ibnorm.analysis.significance import MIN_PAIRED_SEEDS, holm, paired_difference, t_interval, within_margin
 
 from .._io import atomic_write_bytes, atomic_write_text
 from .._plotting import figure_png, pyplot
+from ..analysis_plots import plot_information_plane, plot_layer_stats
 from .arms import Arm, parse_arm
 from .compare import read_results
-from ..analysis.significance import MIN_PAIRED_SEEDS, holm, paired_difference, t_interval, within_margin
-from .timing import TIMING, read_timing
+from .groups import Group, group_runs, is_finite_number, parent_group, step_times
+from .roi import format_roi, roi_rows
+from .timing import read_timing
 
 ALPHA = 0.05
 DEFAULT_MARGINS = {"acc": 0.5, "bpc": 0.02}  # metric suffix → equivalence margin in the metric's units
-QUIET_TIMES = f"step times: quiet interleaved measurement ({TIMING})"
-TRAINING_TIMES = "step times: median of training steps (runs may have shared the CPU; indicative only)"
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def is_diverged(row: Mapping[str, Any]) -> bool:
-    """A run diverged if it says so or its ranked metric is missing or non-finite."""
-    return bool(row.get("diverged")) or not _finite((row.get("metrics") or {}).get(row["metric"]))
 
 
 def equivalence_margin(rows: Iterable[Mapping[str, Any]]) -> float:
     """The rows' ``equivalence_margin``, else the default for the metric (NaN if none)."""
     rows = list(rows)
     for r in rows:
-        if _finite(r.get("equivalence_margin")):
+        if is_finite_number(r.get("equivalence_margin")):
             return float(r["equivalence_margin"])
     metric = rows[0]["metric"]
     return next((m for suffix, m in DEFAULT_MARGINS.items() if metric.endswith(suffix)), float("nan"))
 
 
-@dataclass(eq=False)
-class Group:
-    """The final runs of one arm in one task at one budget and learning rate."""
-
-    task: str
-    arm: str
-    budget: str  # JSON of the config without lr: equal budgets, equal strings
-    lr: float
-    runs: list[dict[str, Any]]
-    label: str = ""
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return json.loads(self.budget)
-
-    @property
-    def valid(self) -> list[dict[str, Any]]:
-        return [r for r in self.runs if not is_diverged(r)]
-
-    def values(self, key: str) -> dict[int, float]:
-        """Seed → finite ``metrics[key]`` of the non-diverged runs."""
-        pairs = ((r["seed"], (r.get("metrics") or {}).get(key)) for r in self.valid)
-        return {seed: float(v) for seed, v in pairs if _finite(v)}
-
-    def median(self, key: str) -> float:
-        """Median of a finite per-run number (step time, activation bytes) over all runs."""
-        xs = [r[key] for r in self.runs if _finite(r.get(key))]
-        return median(xs) if xs else float("nan")
-
-
-def group_runs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Group]]:
-    """Task → its groups of final runs, parent first; labels name the budget (and lr) only
-    where a task has several."""
-    by_key: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["phase"] == "final":
-            budget = json.dumps({k: v for k, v in r["config"].items() if k != "lr"}, sort_keys=True)
-            by_key.setdefault((r["task"], r["arm"], budget, r["config"]["lr"]), []).append(dict(r))
-    tasks: dict[str, list[Group]] = {}
-    for (task, arm, budget, lr), runs in by_key.items():
-        tasks.setdefault(task, []).append(Group(task, arm, budget, lr, runs))
-    for groups in tasks.values():
-        groups.sort(key=lambda g: (g.arm != "parent", g.arm, g.config.get("steps", 0), g.budget, g.lr))
-        budgets = [json.loads(b) for b in dict.fromkeys(g.budget for g in groups)]
-        varying = sorted({k for b in budgets for k in b if any(b.get(k) != o.get(k) for o in budgets)}, key=lambda k: (k != "steps", k))
-        for g in groups:
-            parts = [f"{g.config.get(k)} steps" if k == "steps" else f"{k}={g.config.get(k)}" for k in varying]
-            if sum(o.arm == g.arm and o.budget == g.budget for o in groups) > 1:
-                parts.append(f"lr={g.lr:g}")
-            g.label = g.arm + (f" @ {', '.join(parts)}" if parts else "")
-    return tasks
-
-
-def parent_group(group: Group, groups: list[Group]) -> Optional[Group]:
-    """The parent group of the same budget: the one with the same lr if any, else the one
-    with the most non-diverged runs."""
-    parents = [g for g in groups if g.arm == "parent" and g.budget == group.budget]
-    if not parents:
-        return None
-    return next((p for p in parents if p.lr == group.lr), max(parents, key=lambda p: len(p.valid)))
-
-
-def step_times(groups: list[Group], timing: Mapping[str, Any]) -> tuple[dict[Group, float], str]:
-    """Step seconds per group and where they come from: ``timing.json`` when its entry
-    for the task covers every arm at the groups' batch size, else the training medians."""
-    entry = timing.get(groups[0].task) if groups else None
-    if entry and all(g.arm in entry["step_time_s"] and entry.get("batch_size") in (None, g.config.get("batch_size")) for g in groups):
-        return {g: float(entry["step_time_s"][g.arm]) for g in groups}, QUIET_TIMES
-    return {g: g.median("step_time_s") for g in groups}, TRAINING_TIMES
-
-
 def _overhead_pct(value: float, reference: float) -> float:
-    return 100 * (value / reference - 1) if _finite(value) and _finite(reference) and reference > 0 else float("nan")
+    return 100 * (value / reference - 1) if is_finite_number(value) and is_finite_number(reference) and reference > 0 else float("nan")
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -212,7 +132,7 @@ def summarize(rows: list[dict[str, Any]], timing: Optional[Mapping[str, Any]] = 
 
 def _margin_text(row: Mapping[str, Any]) -> str:
     margin = row["margin"]
-    return f"±{margin:g} {_unit(row['metric'])}".rstrip() if _finite(margin) else "none known (no equivalence verdicts)"
+    return f"±{margin:g} {_unit(row['metric'])}".rstrip() if is_finite_number(margin) else "none known (no equivalence verdicts)"
 
 
 def _unit(metric: str) -> str:
@@ -233,7 +153,7 @@ def outcome(row: Mapping[str, Any]) -> str:
         return f"equivalent (Δ CI within ±{margin:g})"
     if row["p_holm"] < ALPHA:
         return "better than parent" if (row["diff"] > 0) == row["higher_is_better"] else "WORSE than parent"
-    band = f"exceeds the ±{margin:g} equivalence band" if _finite(margin) else f"no equivalence margin known for {row['metric']}"
+    band = f"exceeds the ±{margin:g} equivalence band" if is_finite_number(margin) else f"no equivalence margin known for {row['metric']}"
     return f"inconclusive (Δ CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}] {band})"
 
 
@@ -259,7 +179,7 @@ def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
     the compared arm with the best paired Δ, its interval, its verdict and its step-time cost."""
     lines = []
     for task, table in summary.items():
-        compared = [r for r in table if r["compared"] and _finite(r["diff"])]
+        compared = [r for r in table if r["compared"] and is_finite_number(r["diff"])]
         if not compared:
             continue
         sign = 1 if compared[0]["higher_is_better"] else -1
@@ -275,13 +195,13 @@ def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
-    if not _finite(x):
+    if not is_finite_number(x):
         return "∞" if isinstance(x, float) and math.isinf(x) else "–"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
 def _fmt_p(p: float) -> str:
-    return f"{p:.2g}" if _finite(p) else "–"
+    return f"{p:.2g}" if is_finite_number(p) else "–"
 
 
 def _table_md(table: list[dict[str, Any]]) -> list[str]:
@@ -333,7 +253,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str) -> Optional[bytes]:
         by_step: dict[int, list[float]] = {}
         for curve in curves:
             for point in curve:
-                if _finite(point.get(key)):
+                if is_finite_number(point.get(key)):
                     by_step.setdefault(point["step"], []).append(point[key])
         steps = sorted(by_step)
         line = ax.plot(steps, [fmean(by_step[s]) for s in steps], label=f"{g.label} (n={len(curves)})")[0]
@@ -352,9 +272,9 @@ def plot_arms(table: list[dict[str, Any]], task: str) -> bytes:
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(table)), 4))
     xs = range(len(table))
     means = [r["mean"] for r in table]
-    errs = [[r["mean"] - r["ci_low"] if _finite(r["ci_low"]) else 0 for r in table], [r["ci_high"] - r["mean"] if _finite(r["ci_high"]) else 0 for r in table]]
+    errs = [[r["mean"] - r["ci_low"] if is_finite_number(r["ci_low"]) else 0 for r in table], [r["ci_high"] - r["mean"] if is_finite_number(r["ci_high"]) else 0 for r in table]]
     ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=5)
-    parents = [r for r in table if r["arm"] == "parent" and _finite(r["mean"])]
+    parents = [r for r in table if r["arm"] == "parent" and is_finite_number(r["mean"])]
     for r in parents:
         ax.axhline(r["mean"], color="grey", ls="--", lw=1, label=f"{r['label']} mean")
     if parents:
@@ -395,8 +315,8 @@ def plot_sweep(table: list[dict[str, Any]], task: str) -> Optional[bytes]:
         pts = sorted(([(0.0, parent)] if parent else []) + pts, key=lambda p: p[0])
         lams = [lam for lam, _ in pts]
         means = [r["mean"] for _, r in pts]
-        low = [r["ci_low"] if _finite(r["ci_low"]) else r["mean"] for _, r in pts]
-        high = [r["ci_high"] if _finite(r["ci_high"]) else r["mean"] for _, r in pts]
+        low = [r["ci_low"] if is_finite_number(r["ci_low"]) else r["mean"] for _, r in pts]
+        high = [r["ci_high"] if is_finite_number(r["ci_high"]) else r["mean"] for _, r in pts]
         label = f"IBNorm-{family} ({placement}) {budget}".rstrip()
         line = ax.plot(lams, means, marker="o", label=label)[0]
         ax.fill_between(lams, low, high, color=line.get_color(), alpha=0.15)
@@ -421,8 +341,6 @@ def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, O
     ]
     if not points:
         return []
-    from ..analysis.information_plane import plot_information_plane, plot_layer_stats
-
     last = max(p["step"] for p in points)
     return [
         ("information-plane", plot_information_plane(points, group="arm_layer", along="step", title=f"{task}: I(X;T) vs I(T;Y) over training")),
@@ -433,8 +351,6 @@ def plot_information(rows: list[dict[str, Any]], task: str) -> list[tuple[str, O
 def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` for ``out/results.jsonl``
     (and ``out/timing.json`` when present)."""
-    from .roi import format_roi, roi_rows  # roi builds on this module's grouping
-
     out = Path(out)
     rows = read_results(out)
     timing = read_timing(out)

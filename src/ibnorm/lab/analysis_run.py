@@ -4,17 +4,15 @@ For every ``final`` run in ``<out>/results.jsonl`` (optionally filtered by task 
 model is rebuilt exactly as it was trained (``task.build`` → ``arm.apply`` →
 ``load_state_dict(final.pt)``), run in eval mode on a probe set, and every normalization
 layer's output is captured (:mod:`ibnorm.analysis.capture`). Per layer the activation
-statistics and the mutual-information estimates of :func:`layer_information` are computed.
+statistics and the mutual-information estimates of
+:func:`~ibnorm.analysis.information_plane.layer_information` are computed.
 
 The rebuilt model is checked by a strict ``load_state_dict``.
 
-Probe set: the first ``max_examples`` examples of the task's test split (classification;
-representations are channels averaged over spatial positions, ``spatial="mean"``), or,
-for language models, the first ``ceil(max_examples / block_size)`` windows of the test text
-with each token position one example (``spatial="examples"``; labels are the next
-characters; the first ``max_examples`` positions are kept). With ``spatial="mean"`` the
-statistics of a convolutional layer describe channel averages over positions, not the
-per-element distribution the norm acts on. The probe classifier behind the I(T;Y) lower
+Probe set: :func:`~ibnorm.lab.experiments.probe.probe_set` on the task's test split
+(channel means for classification, one example per token position for language models).
+With ``spatial="mean"`` the statistics of a convolutional layer describe channel averages
+over positions, not the per-element distribution the norm acts on. The probe classifier behind the I(T;Y) lower
 bound is trained on a seeded half of the probe set and evaluated on the other half (for
 language models, positions of one window can land on both sides).
 
@@ -51,10 +49,16 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_text
-from .capture import SITES, _check_sites, capture_activations, find_sites, split_site_key
-from .information_plane import information_plane, plot_information_plane, plot_layer_stats
-from .stats import activation_stats, paired_difference
+from ibnorm.analysis.capture import SITES, _check_sites, capture_activations, find_sites, split_site_key
+from ibnorm.analysis.information_plane import information_plane
+from ibnorm.analysis.stats import activation_stats, paired_difference
+
+from ._io import atomic_write_bytes, atomic_write_text
+from .analysis_plots import plot_information_plane, plot_layer_stats
+from .experiments.arms import parse_arm
+from .experiments.compare import read_results
+from .experiments.probe import finite_or_none, probe_set
+from .experiments.tasks import get_task
 
 __all__ = ["analyze_run", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
 
@@ -102,43 +106,6 @@ def output_folder(run_dir_or_out: Union[str, Path]) -> Path:
     return out if only_run is None else out / only_run
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _probe(task: Any, data: Any, max_examples: int, split: str = "test") -> tuple[Any, torch.Tensor, str]:
-    """(inputs, labels, spatial mode) of the probe set; see the module docstring."""
-    if task.kind == "lm":
-        text = data[split]
-        windows = min(math.ceil(max_examples / task.block_size), (len(text) - 1) // task.block_size)
-        idx = (torch.arange(windows) * task.block_size)[:, None] + torch.arange(task.block_size + 1)
-        seq = text[idx]
-        return seq[:, :-1], seq[:, 1:].reshape(-1)[:max_examples], "examples"
-    x, y = getattr(data, split)
-    return x[:max_examples], y[:max_examples], "mean"
-
-
-def information_snapshot(task: Any, data: Any, model: torch.nn.Module, max_examples: int = 500, seed: int = 0) -> list[dict[str, Any]]:
-    """Per-layer statistics and MI estimates (binning and kernel, no probe) of ``model`` on
-    the first ``max_examples`` of the validation split: what ``ibnorm compare --analyze``
-    records at every evaluation, to draw information-plane trajectories."""
-    inputs, labels, spatial = _probe(task, data, max_examples, split="val")
-    rows = information_plane(
-        model,
-        inputs,
-        labels,
-        forward=task.logits,
-        spatial=spatial,
-        max_examples=max_examples,
-        batch_size=250 if task.kind != "lm" else 8,
-        seed=seed,
-        probe=False,
-    )
-    return [{k: _finite(v) for k, v in row.items()} for row in rows]
-
-
 def _load_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """``load_state_dict(strict=True)``, except that the ψ running statistics a parent's
     BatchNorm gains when trained under torchrun on CPU (it runs as SyncIBBatchNorm with
@@ -178,10 +145,6 @@ def analyze_run(
     analysed; the others add per-element kurtosis/sparsity rows of at most ``max_values``
     values per layer (at least ``2 × max_units``, so that every layer keeps two positions).
     """
-    from ..experiments.arms import parse_arm
-    from ..experiments.compare import read_results
-    from ..experiments.tasks import get_task
-
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
         raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
     extra_sites = [site for site in _check_sites(sites) if site != "norm_out"]
@@ -209,7 +172,7 @@ def analyze_run(
         data = data_cache[task.name]
         model = parse_arm(run["arm"], task.parent).apply(task.build(data))
         _load_state(model, torch.load(out / run["run_dir"] / "final.pt", map_location="cpu", weights_only=True))
-        inputs, labels, spatial = _probe(task, data, max_examples)
+        inputs, labels, spatial = probe_set(task, data, max_examples)
         layer_rows = information_plane(
             model,
             inputs,
@@ -237,7 +200,7 @@ def analyze_run(
                 "units": "bits",
                 **lr,
             }
-            rows.append({k: _finite(v) for k, v in row.items()})
+            rows.append({k: finite_or_none(v) for k, v in row.items()})
         site_rows = []
         if extra_sites:
             found = find_sites(model, extra_sites)
@@ -272,7 +235,7 @@ def analyze_run(
                     **activation_stats(values),
                 }
                 depth[site] += 1
-                site_rows.append({k: _finite(v) for k, v in row.items()})
+                site_rows.append({k: finite_or_none(v) for k, v in row.items()})
         rows += site_rows
         if progress:
             print(

@@ -1,0 +1,327 @@
+"""The ``ibnorm`` command: ``compare``, ``sweep``, ``results``, ``roi``, ``demo``, ``analyze``
+and ``bench``.
+
+Every subcommand is one :class:`Subcommand` in :data:`SUBCOMMANDS`: its help line, a
+function that adds its arguments to its parser and a function that runs it. Bad input is
+refused by that parser: one ``ibnorm <command>: error: ...`` line and exit status 2, never
+a traceback.
+
+``compare`` and ``sweep`` also run under ``torchrun --nproc-per-node N``: the process group
+is initialized from the environment (gloo on CPU, nccl on CUDA) and rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NoReturn, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ibnorm._validation import check_lam
+from ibnorm.analysis.capture import SITES
+from ibnorm.compression import PLACEMENTS, get_compression
+
+from .analysis_run import analyze_run, output_folder
+from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
+from .experiments.arms import default_arms
+from .experiments.campaign import DEFAULT_PLAN, load_plan, run_campaign
+from .experiments.compare import RESULTS, make_plans, run_plans, sweep_arms
+from .experiments.demo import run_demo
+from .experiments.report import write_report
+from .experiments.roi import format_roi, roi_table
+from .experiments.tasks import get_task
+
+Runner = Callable[[argparse.ArgumentParser, argparse.Namespace, Sequence[str]], None]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``ibnorm`` subcommand: ``add_arguments(parser)`` declares its arguments and
+    ``run(parser, args, argv)`` runs it (``parser`` is the subcommand's own, for errors;
+    ``argv`` the whole command line after ``ibnorm``)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Runner
+
+
+def _fail(parser: argparse.ArgumentParser, exc: BaseException) -> NoReturn:
+    """Bad input: the parser's usage and the error on one line, exit status 2."""
+    parser.error(" ".join(str(exc).split()))
+
+
+# =============================================================================== compare, sweep
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _is_writer() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder (results.jsonl, report.md, report.html)")
+    parser.add_argument("--seeds", type=int, help="seeds per arm (default: the task's, 5 image / 3 LM)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the task's)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
+    parser.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST, FIRST+1, … (default 0)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
+
+
+def _train_and_report(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    tasks: Sequence[str],
+    arms: Sequence[str],
+    title: str,
+    command: str,
+    tune_lr: int = 0,
+    analyze: int = 0,
+) -> None:
+    try:
+        plans = make_plans(
+            tasks,
+            arms,
+            args.seeds,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.eval_every,
+            tune_lr,
+            analyze_every=analyze,
+            first_seed=args.first_seed,
+            device=args.device,
+        )
+    except (ValueError, TypeError) as exc:
+        _fail(parser, exc)
+    if args.report_only:
+        report = write_report(args.out, title)
+        print(f"report: {report} and {report.with_suffix('.html')}")
+        return
+    _init_distributed()
+    try:
+        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device)
+    except FileNotFoundError as exc:  # data missing: found before any training starts
+        _fail(parser, exc)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {args.out / RESULTS}; run the same command to resume")
+        raise SystemExit(130)
+    if _is_writer():
+        report = write_report(args.out, title)
+        print(f"report: {report} and {report.with_suffix('.html')}")
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", required=True, help="e.g. mnist1d-cnn fmnist-resnet austen-gpt2 text:PATH")
+    parser.add_argument("--arms", nargs="+", default=None, help="default: parent ib ib-S ib-L ib-T ib-learnable, normalnorm (batch/layer tasks), dyt (layer tasks)")
+    parser.add_argument("--tune-lr", type=int, default=0, help="try K learning rates per arm on the validation split first")
+    parser.add_argument(
+        "--analyze", type=int, default=0, metavar="K", help="information-plane snapshot every K steps (at evaluations)"
+    )
+    _experiment_arguments(parser)
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    arms = args.arms
+    if arms is None:
+        try:
+            arms = default_arms({get_task(t).parent for t in args.tasks})
+        except ValueError as exc:
+            _fail(parser, exc)
+    title = f"ibnorm compare: {', '.join(args.tasks)}"
+    _train_and_report(parser, args, args.tasks, arms, title, "ibnorm " + shlex.join(argv), args.tune_lr, args.analyze)
+
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
+    parser.add_argument("--families", nargs="+", default=["S", "L", "T"])
+    parser.add_argument("--placements", nargs="+", default=["standardized"], choices=PLACEMENTS)
+    _experiment_arguments(parser)
+
+
+def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    arms = sweep_arms(args.families, args.lams, args.placements)
+    _train_and_report(parser, args, [args.task], arms, f"ibnorm sweep: {args.task}", "ibnorm " + shlex.join(argv))
+
+
+# =============================================================================== results, demo
+def _results_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", type=Path, default=None, help="plan file (default: docs/results/plan.json)")
+    parser.add_argument("--only", nargs="+", help="run only these plan entries")
+    parser.add_argument("--report-only", action="store_true", help="rewrite every report; train nothing")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
+
+
+def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    plan = args.plan or DEFAULT_PLAN
+    try:  # bad input is refused here; errors during the campaign keep their traceback
+        names = [e.name for e in load_plan(plan)]
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(parser, exc)
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        parser.error(f"--only names unknown plan entries {unknown}; the plan has {names}")
+    run_campaign(main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+
+
+def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    run_demo(args.out)
+
+
+# =============================================================================== roi
+def _roi_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a finished `ibnorm compare` folder (results.jsonl)")
+    parser.add_argument("--gpu-hours", type=float, help="GPU hours of the parent's training budget to price")
+    parser.add_argument("--price", type=float, help="price per GPU hour (with --gpu-hours)")
+
+
+def _roi(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    for flag, value in (("--gpu-hours", args.gpu_hours), ("--price", args.price)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be a finite number >= 0, got {value:g}")
+    if (args.gpu_hours is None) != (args.price is None):
+        parser.error("--gpu-hours and --price go together")
+    if not args.run_dir.is_dir():
+        parser.error(f"run folder {args.run_dir} does not exist")
+    if not (args.run_dir / RESULTS).is_file():
+        parser.error(f"no {RESULTS} in {args.run_dir}: run `ibnorm compare --out {args.run_dir}` first")
+    try:
+        rows = roi_table(args.run_dir, args.gpu_hours, args.price)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        parser.error(f"{args.run_dir / RESULTS} is not a results file ({type(exc).__name__}: {exc})")
+    if not rows:
+        parser.error(f"no final runs in {args.run_dir / RESULTS}")
+    print(format_roi(rows))
+
+
+# =============================================================================== analyze
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="an `ibnorm compare --out` folder, or one run folder inside it")
+    parser.add_argument("--max-examples", type=int, default=2000, help="probe examples (token positions for LMs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--arms", nargs="+", default=None)
+    parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
+    parser.add_argument(
+        "--sites",
+        nargs="+",
+        choices=SITES + ("all",),
+        default=["all"],
+        help="where to measure: norm inputs/outputs, block outputs, activation outputs; 'all' (default) for every site",
+    )
+    parser.add_argument("--max-values", type=int, default=100_000, help="values kept per layer at the added sites")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _analyze(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    try:  # the arguments, the folder and its runs are checked before any model is built
+        analyze_run(
+            args.run_dir,
+            tasks=args.tasks,
+            arms=args.arms,
+            max_examples=args.max_examples,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            sites=SITES if "all" in args.sites else args.sites,
+            max_values=args.max_values,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(parser, exc)
+    target = output_folder(args.run_dir)
+    print(f"analysis: {target / 'analysis.md'} (rows in {target / 'analysis.jsonl'}, plots in {target / 'plots'})")
+
+
+# =============================================================================== bench
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default: 10 on CPU, 50 on CUDA)")
+    parser.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--compression", default="L")
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: Triton kernels vs the parent and torch.compile of the composite, at GPU sizes, "
+        "into kernels_cuda.csv/.png (no model-step benchmark)",
+    )
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    try:
+        get_compression(args.compression)
+        check_lam(args.lam)
+    except (ValueError, TypeError) as exc:
+        _fail(parser, exc)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be a positive int, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    run_benchmarks(
+        args.out,
+        repeats=args.repeats,
+        groupings=args.groupings,
+        dtypes=args.dtypes,
+        models=args.models,
+        compression=args.compression,
+        lam=args.lam,
+        quick=args.quick,
+        device=args.device,
+    )
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "compare": Subcommand("A/B comparison of arms on tasks over several seeds", _compare_arguments, _compare),
+    "sweep": Subcommand("metric vs λ for each compression family", _sweep_arguments, _sweep),
+    "results": Subcommand("run or resume the evidence campaign of a recorded plan (make results)", _results_arguments, _results),
+    "roi": Subcommand("compute-equivalent gain vs time overhead of each arm of a run folder", _roi_arguments, _roi),
+    "demo": Subcommand("the quick preset behind `make demo` (a few minutes on 2 cores)", _demo_arguments, _demo),
+    "analyze": Subcommand(
+        "activation statistics and mutual information of a finished compare run", _analyze_arguments, _analyze
+    ),
+    "bench": Subcommand("speed and memory of IB layers vs the torch parents", _bench_arguments, _bench),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``ibnorm`` parser and each subcommand's own parser, by name."""
+    parser = argparse.ArgumentParser(prog="ibnorm", description="IBNorm for PyTorch: A/B experiments and benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, command in SUBCOMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(parsers[name])
+    return parser, parsers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    SUBCOMMANDS[args.command].run(parsers[args.command], args, argv)
+
+
+if __name__ == "__main__":
+    main()
