@@ -293,13 +293,15 @@ COMPILED = [
     for i, grouping in enumerate(GROUPINGS)
     for j, family in enumerate(FAMILIES)
 ]
-# Gradients: every grouping with both placements, the family rotating, float32.
+# Gradients: every grouping with both placements, the family rotating, in float32 and float64
+# (Triton: float32 and bfloat16); compiled: one placement per grouping, float32.
 GRADIENTS = [
-    (backend, grouping, FAMILIES[i % 3], placement, torch.float32)
-    for backend in BACKENDS + ("compiled",)
+    (backend, grouping, FAMILIES[i % 3], placement, dtype)
+    for backend in BACKENDS
     for i, grouping in enumerate(GROUPINGS)
-    for placement in (PLACEMENTS if backend != "compiled" else PLACEMENTS[i % 2 : i % 2 + 1])
-]
+    for placement in PLACEMENTS
+    for dtype in _dtypes(backend)[:2]
+] + [("compiled", grouping, FAMILIES[i % 3], PLACEMENTS[i % 2], torch.float32) for i, grouping in enumerate(GROUPINGS)]
 
 
 def _id(case) -> str:
