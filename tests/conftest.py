@@ -8,6 +8,7 @@ import ibnorm
 settings.register_profile("ibnorm", derandomize=True, deadline=None)
 settings.load_profile("ibnorm")
 
-# Layers run on the analytic-backward Function without compilation unless a test asks for
-# another backend; IBNORM_TEST_BACKEND=compiled|reference reruns the suite on another one.
-ibnorm.set_backend(os.environ.get("IBNORM_TEST_BACKEND", "eager"))
+# The suite runs on the backend users get by default (``auto``, or $IBNORM_BACKEND) unless a
+# test asks for another; IBNORM_TEST_BACKEND=eager|compiled|reference|... reruns it on another.
+if "IBNORM_TEST_BACKEND" in os.environ:
+    ibnorm.set_backend(os.environ["IBNORM_TEST_BACKEND"])

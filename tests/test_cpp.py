@@ -377,5 +377,7 @@ def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, place
     with ibnorm.use_backend("auto"):
         assert dispatch.resolve_backend(x.device) == "cpp"
     custom = Compression("soft2", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
-    cfg = _config(VIEWS["layer"], custom, placement)
-    assert dispatch._cpp_bodies(cfg, torch.float32) == dispatch._compiled_bodies(cfg)
+    key = dispatch.CompileKey(_config(VIEWS["layer"], custom, placement), torch.float32, False)
+    forward, _ = dispatch._cpp_or_compiled(key)
+    assert dispatch._cpp_cache[(key.cfg, torch.float32)] is None  # not taken by the C++ kernels
+    assert forward.__qualname__ == "_guarded.<locals>.call"  # the compiled body behind its fallback

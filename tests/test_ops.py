@@ -1,4 +1,7 @@
-"""The fused path (IBNormFunction, eager and compiled bodies) against the composite reference."""
+"""The fused path (IBNormFunction, eager and compiled bodies): its gradients against finite
+differences, what it saves for backward, determinism and compilation behaviour. Its values on
+every backend are compared with a reference written in the test in test_backends.py, and the
+dispatch rules are tested in test_dispatch.py."""
 
 import warnings
 
@@ -10,17 +13,12 @@ import ibnorm.functional as IBF
 from ibnorm.ops import dispatch
 
 FAMILIES = ["S", "L", "T"]
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def case(kind, shape, dtype, seed=0, noncontiguous=False):
+def case(kind, shape, dtype, seed=0):
     """Inputs (x, weight, bias, λ tensor, running buffers) and the call for one grouping."""
     gen = torch.Generator().manual_seed(seed)
-    if noncontiguous:  # same logical shape, strided storage
-        x = (torch.randn(*reversed(shape), generator=gen) * 2 + 0.5).permute(*reversed(range(len(shape))))
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(*shape, generator=gen) * 2 + 0.5
+    x = torch.randn(*shape, generator=gen) * 2 + 0.5
     x = x.to(dtype)
     affine = (shape[-1],) if kind in ("layer", "rms") else (shape[1],)
     w = (torch.rand(affine, generator=gen) + 0.5).to(dtype)
@@ -43,8 +41,8 @@ def case(kind, shape, dtype, seed=0, noncontiguous=False):
     return x, w, (None if kind == "rms" else b), call
 
 
-def run(backend, kind, family, shape, dtype=torch.float32, lam=0.7, noncontiguous=False):
-    x, w, b, call = case(kind, shape, dtype, noncontiguous=noncontiguous)
+def run(backend, kind, family, shape, dtype=torch.float32, lam=0.7):
+    x, w, b, call = case(kind, shape, dtype)
     lam_t = torch.tensor(lam, dtype=torch.float32, requires_grad=True)
     leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None] + [lam_t]
     with ibnorm.use_backend(backend):
@@ -55,39 +53,6 @@ def run(backend, kind, family, shape, dtype=torch.float32, lam=0.7, noncontiguou
 
 
 SHAPES = {"layer": (5, 123), "rms": (5, 123), "batch": (3, 6, 5, 5), "batch_eval": (3, 6, 5, 5), "group": (3, 6, 5, 5)}
-
-
-@pytest.mark.parametrize("kind", list(SHAPES))
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("noncontiguous", [False, True])
-def test_eager_function_matches_reference(kind, family, noncontiguous):
-    expected = run("reference", kind, family, SHAPES[kind], noncontiguous=noncontiguous)
-    got = run("eager", kind, family, SHAPES[kind], noncontiguous=noncontiguous)
-    for name, g, e in zip(["y", "x", "weight", "bias", "lam"], got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("kind", ["layer", "group", "batch"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_eager_function_half_precision(kind, dtype):
-    expected = run("reference", kind, "T", SHAPES[kind], dtype=dtype)
-    got = run("eager", kind, "T", SHAPES[kind], dtype=dtype)
-    assert got[0].dtype == dtype
-    tol = TOLERANCE[dtype]
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
-
-
-@pytest.mark.parametrize("kind", ["layer", "rms", "batch", "group"])
-def test_tiny_lambda_tensor_is_continuous(kind):
-    """λ → 0 through the Function (a tensor λ never takes the parent shortcut). Batch eval
-    is left out: there the second standardization uses running ψ-statistics, which this
-    test sets arbitrarily."""
-    got = run("eager", kind, "L", SHAPES[kind], lam=1e-6)
-    with ibnorm.use_backend("reference"):
-        x, w, b, call = case(kind, SHAPES[kind], torch.float32)
-        parent = call(x, w, b, 0.0, "L")
-    torch.testing.assert_close(got[0], parent, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,21 +118,6 @@ def test_saved_tensors_are_input_weight_and_per_group_stats(kind, shape, groups)
     assert reference > 3 * fused  # the composite keeps several full-size float32 intermediates
 
 
-def test_backend_setting_env_and_errors(monkeypatch):
-    previous = ibnorm.get_backend()
-    with ibnorm.use_backend("reference"):
-        assert ibnorm.get_backend() == "reference"
-    assert ibnorm.get_backend() == previous
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cpp', 'compiled', 'triton', 'eager', 'reference'\], got 'fast'"):
-        ibnorm.set_backend("fast")
-    monkeypatch.setattr(dispatch, "_backend", None)
-    monkeypatch.setenv("IBNORM_BACKEND", "Reference")
-    assert ibnorm.get_backend() == "reference"
-    monkeypatch.setenv("IBNORM_BACKEND", "gpu")
-    with pytest.raises(ValueError, match=r"\$IBNORM_BACKEND must be one of"):
-        ibnorm.get_backend()
-
-
 def test_triton_request_on_cpu_warns_once_and_runs_eager(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     with ibnorm.use_backend("triton"):
@@ -181,38 +131,11 @@ def test_triton_request_on_cpu_warns_once_and_runs_eager(monkeypatch):
         assert torch.equal(g, e)
 
 
-def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def fail(*args, **kw):
-            raise RuntimeError("no C++ compiler")
-
-        return fail
-
-    monkeypatch.setattr(dispatch, "_compiled_cache", {})
-    monkeypatch.setattr(dispatch, "_compile_failed", False)
-    monkeypatch.setattr(dispatch, "_warned", set())
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(RuntimeWarning, match="could not compile its kernels .*no C\\+\\+ compiler.*using 'eager'"):
-        got = run("compiled", "group", "S", SHAPES["group"])
-    assert dispatch.resolve_backend(torch.device("cpu")) == "eager"
-    expected = run("eager", "group", "S", SHAPES["group"])
-    for g, e in zip(got, expected):
-        assert torch.equal(g, e)
-
-
-# Compiled bodies: one configuration per grouping keeps the compile time of the suite bounded.
-COMPILED_CASES = [("layer", "L", torch.float32), ("rms", "S", torch.bfloat16), ("batch", "T", torch.float32), ("group", "L", torch.float32)]
-
-
-@pytest.mark.parametrize("kind,family,dtype", COMPILED_CASES)
-def test_compiled_matches_reference_and_is_deterministic(kind, family, dtype):
-    expected = run("reference", kind, family, SHAPES[kind], dtype=dtype)
-    first = run("compiled", kind, family, SHAPES[kind], dtype=dtype)
-    second = run("compiled", kind, family, SHAPES[kind], dtype=dtype)
-    tol = TOLERANCE[dtype]
-    for g, e, again in zip(first, expected, second):
-        torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
-        assert torch.equal(g, again)  # bitwise reproducible on CPU
+def test_compiled_is_deterministic():
+    first = run("compiled", "layer", "L", SHAPES["layer"])
+    second = run("compiled", "layer", "L", SHAPES["layer"])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # bitwise reproducible on CPU
 
 
 def test_compiled_does_not_recompile_for_new_batch_sizes():

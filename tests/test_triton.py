@@ -2,8 +2,8 @@
 
 Without CUDA the kernels run on CPU tensors through Triton's interpreter, which needs
 ``TRITON_INTERPRET=1`` before triton is first imported (``@triton.jit`` decides at
-decoration time); the variable is set only while this file imports triton and during its
-tests, so other test files still see a CPU without Triton. Where something imported triton
+decoration time); the variable is set only while triton is imported (triton_interpreter.py)
+and during this file's tests, so other test files still see a CPU without Triton. Where something imported triton
 earlier (a whole-suite run: torch._dynamo does when transformers loads), those tests run
 in a fresh process instead (``test_interpreted_in_a_fresh_process``). Tile sizes and program counts are lowered so that rows
 are walked in several blocks, programs take several rows and channel reductions have
@@ -19,6 +19,7 @@ batch grouping in eval takes μ, σ², m, v from the running buffers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,15 +32,14 @@ import torch
 import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.ops import dispatch
+from triton_interpreter import import_interpreted_kernels, interpreter_on
 
 INTERPRETED = not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1")
 DEVICE = "cpu" if INTERPRETED else "cuda"
-_saved_flag = os.environ.get("TRITON_INTERPRET")
-# Imported earlier without the interpreter, triton's own jitted library cannot be interpreted.
-_IMPORTED_TOO_EARLY = INTERPRETED and "triton" in sys.modules and _saved_flag != "1"
-if INTERPRETED:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+# Why the kernels cannot be interpreted in this process (triton imported earlier without the
+# interpreter, whose own jitted library then cannot be interpreted), or None.
+_NOT_INTERPRETED = import_interpreted_kernels() if INTERPRETED else None
+with interpreter_on() if INTERPRETED else contextlib.nullcontext():
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -55,15 +55,9 @@ try:
         tl.store(DPSI + offsets, slope, mask=mask)
         tl.store(DLAM + offsets, dlam, mask=mask)
 
-finally:
-    if _saved_flag is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_flag
 
 needs_kernels = pytest.mark.skipif(
-    _IMPORTED_TOO_EARLY,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set: test_interpreted_in_a_fresh_process runs these",
+    _NOT_INTERPRETED is not None, reason=f"{_NOT_INTERPRETED}: test_interpreted_in_a_fresh_process runs these"
 )
 cuda_only = pytest.mark.skipif(INTERPRETED, reason="needs CUDA")
 
@@ -304,7 +298,6 @@ def test_psi_template_matches_the_registered_family(family):
 @needs_kernels
 def test_dispatch_picks_the_kernels_and_falls_back_per_call(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
-    monkeypatch.setattr(dispatch, "_compile_failed", False)
     device = torch.device(DEVICE)
     assert dispatch.resolve_backend(device) == "triton"
     with ibnorm.use_backend("auto"):  # the interpreter is for tests: auto keeps the CPU kernels on CPU
@@ -332,15 +325,7 @@ def test_triton_on_cpu_without_the_interpreter_falls_back_to_eager(monkeypatch):
         assert dispatch.resolve_backend(torch.device("cpu")) == "eager"
 
 
-def test_triton_availability_is_checked_once():
-    dispatch._triton_available()
-    hits = dispatch._triton_available.cache_info().hits
-    dispatch.resolve_backend(torch.device(DEVICE))
-    dispatch.resolve_backend(torch.device(DEVICE))
-    assert dispatch._triton_available.cache_info().hits >= hits + 2
-
-
-@pytest.mark.skipif(not _IMPORTED_TOO_EARLY, reason="the kernels were tested in this process")
+@pytest.mark.skipif(_NOT_INTERPRETED is None, reason="the kernels were tested in this process")
 def test_interpreted_in_a_fresh_process():
     """In a whole-suite run something imports triton before this file (torch._dynamo does,
     e.g. when transformers loads), too late for the interpreter: run this file's CPU tests

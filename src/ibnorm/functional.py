@@ -19,7 +19,8 @@ Statistics are computed in float32 (float64 for float64 inputs) whatever the inp
 dtype; the output has the input's dtype. Each function checks its arguments, views the
 input so that every group's statistics are a mean over fixed dims, and hands it to the
 dispatch point :func:`ibnorm.ops.normalize` (fused kernels or the composite reference,
-see :func:`ibnorm.set_backend`). A float λ = 0 calls torch's own norm.
+see :func:`ibnorm.set_backend`) together with torch's own norm for the call, which the
+dispatch point runs for a float λ = 0.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ._validation import (
     normalize_shape,
 )
 from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, Compression, get_compression
-from .ops import GroupStats, get_backend, is_identity, normalize
+from .ops import GroupStats, is_identity, normalize
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 
@@ -52,11 +53,6 @@ Lam = Union[float, Tensor]
 def _prepare(input: Tensor, compression: str | Compression, lam: Lam, placement: str) -> tuple[Compression, Lam, str]:
     check_floating(input)
     return get_compression(compression), check_lam(lam), check_placement(placement)
-
-
-def _parent(lam: Lam) -> bool:
-    """Use torch's own norm: λ is the float 0 and the reference composite was not asked for."""
-    return is_identity(lam) and get_backend() != "reference"
 
 
 def _channels(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> int:
@@ -93,8 +89,6 @@ def ib_layer_norm(
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
     check_affine_shape(bias, shape, "bias")
-    if _parent(lam):
-        return F.layer_norm(input, shape, weight, bias, eps)
     n = math.prod(shape)
     y, _ = normalize(
         input.reshape(-1, n),
@@ -107,6 +101,7 @@ def ib_layer_norm(
         family=family,
         center=True,
         placement=placement,
+        parent=lambda: F.layer_norm(input, shape, weight, bias, eps),
     )
     return y.reshape(input.shape)
 
@@ -132,8 +127,6 @@ def ib_rms_norm(
     check_eps(eps)
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
-    if _parent(lam):
-        return F.rms_norm(input, shape, weight, eps)
     n = math.prod(shape)
     y, _ = normalize(
         input.reshape(-1, n),
@@ -146,6 +139,7 @@ def ib_rms_norm(
         family=family,
         center=False,
         placement=placement,
+        parent=lambda: F.rms_norm(input, shape, weight, eps),
     )
     return y.reshape(input.shape)
 
@@ -169,8 +163,6 @@ def ib_group_norm(
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}")
-    if _parent(lam):
-        return F.group_norm(input, num_groups, weight, bias, eps)
     per_group = channels // num_groups
     affine_shape = (1, num_groups, per_group, 1)
     y, _ = normalize(
@@ -184,6 +176,7 @@ def ib_group_norm(
         family=family,
         center=True,
         placement=placement,
+        parent=lambda: F.group_norm(input, num_groups, weight, bias, eps),
     )
     return y.reshape(input.shape)
 
@@ -277,9 +270,6 @@ def ib_batch_norm(
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
-    if _parent(lam) and reduce_mean is None:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-
     stat_shape = (1, channels, 1)
     given = GroupStats()
     if not training:
@@ -302,8 +292,9 @@ def ib_batch_norm(
         placement=placement,
         given=given,
         reduce_mean=reduce_mean,
+        parent=lambda: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
     )
-    if training:
+    if training and stats is not None:  # None: torch's batch_norm ran and updated the buffers
         _update_running_stats(stats, buffers, momentum, count, placement)
     return y.reshape(input.shape)
 

@@ -1,6 +1,6 @@
 """Kernels behind one dispatch point: the composite reference, the fused autograd Function
-with an analytic backward, and its compiled and hand-written Triton bodies (see
-:mod:`ibnorm.ops.dispatch`)."""
+with an analytic backward, and its compiled, C++ and hand-written Triton bodies. Every choice
+among them, λ = 0 (torch's own norm) included, is made in :mod:`ibnorm.ops.dispatch`."""
 
 from .dispatch import BACKENDS, get_backend, normalize, resolve_backend, set_backend, use_backend
 from .function import IBNormFunction

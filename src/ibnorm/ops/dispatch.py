@@ -5,7 +5,7 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
 
 ``auto`` (default)
     ``triton`` on CUDA where Triton is importable (else ``eager``); on CPU ``cpp`` where the
-    C++ extension builds (else ``compiled``).
+    C++ extension builds (else ``compiled``); ``eager`` on other devices.
 ``cpp``
     :class:`IBNormFunction` with the vectorized C++ kernels of :mod:`ibnorm.ops.cpp` (CPU;
     built once per machine on first use and cached). Where it cannot be built it warns once
@@ -29,11 +29,21 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
 ``reference``
     The composite of :mod:`ibnorm.ops.reference`, differentiated by autograd.
 
-Whatever the setting, the reference path is used where the Function cannot serve: inside
-an outer ``torch.compile``/``torch.export``/tracing (the outer compiler fuses the
-composite itself), for statistics reduced across processes (``SyncIBBatchNorm``), and for a
-learnable λ with a custom family that registered no ``dpsi_dlam``. A compilation failure
-warns once and falls back to ``eager``.
+The setting is held in a :class:`contextvars.ContextVar`: ``set_backend`` changes it for the
+current thread (or asyncio task) only, ``use_backend`` restores it on exit, even on an
+exception, and a new thread starts from ``$IBNORM_BACKEND`` or ``auto``.
+
+Whatever the setting, a float λ = 0 runs torch's own norm (the ``parent`` of
+:func:`normalize`; with ``reference``, the composite standardizes once), and the reference
+path is used where the Function cannot serve: inside an outer
+``torch.compile``/``torch.export``/tracing (the outer compiler fuses the composite itself),
+for statistics reduced across processes (``SyncIBBatchNorm``), and for a learnable λ with a
+custom family that registered no ``dpsi_dlam``.
+
+A configuration that ``torch.compile`` cannot compile (a user ψ Dynamo cannot trace, an
+Inductor or C++ compiler error, running out of memory while compiling) runs ``eager`` from
+then on, with one warning naming the cause; every other configuration stays compiled.
+Errors of the call itself (mismatched shapes, say) are raised, not caught.
 """
 
 from __future__ import annotations
@@ -43,25 +53,38 @@ import functools
 import os
 import types
 import warnings
-from typing import Callable, Iterator, Optional, Union
+from contextvars import ContextVar
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..compression import Compression
 from .function import Bodies, IBNormFunction, KernelConfig, backward_body, eager_bodies, forward_body
-from .reference import GroupStats, ReduceMean, affine, compute_dtype, ib_normalize_reference, mean_over
+from .reference import GroupStats, ReduceMean, affine, compute_dtype, ib_normalize_reference, is_identity, mean_over
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend", "normalize"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend", "normalize", "reset"]
 
 BACKENDS = ("auto", "cpp", "compiled", "triton", "eager", "reference")
 ENV_VAR = "IBNORM_BACKEND"
 
-_backend: Optional[str] = None
+_requested: ContextVar[Optional[str]] = ContextVar("ibnorm_backend", default=None)
+
+
+class CompileKey(NamedTuple):
+    """What selects one compiled graph: the configuration of the call (grouping, family,
+    placement, sizes, affine, ...), the input's dtype and whether λ is learnable. A compile
+    failure is remembered per key."""
+
+    cfg: KernelConfig
+    dtype: torch.dtype
+    learnable_lam: bool
+
+
 _compiled_cache: dict[KernelConfig, Bodies] = {}
-_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Bodies] = {}
-_compile_failed = False
-_warned: set[str] = set()
+_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Optional[Bodies]] = {}
+_compile_failures: dict[CompileKey, str] = {}
+_warned: set[object] = set()
 
 
 def _check_backend(name: object, source: str) -> str:
@@ -71,53 +94,87 @@ def _check_backend(name: object, source: str) -> str:
 
 
 def set_backend(name: str) -> str:
-    """Choose the implementation for every later call; returns the previous setting."""
-    global _backend
+    """Choose the implementation for later calls in the current thread (or asyncio task);
+    returns the previous setting. Other threads keep theirs; a new thread starts from
+    ``$IBNORM_BACKEND`` or ``"auto"``."""
     previous = get_backend()
-    _backend = _check_backend(name, "backend")
+    _requested.set(_check_backend(name, "backend"))
     return previous
 
 
 def get_backend() -> str:
-    """The requested backend: ``set_backend``'s, else ``$IBNORM_BACKEND``, else ``"auto"``."""
-    if _backend is not None:
-        return _backend
+    """The requested backend: ``set_backend``'s in this context, else ``$IBNORM_BACKEND``,
+    else ``"auto"``."""
+    requested = _requested.get()
+    if requested is not None:
+        return requested
     return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``with use_backend("eager"): ...`` restores the previous setting on exit."""
-    global _backend
-    saved = _backend
-    set_backend(name)
+    """``with use_backend("eager"): ...`` restores the previous setting on exit, also when
+    the block raises."""
+    token = _requested.set(_check_backend(name, "backend"))
     try:
         yield
     finally:
-        _backend = saved
+        _requested.reset(token)
 
 
-def _warn_once(key: str, message: str) -> None:
+def reset() -> None:
+    """Forget compiled bodies, remembered compile failures, one-time warnings and the
+    capability checks, so the next call decides afresh (for tests, or after installing a
+    compiler or Triton in a running process)."""
+    _compiled_cache.clear()
+    _cpp_cache.clear()
+    _compile_failures.clear()
+    _warned.clear()
+    _cpp_available.cache_clear()
+    _triton_import_error.cache_clear()
+    _triton_kernels.cache_clear()
+
+
+def _warn_once(key: object, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    """Whether Triton imports (checked once)."""
+# ----------------------------------------------------------------------------- capabilities (checked once)
+
+
+@functools.cache
+def _cpp_available() -> bool:
+    """Whether the C++ extension builds (built on the first call; warns once where it cannot)."""
+    from . import cpp
+
+    return cpp.available()
+
+
+@functools.cache
+def _triton_import_error() -> Optional[str]:
+    """``None`` where Triton imports, else why it does not."""
     try:
         import triton  # noqa: F401
-    except Exception:  # not installed, or an install that fails to load
-        return False
-    return True
+    except Exception as exc:  # not installed, or an install that fails to load
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.cache
+def _triton_kernels() -> types.ModuleType:
+    """:mod:`ibnorm.ops.triton` (imported once, where Triton imports)."""
+    from . import triton as kernels
+
+    return kernels
 
 
 def _triton_runs_on(device: torch.device) -> bool:
     """The hand-written kernels run on CUDA, and on CPU under Triton's interpreter."""
-    if device.type == "cuda":
-        return _triton_available()
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_available()
+    if _triton_import_error() is not None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def resolve_backend(device: torch.device) -> str:
@@ -126,30 +183,53 @@ def resolve_backend(device: torch.device) -> str:
     requested = get_backend()
     if requested in ("eager", "reference"):
         return requested
-    if device.type == "cpu" and requested in ("cpp", "auto"):
-        from . import cpp
-
-        if cpp.available():  # builds on the first call; warns once where it cannot
-            return "cpp"
-        requested = "compiled"
-    if requested == "triton" or (requested == "auto" and device.type == "cuda"):
+    if requested == "triton":
         if _triton_runs_on(device):
             return "triton"
-        if requested == "triton":
+        _warn_once(
+            "triton",
+            f"ibnorm backend 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU) and triton; "
+            f"input is on {device}: using 'eager'",
+        )
+        return "eager"
+    if device.type == "cpu":
+        return "cpp" if requested in ("auto", "cpp") and _cpp_available() else "compiled"
+    if device.type == "cuda":
+        if _triton_import_error() is not None:  # Inductor generates Triton on CUDA too
             _warn_once(
-                "triton",
-                f"ibnorm backend 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU) and triton; "
-                f"input is on {device}: using 'eager'",
+                "cuda-no-triton",
+                f"triton is not importable ({_triton_import_error()}): ibnorm uses its 'eager' backend on CUDA",
             )
             return "eager"
-    if _compile_failed:
-        return "eager"
-    if device.type == "cuda" and not _triton_available():
-        _warn_once("cuda-no-triton", "triton is not importable: ibnorm uses its 'eager' backend on CUDA")
-        return "eager"
-    if device.type not in ("cpu", "cuda"):
-        return "eager"
-    return "compiled"
+        return "triton" if requested == "auto" else "compiled"
+    return "eager"
+
+
+# ----------------------------------------------------------------------------- compiled bodies
+
+
+@functools.cache
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What ``torch.compile`` raises when it cannot compile a body: Dynamo cannot trace it
+    (``Unsupported``, e.g. a graph break under ``fullgraph``; ``UserError``, e.g. a guard on a
+    value only known at run time, such as numpy applied to ``float(lam)``), a Dynamo bug, too many
+    recompilations of one body under ``fullgraph``, the backend compiler fails
+    (``BackendCompilerFailed``, Inductor's errors included), or memory runs out.
+    Not ``TorchRuntimeError``: that is the call's own error (a shape mismatch, say), which
+    eager would raise too."""
+    from torch._dynamo import exc as dynamo
+    from torch._inductor import exc as inductor
+
+    return (
+        dynamo.Unsupported,
+        dynamo.UserError,
+        dynamo.InternalTorchDynamoError,
+        dynamo.FailOnRecompileLimitHit,
+        dynamo.BackendCompilerFailed,
+        inductor.InvalidCxxCompiler,
+        inductor.CppCompileError,
+        torch.OutOfMemoryError,
+    )
 
 
 def _specialize(fn: types.FunctionType, name: str, cfg: KernelConfig) -> types.FunctionType:
@@ -162,23 +242,6 @@ def _specialize(fn: types.FunctionType, name: str, cfg: KernelConfig) -> types.F
     clone = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "cfg": cfg}
     return clone
-
-
-def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
-    """Run ``compiled``; if compiling fails (no C++ toolchain, an Inductor error), warn once
-    and use ``eager`` from then on."""
-
-    def call(*args, **kwargs):
-        global _compile_failed
-        if not _compile_failed:
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as exc:
-                _compile_failed = True
-                _warn_once("compile", f"ibnorm could not compile its kernels ({type(exc).__name__}: {exc}); using 'eager'")
-        return eager(*args, **kwargs)
-
-    return call
 
 
 def _marking_dynamic(fn: Callable, dims: tuple[int, ...]) -> Callable:
@@ -197,58 +260,95 @@ def _marking_dynamic(fn: Callable, dims: tuple[int, ...]) -> Callable:
 
 
 def _compiled_bodies(cfg: KernelConfig) -> Bodies:
+    """The forward and backward bodies compiled for ``cfg`` (compiled lazily, on first call)."""
     bodies = _compiled_cache.get(cfg)
     if bodies is None:
         tag = f"{cfg.family.name}_{len(_compiled_cache)}"
 
-        def compile(fn: Callable) -> Callable:
-            return _marking_dynamic(torch.compile(fn, dynamic=False, fullgraph=True), cfg.dynamic_dims)
+        def compile(fn: types.FunctionType, direction: str) -> Callable:
+            specialized = _specialize(fn, f"ibnorm_{direction}_{tag}", cfg)
+            return _marking_dynamic(torch.compile(specialized, dynamic=False, fullgraph=True), cfg.dynamic_dims)
 
-        eager_forward, eager_backward = eager_bodies(cfg)
-        bodies = (
-            _with_fallback(
-                compile(_specialize(forward_body, f"ibnorm_forward_{tag}", cfg)),
-                eager_forward,
-            ),
-            _with_fallback(
-                compile(_specialize(backward_body, f"ibnorm_backward_{tag}", cfg)),
-                eager_backward,
-            ),
-        )
+        bodies = (compile(forward_body, "forward"), compile(backward_body, "backward"))
         _compiled_cache[cfg] = bodies
     return bodies
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, with the next line where the first only
+    introduces it (``backend='inductor' raised:``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"
+
+
+def _remember_failure(key: CompileKey, exc: BaseException) -> None:
+    _compile_failures[key] = _cause(exc)
+    cfg = key.cfg
+    learnable = ", learnable λ" if key.learnable_lam else ""
+    _warn_once(
+        key,
+        f"ibnorm could not compile its kernels for compression {cfg.family.name!r}, statistics over dims "
+        f"{cfg.dims}, placement {cfg.placement!r}, {key.dtype}{learnable} ({_compile_failures[key]}); "
+        f"this configuration uses 'eager' from now on, others stay compiled",
+    )
+
+
+def _guarded(compiled: Callable, eager: Callable, key: CompileKey) -> Callable:
+    """``compiled``, or ``eager`` once ``key`` failed to compile (in either direction)."""
+
+    def call(*args, **kwargs):
+        if key not in _compile_failures:
+            try:
+                return compiled(*args, **kwargs)
+            except _compile_errors() as exc:
+                _remember_failure(key, exc)
+        return eager(*args, **kwargs)
+
+    return call
+
+
+def _compiled_or_eager(key: CompileKey) -> Bodies:
+    """The compiled bodies for ``key``, each falling back to eager if compiling fails; the
+    eager ones where ``key`` failed before."""
+    eager_forward, eager_backward = eager_bodies(key.cfg)
+    if key in _compile_failures:
+        return eager_forward, eager_backward
+    compiled_forward, compiled_backward = _compiled_bodies(key.cfg)
+    return _guarded(compiled_forward, eager_forward, key), _guarded(compiled_backward, eager_backward, key)
+
+
+def _cpp_or_compiled(key: CompileKey) -> Bodies:
+    """The C++ bodies for this configuration and dtype, or the compiled ones for what the C++
+    kernels do not take (a user-registered family)."""
+    from . import cpp
+
+    cache_key = (key.cfg, key.dtype)
+    if cache_key not in _cpp_cache:
+        try:
+            _cpp_cache[cache_key] = cpp.bodies(key.cfg, key.dtype)
+        except cpp.Unsupported:
+            _cpp_cache[cache_key] = None
+    return _cpp_cache[cache_key] or _compiled_or_eager(key)
+
+
+# ----------------------------------------------------------------------------- per call
 
 
 def _triton_or_fallback(x: Tensor, family: Compression) -> str:
     """``triton``, or what serves the calls the kernels do not take: an empty input
     (``eager``), a user-registered family (``compiled``, noted once per family) or a dtype
     other than float32/bfloat16/float16 (``compiled``)."""
-    from .triton import SUPPORTED_DTYPES, family_id
-
     if x.numel() == 0:
         return "eager"
-    if family_id(family) is None:
+    kernels = _triton_kernels()
+    if kernels.family_id(family) is None:
         _warn_once(
-            f"family:{family.name}",
+            ("family", family.name),
             f"ibnorm: compression {family.name!r} has no Triton kernel (only the built-ins do); using 'compiled'",
         )
-    elif x.dtype in SUPPORTED_DTYPES:
-        return "triton"
-    return "eager" if _compile_failed else "compiled"
-
-
-def _cpp_bodies(cfg: KernelConfig, dtype: torch.dtype) -> Bodies:
-    """The C++ bodies for this configuration and dtype, or the compiled ones for what the C++
-    kernels do not take (a user-registered family)."""
-    from . import cpp
-
-    key = (cfg, dtype)
-    if key not in _cpp_cache:
-        try:
-            _cpp_cache[key] = cpp.bodies(cfg, dtype)
-        except cpp.Unsupported:  # the compiled bodies fall back to eager by themselves
-            _cpp_cache[key] = _compiled_bodies(cfg)
-    return _cpp_cache[key]
+        return "compiled"
+    return "triton" if x.dtype in kernels.SUPPORTED_DTYPES else "compiled"
 
 
 def _needs_reference(lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> bool:
@@ -257,6 +357,15 @@ def _needs_reference(lam: Union[float, Tensor], family: Compression, reduce_mean
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
     return isinstance(lam, Tensor) and lam.requires_grad and family.dpsi_dlam is None
+
+
+def _implementation(x: Tensor, lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> str:
+    """The implementation :func:`normalize` runs for this call (λ > 0): the backend
+    :func:`resolve_backend` gives, or the reference or a per-call fallback."""
+    if _needs_reference(lam, family, reduce_mean):
+        return "reference"
+    backend = resolve_backend(x.device)
+    return _triton_or_fallback(x, family) if backend == "triton" else backend
 
 
 def normalize(
@@ -273,14 +382,19 @@ def normalize(
     placement: str = "standardized",
     given: GroupStats = GroupStats(),
     reduce_mean: Optional[ReduceMean] = None,
-) -> tuple[Tensor, GroupStats]:
+    parent: Optional[Callable[[], Tensor]] = None,
+) -> tuple[Tensor, Optional[GroupStats]]:
     """IBNorm of ``x`` with statistics over ``dims`` (or ``reduce_mean``, e.g. across
-    processes), λ > 0 as a float or tensor, ψ placed as ``placement``, then ``weight``/``bias`` (already shaped to
-    broadcast). ``dynamic_dims`` are the dims whose size may change between calls.
-    Returns y in x's dtype and the statistics (for running buffers)."""
-    backend = "reference" if _needs_reference(lam, family, reduce_mean) else resolve_backend(x.device)
-    if backend == "triton":
-        backend = _triton_or_fallback(x, family)
+    processes), λ as a float or tensor, ψ placed as ``placement``, then ``weight``/``bias``
+    (already shaped to broadcast). ``dynamic_dims`` are the dims whose size may change
+    between calls. ``parent`` computes torch's own norm for this call: it serves a float
+    λ = 0 (ψ the identity), except with the ``reference`` backend or ``reduce_mean``.
+
+    Returns y in x's dtype and the statistics (for running buffers), or ``None`` for them
+    where ``parent`` ran (torch's norm updates any running buffers itself)."""
+    if parent is not None and is_identity(lam) and reduce_mean is None and get_backend() != "reference":
+        return parent(), None
+    backend = _implementation(x, lam, family, reduce_mean)
     if backend == "reference":
         y, stats = ib_normalize_reference(
             x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given, placement
@@ -300,17 +414,16 @@ def normalize(
         bias is not None,
     )
     lam_tensor = lam if isinstance(lam, Tensor) else torch.tensor(float(lam), dtype=compute_dtype(x.dtype), device=x.device)
-    args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
+    key = CompileKey(cfg, x.dtype, lam_tensor.requires_grad)
     if backend == "cpp":
-        bodies = _cpp_bodies(cfg, x.dtype)
+        bodies = _cpp_or_compiled(key)
     elif backend == "triton":
-        from .triton import triton_bodies
-
-        bodies = triton_bodies(cfg)
+        bodies = _triton_kernels().triton_bodies(cfg)
     elif backend == "compiled":
-        bodies = _compiled_bodies(cfg)
+        bodies = _compiled_or_eager(key)
     else:
         bodies = eager_bodies(cfg)
+    args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
     return _unpack(IBNormFunction.apply(*args, bodies))
 
 

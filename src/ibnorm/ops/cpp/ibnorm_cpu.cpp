@@ -45,7 +45,14 @@ using at::vec::Vectorized;
 // ------------------------------------------------------------------ compression families
 // Each family is ψ_λ(z) = f(λz)/λ. eval gives ψ and ψ' = f'(λz) for λ > 0; dlam gives ∂ψ/∂λ
 // from z, ψ and ψ', finite for every λ ≥ 0 (λ = 0 passes ψ = z, ψ' = 1). Where the direct form
-// (z·ψ' − ψ)/λ cancels, a Taylor series takes over, as in ibnorm/compression.py.
+// (z·ψ' − ψ)/λ cancels, a Taylor series takes over, as in ibnorm/compression.py: below a cutoff
+// that depends on the precision, where the series' truncation error is below it.
+
+// The series cutoff of |t| for V's precision: `for_double` in double, `for_float` otherwise.
+template <typename V>
+V series_cutoff(double for_double, double for_float) {
+  return V(std::is_same_v<typename V::value_type, double> ? for_double : for_float);
+}
 
 struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
   template <typename V>
@@ -78,7 +85,7 @@ struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = �
     using at::vec::fmadd;
     const V t = lam * z.abs();
     const V g = fmadd(fmadd(fmadd(fmadd(V(-5.0 / 6), t, V(4.0 / 5)), t, V(-3.0 / 4)), t, V(2.0 / 3)), t, V(-0.5));
-    return V::blendv((z * dpsi - psi) * inv_lam, z * z.abs() * g, t < V(0.05));
+    return V::blendv((z * dpsi - psi) * inv_lam, z * z.abs() * g, t < series_cutoff<V>(1e-3, 0.05));
   }
 };
 
@@ -96,7 +103,7 @@ struct Tanh {  // ψ = tanh(u) / λ,  ψ' = 1 − tanh²(u),  u = λz
     using at::vec::fmadd;
     const V u = lam * z, u2 = u * u;
     const V h = u * fmadd(fmadd(V(-34.0 / 105), u2, V(8.0 / 15)), u2, V(-2.0 / 3));
-    return V::blendv((z * dpsi - psi) * inv_lam, z * z * h, u.abs() < V(0.1));
+    return V::blendv((z * dpsi - psi) * inv_lam, z * z * h, u.abs() < series_cutoff<V>(1e-2, 0.1));
   }
 };
 

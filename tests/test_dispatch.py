@@ -1,0 +1,312 @@
+"""The dispatch point's rules (ibnorm.ops.dispatch): which implementation serves a call, what
+happens when one cannot be compiled, and where the backend setting lives.
+
+Numbers are compared with references written here (ψ of the user family below: asinh(λz)/λ);
+which implementation ran is observed through counters, never through timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import ibnorm
+from ibnorm.compression import Compression, get_compression
+from ibnorm.ops import cpp, dispatch, function
+
+EPS = 1e-5
+
+
+def _asinh_numpy(z: Tensor, lam) -> Tensor:
+    """ψ_λ(z) = asinh(λz)/λ through numpy: fine eagerly, a graph break for Dynamo."""
+    lam = float(lam)
+    return torch.from_numpy(np.arcsinh(lam * z.detach().cpu().numpy()) / lam).to(z)
+
+
+def _dasinh_numpy(z: Tensor, lam) -> Tensor:
+    lam = float(lam)
+    return torch.from_numpy(1 / np.sqrt(1 + (lam * z.detach().cpu().numpy()) ** 2)).to(z)
+
+
+# A user family Dynamo cannot trace (not registered: no global state to undo).
+NUMPY_ASINH = Compression("asinh_numpy", _asinh_numpy, _dasinh_numpy)
+
+
+def layer_reference(x: Tensor, weight: Tensor, bias: Tensor, psi, lam: float) -> Tensor:
+    """Standardized-placement IBNorm over the last dim, in float64."""
+    t = x.double()
+    z = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + EPS)
+    u = psi(z, lam)
+    u_hat = (u - u.mean(-1, keepdim=True)) / torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + EPS)
+    return u_hat * weight.double() + bias.double()
+
+
+@contextlib.contextmanager
+def no_ibnorm_warning():
+    """Fails if ibnorm warns inside the block (other libraries' warnings are let through:
+    Inductor's first compilation in a process may emit a DeprecationWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    messages = [str(w.message) for w in caught if "ibnorm" in str(w.message)]
+    assert not messages, messages
+
+
+@pytest.fixture
+def fresh_dispatch():
+    """No compiled bodies, remembered failures or given warnings from earlier tests."""
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+@pytest.fixture
+def eager_forward_calls(monkeypatch):
+    """Counts the runs of the eager forward body (the compiled bodies run their own copy)."""
+    calls = []
+    original = function.forward_body
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["cfg"].family.name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(function, "forward_body", counting)
+    return calls
+
+
+def _layer_inputs(width: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, width, generator=gen) * 2 + 0.5
+    return x, torch.rand(width, generator=gen) + 0.5, torch.randn(width, generator=gen)
+
+
+# --------------------------------------------------------------------------- compile failures
+
+
+def test_untraceable_user_psi_runs_eager_with_one_warning_while_others_stay_compiled(fresh_dispatch, eager_forward_calls):
+    x, w, b = _layer_inputs(16)
+    with ibnorm.use_backend("compiled"):
+        with pytest.warns(RuntimeWarning) as caught:
+            y = ibnorm.ib_layer_norm(x, (16,), w, b, EPS, NUMPY_ASINH, 0.5, "standardized")
+        messages = [str(w.message) for w in caught if "could not compile" in str(w.message)]
+        assert len(messages) == 1, messages
+        # the cause: Dynamo's error (which one depends on the torch version) and its first line
+        assert "'asinh_numpy'" in messages[0] and re.search(r"\((Unsupported|UserError): \w", messages[0]), messages[0]
+        assert "others stay compiled" in messages[0]
+        assert eager_forward_calls == ["asinh_numpy"]
+        expected = layer_reference(x, w, b, lambda z, lam: torch.asinh(lam * z) / lam, 0.5)
+        torch.testing.assert_close(y.double(), expected, rtol=2e-5, atol=2e-5)
+
+        # the same configuration again: eager straight away, no second warning, backward too
+        xg = x.clone().requires_grad_(True)
+        with no_ibnorm_warning():
+            ibnorm.ib_layer_norm(xg, (16,), w, b, EPS, NUMPY_ASINH, 0.5, "standardized").sum().backward()
+        assert eager_forward_calls == ["asinh_numpy"] * 2 and xg.grad is not None
+
+        # another configuration in the same process is still compiled
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with no_ibnorm_warning():
+            y_t = ibnorm.ib_layer_norm(x, (16,), w, b, EPS, "T", 0.5, "standardized")
+        assert eager_forward_calls == ["asinh_numpy"] * 2
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+        expected_t = layer_reference(x, w, b, lambda z, lam: torch.tanh(lam * z) / lam, 0.5)
+        torch.testing.assert_close(y_t.double(), expected_t, rtol=2e-5, atol=2e-5)
+    assert [key.cfg.family.name for key in dispatch._compile_failures] == ["asinh_numpy"]
+
+
+def _failing_compile(exc: BaseException):
+    def compile(fn, **kwargs):
+        def fail(*args, **kw):
+            raise exc
+
+        return fail
+
+    return compile
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [torch._inductor.exc.InvalidCxxCompiler(), torch.OutOfMemoryError("CPU out of memory while compiling")],
+    ids=["no-compiler", "out-of-memory"],
+)
+def test_compiler_errors_fall_back_per_configuration(exc, fresh_dispatch, eager_forward_calls, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _failing_compile(exc))
+    x, w, b = _layer_inputs(12)
+    with ibnorm.use_backend("compiled"):
+        for dtype in (torch.float32, torch.float64):  # two configurations, each warned once
+            with pytest.warns(RuntimeWarning, match=type(exc).__name__):
+                y = ibnorm.ib_layer_norm(x.to(dtype), (12,), w.to(dtype), b.to(dtype), EPS, "L", 0.4, "standardized")
+            expected = layer_reference(x.to(dtype), w, b, lambda z, lam: torch.sign(z) * torch.log1p(lam * z.abs()) / lam, 0.4)
+            torch.testing.assert_close(y.double(), expected, rtol=2e-5, atol=2e-5)
+    assert len(dispatch._compile_failures) == 2 and eager_forward_calls == ["L", "L"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug in the body"), TypeError("bad argument")], ids=["runtime", "type"])
+def test_other_errors_from_a_compiled_body_are_raised(exc, fresh_dispatch, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _failing_compile(exc))
+    x, w, b = _layer_inputs(12)
+    with ibnorm.use_backend("compiled"), no_ibnorm_warning():
+        with pytest.raises(type(exc), match=str(exc)):
+            ibnorm.ib_layer_norm(x, (12,), w, b, EPS, "L", 0.4)
+    assert not dispatch._compile_failures
+
+
+@pytest.mark.parametrize("backend", ["compiled", "eager", "cpp"])
+def test_a_shape_error_raises(backend, fresh_dispatch):
+    """A weight that does not broadcast against the input reaches the kernels (the dispatch
+    point is called directly, past the functional API's checks): the error is the caller's,
+    raised on every backend, and not remembered as a compile failure."""
+    if backend == "cpp" and not cpp.available():
+        pytest.skip("the C++ extension does not build here")
+    x = torch.randn(4, 8)
+    with ibnorm.use_backend(backend), no_ibnorm_warning():
+        with pytest.raises(RuntimeError):
+            dispatch.normalize(
+                x, torch.ones(1, 9), None, 0.5, dims=(1,), dynamic_dims=(0,), eps=EPS, family=get_compression("S"), center=True
+            )
+    assert not dispatch._compile_failures
+
+
+# --------------------------------------------------------------------------- which implementation
+
+
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
+def test_float_lambda_zero_runs_the_parent_except_on_the_reference(backend):
+    """λ = 0 is decided at the dispatch point: torch's own norm (``parent``) on every backend,
+    the composite on ``reference``; a tensor λ = 0 and statistics reduced across processes
+    never take the parent."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    calls = []
+
+    def parent():
+        calls.append(1)
+        return torch.nn.functional.layer_norm(x, (8,), eps=EPS)
+
+    def normalize(lam, reduce_mean=None):
+        return dispatch.normalize(
+            x, None, None, lam, dims=(1,), dynamic_dims=(0,), eps=EPS, family=get_compression("S"), center=True,
+            reduce_mean=reduce_mean, parent=parent,
+        )
+
+    standardized = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + EPS)
+    with ibnorm.use_backend(backend):
+        y, stats = normalize(0.0)
+        torch.testing.assert_close(y, standardized, rtol=1e-12, atol=1e-12)
+        assert (stats is None) == (backend != "reference") and len(calls) == (backend != "reference")
+    calls.clear()
+    with ibnorm.use_backend("reference"):
+        _, stats = normalize(torch.tensor(0.0, dtype=torch.float64))
+        assert stats is not None
+        _, stats = normalize(0.0, reduce_mean=lambda t: t.mean(dim=1, keepdim=True))
+        assert stats is not None
+    assert not calls
+
+
+def test_resolve_backend_rules(monkeypatch):
+    """``auto``: C++ on CPU where it builds, else compiled; Triton on CUDA where it imports,
+    else eager with a warning; eager elsewhere."""
+    monkeypatch.setattr(dispatch, "_warned", set())
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    monkeypatch.setattr(dispatch, "_cpp_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_triton_import_error", lambda: None)
+    table = {"auto": ("cpp", "triton", "eager"), "cpp": ("cpp", "compiled", "eager"), "compiled": ("compiled", "compiled", "eager")}
+    for requested, (on_cpu, on_cuda, on_mps) in table.items():
+        with ibnorm.use_backend(requested):
+            assert [dispatch.resolve_backend(d) for d in (cpu, cuda, mps)] == [on_cpu, on_cuda, on_mps], requested
+    for requested in ("eager", "reference"):
+        with ibnorm.use_backend(requested):
+            assert {dispatch.resolve_backend(d) for d in (cpu, cuda, mps)} == {requested}
+    monkeypatch.setattr(dispatch, "_cpp_available", lambda: False)
+    monkeypatch.setattr(dispatch, "_triton_import_error", lambda: "ImportError: No module named 'triton'")
+    with ibnorm.use_backend("auto"):
+        assert dispatch.resolve_backend(cpu) == "compiled"
+        with pytest.warns(RuntimeWarning, match="triton is not importable \\(ImportError: No module named 'triton'\\)"):
+            assert dispatch.resolve_backend(cuda) == "eager"
+
+
+def test_capability_checks_run_once_until_reset(monkeypatch, fresh_dispatch):
+    builds = []
+    available = cpp.available
+    monkeypatch.setattr(cpp, "available", lambda: builds.append(1) or available())
+    with ibnorm.use_backend("auto"):
+        for _ in range(3):
+            dispatch.resolve_backend(torch.device("cpu"))
+            dispatch.resolve_backend(torch.device("cuda"))  # only asks whether triton imports
+        assert len(builds) == 1 and dispatch._triton_import_error.cache_info().misses == 1
+        dispatch.reset()
+        dispatch.resolve_backend(torch.device("cpu"))
+        assert len(builds) == 2
+
+
+# --------------------------------------------------------------------------- the setting
+
+
+def test_backend_errors_name_the_argument_and_the_accepted_values(monkeypatch):
+    accepted = r"\['auto', 'cpp', 'compiled', 'triton', 'eager', 'reference'\]"
+    with pytest.raises(ValueError, match=rf"backend must be one of {accepted}, got 'fast'"):
+        ibnorm.set_backend("fast")
+    with pytest.raises(ValueError, match=rf"backend must be one of {accepted}, got None"):
+        with ibnorm.use_backend(None):
+            pass
+    unset = contextvars.Context()  # a context where set_backend was never called
+    monkeypatch.setenv("IBNORM_BACKEND", " Reference")
+    assert unset.run(ibnorm.get_backend) == "reference"
+    monkeypatch.setenv("IBNORM_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=rf"\$IBNORM_BACKEND must be one of {accepted}, got 'gpu'"):
+        unset.run(ibnorm.get_backend)
+    with ibnorm.use_backend("eager"):  # the call wins over the variable
+        assert ibnorm.get_backend() == "eager"
+
+
+def test_use_backend_restores_on_exit_and_on_exception():
+    with ibnorm.use_backend("eager"):
+        with ibnorm.use_backend("reference"):
+            assert ibnorm.get_backend() == "reference"
+        assert ibnorm.get_backend() == "eager"
+        with pytest.raises(KeyError):
+            with ibnorm.use_backend("compiled"):
+                raise KeyError("inside")
+        assert ibnorm.get_backend() == "eager"
+
+
+def _runs_the_function(y: Tensor) -> bool:
+    """Whether IBNormFunction (not the reference composite) computed ``y``."""
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            if "IBNormFunction" in type(node).__name__:
+                return True
+            stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def test_set_backend_in_one_thread_leaves_the_others_alone():
+    """Two threads set different backends at once; each computes with its own, and the
+    calling thread's setting is untouched."""
+    barrier = threading.Barrier(2)
+    seen = {}
+    x = torch.randn(3, 8, requires_grad=True)
+
+    def worker(backend: str) -> None:
+        ibnorm.set_backend(backend)
+        barrier.wait()
+        y = ibnorm.ib_layer_norm(x, (8,), compression="S", lam=0.5)
+        seen[backend] = (ibnorm.get_backend(), _runs_the_function(y))
+
+    with ibnorm.use_backend("auto"):
+        threads = [threading.Thread(target=worker, args=(b,)) for b in ("reference", "eager")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert ibnorm.get_backend() == "auto"
+    assert seen == {"reference": ("reference", False), "eager": ("eager", True)}
