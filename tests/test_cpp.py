@@ -381,3 +381,13 @@ def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, place
     forward, _ = dispatch._cpp_or_compiled(key)
     assert dispatch._cpp_cache[(key.cfg, torch.float32)] is None  # not taken by the C++ kernels
     assert forward.__qualname__ == "_guarded.<locals>.call"  # the compiled body behind its fallback
+
+
+def test_the_build_name_follows_isa_torch_and_source() -> None:
+    from ibnorm.ops.cpp import extension_name
+
+    base = extension_name("AVX512", "2.14.1+cpu", b"int f();")
+    assert base.startswith("ibnorm_cpu_avx512_2_14_1_cpu_") and base.isidentifier()
+    assert extension_name("AVX512", "2.14.1+cpu", b"int f();") == base
+    others = {extension_name("AVX2", "2.14.1+cpu", b"int f();"), extension_name("AVX512", "2.13.0", b"int f();"), extension_name("AVX512", "2.14.1+cpu", b"int g();")}
+    assert base not in others and len(others) == 3

@@ -22,6 +22,7 @@ machine's vector ISA (torch's CPU capability) and cached in torch's extension di
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ from ...compression import BUILTIN_COMPRESSIONS, Compression
 from ..function import Bodies, KernelConfig
 from ..reference import GroupStats
 
-__all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "bodies", "load"]
+__all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "bodies", "extension_name", "load"]
 
 SOURCE = Path(__file__).with_name("ibnorm_cpu.cpp")
 BUILD_ENV = "IBNORM_CPP_BUILD"
@@ -196,6 +197,15 @@ def _backward(
     )
 
 
+def extension_name(isa: str, torch_version: str, source: bytes) -> str:
+    """The build's name: per ISA, torch version and source text (with its flags), so a shared
+    cache never serves a build for another machine, torch or source, and checkouts of different
+    sources keep their own builds instead of rebuilding each other's."""
+    flags = " ".join(_ISA_FLAGS.get(isa, []))
+    digest = hashlib.sha256(source + flags.encode()).hexdigest()[:12]
+    return "ibnorm_cpu_" + re.sub(r"\W", "_", f"{isa}_{torch_version}").lower() + "_" + digest
+
+
 def _build() -> ModuleType:
     if os.environ.get(BUILD_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         raise RuntimeError(f"disabled by ${BUILD_ENV}={os.environ[BUILD_ENV]}")
@@ -205,8 +215,7 @@ def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability()
-    # Per ISA and torch version, so a shared cache never serves a build for another machine or torch.
-    name = "ibnorm_cpu_" + re.sub(r"\W", "_", f"{isa}_{torch.__version__}").lower()
+    name = extension_name(isa, torch.__version__, SOURCE.read_bytes())
     cache = os.environ.get(CACHE_ENV)
     directory = None
     if cache:
