@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=src HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/ibnorm-gpu-out}
 BUDGET=${BUDGET:-480}
-ENTRIES=${ENTRIES:-"sweep-austen-llama final-austen-llama final-austen-gpt2"}
+ENTRIES=${ENTRIES:-"sweep-austen-llama check-austen-llama final-austen-llama final-austen-gpt2"}
 
 python - <<'EOF' || { echo "gpu_campaign: missing requirements, nothing run"; exit 2; }
 import importlib, sys
