@@ -445,6 +445,7 @@ def test_information_plane_rows_and_plots():
 
 
 # =============================================================================== end to end
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 def test_analyze_run_end_to_end(tmp_path, capsys):
     from ibnorm.lab.experiments.compare import make_plans, run_plans
 

@@ -303,12 +303,14 @@ def _run_fallback(env_update: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 def test_fallback_when_disabled() -> None:
     result = _run_fallback({cpp.BUILD_ENV: "0"})
     assert result["available"] == [False, False] and result["raised"]
     assert len(result["messages"]) == 1 and cpp.BUILD_ENV in result["messages"][0]
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 def test_fallback_when_the_build_fails(tmp_path) -> None:
     """A compiler that answers --version but fails to compile: one warning, no crash."""
     if not _have_compiler():
@@ -341,6 +343,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 def test_dispatch_falls_back_to_compiled_when_the_extension_cannot_build() -> None:
     env = {**os.environ, cpp.BUILD_ENV: "0"}
     done = subprocess.run([sys.executable, "-c", _DISPATCH_FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)

@@ -69,6 +69,7 @@ def _strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("step_time_s",)} for r in rows]
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 def test_resume_after_kill_gives_the_same_results(tmp_path, monkeypatch):
     plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=40, batch_size=32, eval_every=10, eval_items=300, checkpoint_every=10)
     reference = run_plans(plans, tmp_path / "straight", progress=False)
@@ -110,6 +111,7 @@ def _ddp_worker(rank, world, port, task_name, arm, out_file):
 _DDP_CONFIG = TrainConfig(steps=6, batch_size=16, lr=1e-2, eval_every=1, checkpoint_every=1000, eval_items=64)
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 @pytest.mark.parametrize("task,arm", [("mnist1d-cnn", "ib-L"), ("mnist1d-cnn", "parent"), ("mnist1d-mlp", "ib-T")])
 def test_two_process_ddp_matches_one_process(task, arm, tmp_path):
     single = train_run(get_task(task), get_task(task).load(None), parse_arm(arm, get_task(task).parent), 0, _DDP_CONFIG, tmp_path / "single", progress=False)

@@ -533,6 +533,7 @@ class LogitsOnly(nn.Module):
         return self.model(pixel_values).logits
 
 
+@pytest.mark.slow  # a fresh process, a build or an export: seconds each
 @pytest.mark.parametrize("compression", ["L", "T"])
 def test_resnet_onnx_export_matches_torch(originals, compression, tmp_path):
     pytest.importorskip("onnxscript")
