@@ -125,10 +125,10 @@ def _reference(
     return y.to(x.dtype), (mu, var, mu_psi, var_psi)
 
 
-def _inputs(view: View, dtype: torch.dtype, weight: bool = True, seed: int = 0) -> tuple:
+def _inputs(view: View, dtype: torch.dtype, weight: bool = True, seed: int = 0, offset: float = 0.5) -> tuple:
     gen = torch.Generator().manual_seed(seed)
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x = (torch.randn(view.shape, generator=gen, dtype=cdtype) * 2 + 0.5).to(dtype)
+    x = (torch.randn(view.shape, generator=gen, dtype=cdtype) * 2 + offset).to(dtype)
     w = (1 + 0.5 * torch.randn(view.affine_shape, generator=gen, dtype=cdtype)).to(dtype) if weight else None
     b = (0.5 * torch.randn(view.affine_shape, generator=gen, dtype=cdtype)).to(dtype) if view.has_bias else None
     given = GroupStats()
@@ -153,9 +153,15 @@ def _leaves(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
 
 
 def _check(
-    view: View, family: str, placement: str, dtype: torch.dtype, lam_value: float, weight: bool = True
+    view: View,
+    family: str,
+    placement: str,
+    dtype: torch.dtype,
+    lam_value: float,
+    weight: bool = True,
+    offset: float = 0.5,
 ) -> None:
-    x, w, b, given, grad = _inputs(view, dtype, weight)
+    x, w, b, given, grad = _inputs(view, dtype, weight, offset=offset)
     lam = torch.tensor(lam_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     cfg = _config(view, family, placement, has_weight=weight)
 
@@ -173,7 +179,7 @@ def _check(
         if want is None:
             assert got is None, name
         else:
-            torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(kx.grad, rx.grad, rtol=rtol, atol=atol, msg="grad x")
     for name, got, want in (("weight", kw, rw), ("bias", kb, rb)):
         if want is not None:
@@ -263,6 +269,36 @@ def test_two_threads(kernels, view: View) -> None:
         _check(view, "S", "standardized", torch.float32, lam_value=0.5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        View((3, 5000), (1,), (0,), True, (1, 5000), True, False),
+        View((64, 3, 49), (0, 2), (0, 2), True, (1, 3, 1), True, False),
+        View((2, 2, 50, 49), (2, 3), (0, 3), True, (1, 2, 50, 1), True, False),
+    ],
+    ids=["layer", "batch", "group"],
+)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_long_groups_far_from_zero(kernels, view: View, placement: str) -> None:
+    """Groups of thousands of elements in many short runs (a 7×7 map: partial vectors, sums
+    carried across runs), centred at 300 with standard deviation 2: float32 statistics from one
+    sweep must match a float64 reference to float32's resolution at 300 (one ulp, 3.05e-5: the
+    stored mean's rounding reaches ψ's mean through ψ' ≤ 1)."""
+    x, w, b, given, grad = _inputs(view, torch.float32, offset=300.0)
+    cfg = _config(view, "S", placement)
+    kx, klam = _leaves(x, torch.tensor(0.7))
+    y, *stats = IBNormFunction.apply(kx, w, b, klam, *_given_args(given), cfg, cpp.bodies(cfg))
+    y.backward(grad)
+    rx, rlam = _leaves(x.double(), torch.tensor(0.7, dtype=torch.float64))
+    y_ref, stats_ref = _reference(rx, w.double(), b.double(), rlam, given, view, "S", placement)
+    y_ref.backward(grad.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4, msg="y")
+    for name, got, want in zip(("mean", "var", "mean_psi", "var_psi"), stats, stats_ref):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=3.05e-5, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(kx.grad.double(), rx.grad, rtol=1e-4, atol=1e-4, msg="grad x")
+    torch.testing.assert_close(klam.grad.double(), rlam.grad, rtol=1e-4, atol=1e-3, msg="grad lam")
 
 
 def test_bodies_reject_what_they_cannot_serve(kernels) -> None:

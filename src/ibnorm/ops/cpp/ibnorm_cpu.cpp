@@ -10,10 +10,11 @@
 //                               z = x − μ                     ("centered"; RMS: z = x)
 //   u = ψ_λ(z)   m, v of u      û = (u − m)·rsqrt(v + eps)    y = γ·û + β
 // With frozen statistics (batch grouping in eval) μ, σ², m, v are given and nothing is reduced.
-// Elementwise math and vector sums run in float32 (float64 for double input); each run's sums
-// are totalled in double: two-pass moments over the L1-resident run, merged across runs with
-// Chan's pairwise update. The group's u is cached, so each sweep reads x from memory once (a
-// row once in all: the later passes hit L1) and y is written once.
+// Elementwise math and vector sums run in float32 (float64 for double input), in lanes that are
+// moved into double totals every few thousand elements. The input's moments take one sweep,
+// shifted by an estimate of the mean; ψ's output is cached and its moments summed as it is
+// written. So the forward reads x twice (a row once in all: the second sweep hits L1), caches u,
+// and writes y once.
 //
 // Backward (see ibnorm/ops/function.py for the derivation), with r₁, r₂ the two rsqrt factors:
 //   g_û = γ·g_y
@@ -42,6 +43,40 @@ namespace {
 
 using at::vec::Vectorized;
 
+// ------------------------------------------------------------------ fast division and root
+// A vector division or square root costs several times a multiply-add on wide vectors, and ψ
+// needs them per element (twice more in the backward, which recomputes ψ). For float, the ISA's
+// estimate (14 bits on AVX-512, 12 on AVX2) refined by one Newton step is within a few ulp of
+// the exact result; other types and ISAs divide exactly.
+
+template <typename V>
+inline V reciprocal(V a) {
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const V r(_mm512_rcp14_ps(a));
+    return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);  // r + r·(1 − a·r)
+#elif defined(CPU_CAPABILITY_AVX2)
+    const V r(_mm256_rcp_ps(a));
+    return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);
+#endif
+  }
+  return V(1) / a;
+}
+
+template <typename V>
+inline V reciprocal_sqrt(V a) {
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const V r(_mm512_rsqrt14_ps(a));
+    return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));  // r·(3/2 − a·r²/2)
+#elif defined(CPU_CAPABILITY_AVX2)
+    const V r(_mm256_rsqrt_ps(a));
+    return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));
+#endif
+  }
+  return V(1) / a.sqrt();
+}
+
 // ------------------------------------------------------------------ compression families
 // Each family is ψ_λ(z) = f(λz)/λ. eval gives ψ and ψ' = f'(λz) for λ > 0; dlam gives ∂ψ/∂λ
 // from z, ψ and ψ', finite for every λ ≥ 0 (λ = 0 passes ψ = z, ψ' = 1). Where the direct form
@@ -58,15 +93,15 @@ struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
   template <typename V>
   static void eval(V z, V lam, V /*inv_lam*/, V& psi, V& dpsi) {
     const V one(1);
-    const V root = (one + lam * z.abs()).sqrt();
-    psi = V(2) * z / (root + one);
-    dpsi = one / root;
+    const V a = at::vec::fmadd(lam, z.abs(), one);
+    dpsi = reciprocal_sqrt(a);
+    psi = V(2) * z * reciprocal(at::vec::fmadd(a, dpsi, one));  // s = a / sqrt(a)
   }
 
   // −z|z| / (s·(s + 1)²) = −z|z|·ψ'·(ψ' / (1 + ψ'))²: no cancellation at any λ.
   template <typename V>
   static V dlam(V z, V /*lam*/, V /*inv_lam*/, V /*psi*/, V dpsi) {
-    const V ratio = dpsi / (V(1) + dpsi);
+    const V ratio = dpsi * reciprocal(V(1) + dpsi);
     return (z * z.abs() * dpsi * ratio * ratio).neg();
   }
 };
@@ -76,7 +111,7 @@ struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = �
   static void eval(V z, V lam, V inv_lam, V& psi, V& dpsi) {
     const V t = lam * z.abs();
     psi = (t.log1p() * inv_lam).copysign(z);
-    dpsi = V(1) / (V(1) + t);
+    dpsi = reciprocal(V(1) + t);
   }
 
   // z|z|·g(t), g(t) = (1/(1 + t) − log1p(t)/t)/t = −1/2 + 2t/3 − 3t²/4 + 4t³/5 − 5t⁴/6 + …
@@ -189,40 +224,24 @@ inline void for_vectors(int64_t length, const F& f) {
   if (i < length) f(i, length - i);
 }
 
-// Count, mean and sum of squared deviations, merged across runs by Chan et al.'s update.
-// Without centering the mean stays 0 and m2 is the sum of squares (RMS statistics).
-struct Moments {
-  double count = 0, mean = 0, m2 = 0;
+// Group sums are held in vector lanes across a group's runs and moved into double totals
+// every kFlushElements elements or so (at the end of a run), so that the float32 partial sums
+// stay short and a run of a few vectors (a 7×7 feature map) costs no horizontal sum of its own.
+constexpr int64_t kFlushElements = 2048;
 
-  void merge(double n, double run_mean, double run_m2) {
-    const double total = count + n;
-    const double delta = run_mean - mean;
-    mean += delta * n / total;
-    m2 += run_m2 + delta * delta * count * n / total;
-    count = total;
+// Σ (x − K) and Σ (x − K)² with a shift K near the mean (the mean of the group's first vector),
+// so one pass gives the moments without the cancellation of Σx² − (Σx)²/n. Without centering
+// (RMS) K = 0 and the "variance" is the mean square.
+struct ShiftedSums {
+  bool center = true;
+  double shift = 0, sum = 0, squares = 0;
+
+  double mean(double n) const { return shift + sum / n; }
+  double variance(double n) const {
+    const double m = center ? sum / n : 0.0;
+    return std::max(squares / n - m * m, 0.0);
   }
-
-  double variance() const { return m2 / count; }
 };
-
-// Two passes over one L1-resident run: its mean, then its squared deviations.
-template <typename acc_t, typename Load>
-inline void add_run(Moments& moments, int64_t length, bool center, const Load& load_at) {
-  using Vec = Vectorized<acc_t>;
-  double mean = 0;
-  if (center) {
-    Vec sum(0);
-    for_vectors<acc_t>(length, [&](int64_t i, int64_t c) { sum += keep(load_at(i, c), c); });
-    mean = hsum(sum) / length;
-  }
-  const Vec mu = Vec(acc_t(mean));
-  Vec squares(0);
-  for_vectors<acc_t>(length, [&](int64_t i, int64_t c) {
-    const Vec dev = keep(load_at(i, c) - mu, c);
-    squares = at::vec::fmadd(dev, dev, squares);
-  });
-  moments.merge(length, mean, hsum(squares));
-}
 
 // ------------------------------------------------------------------ layout and options
 
@@ -327,36 +346,49 @@ class GroupKernel {
 
   // y for group g; `u` (numel, unused when frozen) caches ψ between sweeps.
   void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
-    const int64_t len = layout_.length;
+    const int64_t len = layout_.length, n = layout_.numel();
     if (!opt_.frozen) {
-      Moments moments;
-      for (int64_t s = 0; s < layout_.segments; ++s) {
-        const scalar_t* xs = x + layout_.offset(g, s);
-        add_run<acc_t>(moments, len, opt_.center, [&](int64_t i, int64_t c) { return load(xs + i, c); });
-      }
-      if (opt_.center) st.mean[g] = acc_t(moments.mean);
-      st.var[g] = acc_t(moments.variance());
+      const ShiftedSums sums = input_sums(g, x);
+      if (opt_.center) st.mean[g] = acc_t(sums.mean(n));
+      st.var[g] = acc_t(sums.variance(n));
     }
     const double rstd = 1.0 / std::sqrt(double(st.var[g]) + opt_.eps);
     st.rstd[g] = acc_t(rstd);
     const double scale = opt_.standardized ? rstd : 1.0;
-    const Vec s1 = splat(scale), b1 = splat(-(opt_.center ? double(st.mean[g]) : 0.0) * scale);
+    // z = (x − μ)·scale: subtracting first keeps z exact where |μ| ≫ σ.
+    const Vec s1 = splat(scale), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
     auto psi_at = [&](const scalar_t* xs, int64_t i, int64_t c) {
       Vec value, slope;
-      psi_(at::vec::fmadd(load(xs + i, c), s1, b1), value, slope);
+      psi_((load(xs + i, c) - m1) * s1, value, slope);
       return value;
     };
 
     if (!opt_.frozen) {
-      Moments moments;
+      // u = ψ(z) into the cache with Σu and Σu² in the same sweep: u is ψ of a centered input
+      // (or, for RMS, only Σu² is used), so its mean is small against its spread and the
+      // one-pass variance does not cancel.
+      double sum = 0, squares = 0;
+      Vec acc_u(0), acc_uu(0);
+      int64_t pending = 0;
       for (int64_t s = 0; s < layout_.segments; ++s) {
         const scalar_t* xs = x + layout_.offset(g, s);
         acc_t* us = u + s * len;
-        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) { psi_at(xs, i, c).store(us + i, c); });
-        add_run<acc_t>(moments, len, opt_.center, [&](int64_t i, int64_t c) { return Vec::loadu(us + i, c); });
+        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+          const Vec value = keep(psi_at(xs, i, c), c);
+          value.store(us + i, c);
+          acc_u += value;
+          acc_uu = at::vec::fmadd(value, value, acc_uu);
+        });
+        if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
+          sum += hsum(acc_u);
+          squares += hsum(acc_uu);
+          acc_u = acc_uu = Vec(0);
+          pending = 0;
+        }
       }
-      if (opt_.center) st.mean_psi[g] = acc_t(moments.mean);
-      st.var_psi[g] = acc_t(moments.variance());
+      const double mean_psi = opt_.center ? sum / n : 0.0;
+      if (opt_.center) st.mean_psi[g] = acc_t(mean_psi);
+      st.var_psi[g] = acc_t(std::max(squares / n - mean_psi * mean_psi, 0.0));
     }
     const double rstd_psi = 1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps);
     st.rstd_psi[g] = acc_t(rstd_psi);
@@ -383,20 +415,21 @@ class GroupKernel {
     const bool center = opt_.center, batch_stats = !opt_.frozen;
     const double rstd = st.rstd[g], rstd_psi = st.rstd_psi[g];
     const double scale = opt_.standardized ? rstd : 1.0;
-    const Vec s1 = splat(scale), b1 = splat(-(center ? double(st.mean[g]) : 0.0) * scale);
+    const Vec s1 = splat(scale), m1 = splat(center ? double(st.mean[g]) : 0.0);
     const Vec a2 = splat(rstd_psi), b2 = splat(-(center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
 
     // Sweep 1: cache u = ψ(z) and ψ'(z); Σ g_û and Σ g_û·û; the γ, β gradients.
     double sum_g = 0, sum_gu = 0;
+    Vec acc_g(0), acc_gu(0), acc_w(0), acc_b(0);
+    int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       acc_t *us = u + s * len, *ds = d + s * len;
-      Vec acc_g(0), acc_gu(0), acc_w(0), acc_b(0);
       // Lanes past the end load g_y = 0, so every sum below that carries g_y needs no mask.
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         Vec value, slope;
-        psi_(at::vec::fmadd(load(xs + i, c), s1, b1), value, slope);
+        psi_((load(xs + i, c) - m1) * s1, value, slope);
         value.store(us + i, c);
         slope.store(ds + i, c);
         const Vec u_hat = at::vec::fmadd(value, a2, b2);
@@ -412,11 +445,20 @@ class GroupKernel {
           acc_b += go;
         }
       });
-      sum_g += hsum(acc_g);
-      sum_gu += hsum(acc_gu);
+      const bool last = s + 1 == layout_.segments;
+      if ((pending += len) >= kFlushElements || last) {
+        sum_g += hsum(acc_g);
+        sum_gu += hsum(acc_gu);
+        acc_g = acc_gu = Vec(0);
+        pending = 0;
+      }
+      // γ, β sums move to their channel when the next run belongs to another one (or it ends).
       if constexpr (!kPerElement) {
-        if (sinks.weight) sinks.weight[channel] += acc_t(hsum(acc_w));
-        if (sinks.bias) sinks.bias[channel] += acc_t(hsum(acc_b));
+        if (last || layout_.channel(g, s + 1) != channel || pending == 0) {
+          if (sinks.weight) sinks.weight[channel] += acc_t(hsum(acc_w));
+          if (sinks.bias) sinks.bias[channel] += acc_t(hsum(acc_b));
+          acc_w = acc_b = Vec(0);
+        }
       }
     }
 
@@ -429,21 +471,21 @@ class GroupKernel {
     const Vec gx_scale = splat(scale);
 
     // Sweep 2: g_u, g_z (cached over ψ' unless direct), Σ g_z, Σ g_z·z, Σ g_u·∂ψ/∂λ.
-    double sum_gz = 0, sum_gzz = 0;
+    double sum_gz = 0, sum_gzz = 0, sum_lam = 0;
+    Vec acc_z(0), acc_zz(0), acc_lam(0);
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       scalar_t* gxs = grad_x + offset;
       const acc_t* us = u + s * len;
       acc_t* ds = d + s * len;
-      Vec acc_z(0), acc_zz(0), acc_lam(0);
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         const Vec value = Vec::loadu(us + i, c), slope = Vec::loadu(ds + i, c);
         const Vec u_hat = at::vec::fmadd(value, a2, b2);
         const Vec g_u_hat = load(gs + i, c) * affine(weight_, channel, i, c);
         const Vec g_u = keep(at::vec::fmadd(g_u_hat, gu_scale, at::vec::fmadd(u_hat, gu_slope, gu_shift)), c);
         const Vec g_z = g_u * slope;
-        const Vec z = at::vec::fmadd(load(xs + i, c), s1, b1);
+        const Vec z = (load(xs + i, c) - m1) * s1;
         if (sinks.lam_needed) acc_lam = at::vec::fmadd(g_u, psi_.dlam(z, value, slope), acc_lam);
         if (direct) {
           store(gxs + i, g_z * gx_scale, c);
@@ -453,10 +495,15 @@ class GroupKernel {
           acc_zz = at::vec::fmadd(g_z, z, acc_zz);
         }
       });
-      sum_gz += hsum(acc_z);
-      sum_gzz += hsum(acc_zz);
-      sinks.lam += hsum(acc_lam);
+      if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
+        sum_gz += hsum(acc_z);
+        sum_gzz += hsum(acc_zz);
+        sum_lam += hsum(acc_lam);
+        acc_z = acc_zz = acc_lam = Vec(0);
+        pending = 0;
+      }
     }
+    sinks.lam += sum_lam;
     if (direct) return;
 
     // Sweep 3: g_x = scale·g_z + shift + slope·z.
@@ -468,7 +515,7 @@ class GroupKernel {
       scalar_t* gxs = grad_x + offset;
       const acc_t* ds = d + s * len;
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-        const Vec z = at::vec::fmadd(load(xs + i, c), s1, b1);
+        const Vec z = (load(xs + i, c) - m1) * s1;
         store(gxs + i, at::vec::fmadd(Vec::loadu(ds + i, c), gx_scale, at::vec::fmadd(z, gx_slope, gx_shift)), c);
       });
     }
@@ -476,6 +523,35 @@ class GroupKernel {
 
  private:
   static Vec splat(double value) { return Vec(acc_t(value)); }
+
+  // One sweep over group g's input: Σ(x − K), Σ(x − K)² (K = 0 without centering).
+  ShiftedSums input_sums(int64_t g, const scalar_t* x) const {
+    const int64_t len = layout_.length;
+    ShiftedSums sums;
+    sums.center = opt_.center;
+    if (opt_.center) {
+      const int64_t head = std::min<int64_t>(len, Vec::size());
+      sums.shift = hsum(load(x + layout_.offset(g, 0), head)) / double(head);
+    }
+    const Vec shift = splat(sums.shift);
+    Vec acc(0), acc_sq(0);
+    int64_t pending = 0;
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const scalar_t* xs = x + layout_.offset(g, s);
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        const Vec dev = keep(load(xs + i, c) - shift, c);
+        acc += dev;
+        acc_sq = at::vec::fmadd(dev, dev, acc_sq);
+      });
+      if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
+        sums.sum += hsum(acc);
+        sums.squares += hsum(acc_sq);
+        acc = acc_sq = Vec(0);
+        pending = 0;
+      }
+    }
+    return sums;
+  }
 
   // γ or β at element i of a run of `channel`: a vector for layer/RMS, one value per channel otherwise.
   static Vec affine(const acc_t* values, int64_t channel, int64_t i, int64_t c) {
