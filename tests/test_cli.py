@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import ibnorm
 from ibnorm.lab.cli import SUBCOMMANDS, build_parser, main
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -70,6 +71,11 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
     lines = (tmp_path / "kernels.csv").read_text().splitlines()
     assert lines[0].startswith("grouping,shape,dtype,impl,")
     assert sorted(line.split(",")[3] for line in lines[1:]) == sorted(["parent", "ib_cpp", "ib_compiled", "ib_eager", "composite"])
+    header = lines[0].split(",")
+    first = dict(zip(header, lines[1].split(",")))
+    # the library's default variant unless told otherwise, and an inference (eval, no autograd) ratio
+    assert first["variant"] == f"{ibnorm.DEFAULT_COMPRESSION}:{ibnorm.DEFAULT_LAM}:{ibnorm.DEFAULT_PLACEMENT}"
+    assert float(first["ratio_inference"]) > 0
     assert (tmp_path / "kernels.png").read_bytes().startswith(b"\x89PNG")
     assert "backend resolved for cpu" in capsys.readouterr().out
 
@@ -93,6 +99,7 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
         (["bench", "--groupings", "instance"], "invalid choice: 'instance'"),
         (["bench", "--compression", "Q"], "compression='Q' is not registered"),
         (["bench", "--lam", "-1"], "lam must be"),
+        (["bench", "--placement", "middle"], "invalid choice: 'middle'"),
         (["bench", "--repeats", "0"], "--repeats must be a positive int"),
         (["nope"], "invalid choice: 'nope'"),
     ],

@@ -2,7 +2,8 @@
 
 Kernel benchmark: for each grouping (layer, RMS, batch, group) at the shapes of the
 fused-path issue, in float32 and bfloat16, it times forward (with autograd recording, as
-in training), backward (repeated on one retained graph) and forward+backward, for
+in training), backward (repeated on one retained graph), forward+backward and inference
+(eval mode without autograd: batch grouping on its running statistics), for
 
 * ``parent``: the torch layer (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm2d, nn.GroupNorm);
 * ``ib_cpp``: the IB layer on the vectorized C++ kernels (the CPU default where they build);
@@ -24,6 +25,8 @@ write g_x) over the time.
 
 Model-step benchmark: one AdamW training step of tiny GPT-2, LLaMA and ResNet models built
 from ``transformers`` configs, with the parent norms vs converted to IBNorm.
+
+Both time the library's default IBNorm (family, λ, placement) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ibnorm import modules as ib
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
 from ibnorm.convert import convert_norms
 from ibnorm.ops import dispatch, use_backend
 
@@ -60,9 +64,9 @@ TRAFFIC = {"forward": 2, "backward": 3, "fwd_bwd": 5}
 MODES = tuple(TRAFFIC)
 
 
-def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float):
+def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float, placement: str):
     kw = {"dtype": dtype}
-    ibkw = {"compression": compression, "lam": lam, **kw}
+    ibkw = {"compression": compression, "lam": lam, "placement": placement, **kw}
     if grouping == "layer":
         return nn.LayerNorm(shape[-1], **kw), ib.IBLayerNorm(shape[-1], **ibkw)
     if grouping == "rms":
@@ -88,11 +92,16 @@ def _time_modes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats:
         y.backward(grad, retain_graph=True)
 
     y = module(x)
-    return {
+    times = {
         "forward_s": _median_time(lambda: module(x), repeats),
         "backward_s": _median_time(backward_only, repeats),
         "fwd_bwd_s": _median_time(lambda: module(x).backward(grad), repeats),
     }
+    module.eval()  # inference: batch grouping switches to its running statistics
+    with torch.no_grad():
+        times["inference_s"] = _median_time(lambda: module(x), repeats)
+    module.train()
+    return times
 
 
 def _cases(
@@ -117,8 +126,9 @@ def kernel_benchmark(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 10,
-    compression: str = "L",
-    lam: float = 1.0,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
     row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
 ) -> list[dict[str, object]]:
@@ -127,7 +137,7 @@ def kernel_benchmark(
     for grouping, shape, dtype_name in tqdm(cases, desc="kernel benchmark"):
         dtype = DTYPES[dtype_name]
         x, grad = _inputs(shape, dtype)
-        parent, layer = _layers(grouping, shape, dtype, compression, lam)
+        parent, layer = _layers(grouping, shape, dtype, compression, lam, placement)
         results = {}
         for impl, backend in IMPLEMENTATIONS.items():
             module = parent if backend is None else layer
@@ -147,9 +157,10 @@ def kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
+                    "variant": f"{compression}:{lam}:{placement}",
                     **{k: round(v, 6) for k, v in r.items() if k.endswith("_s")},
                     "saved_bytes": r["saved_bytes"],
-                    **{f"ratio_{m}": round(r[f"{m}_s"] / base[f"{m}_s"], 3) for m in ("forward", "backward", "fwd_bwd")},
+                    **{f"ratio_{m}": round(r[f"{m}_s"] / base[f"{m}_s"], 3) for m in ("forward", "backward", "fwd_bwd", "inference")},
                     "saved_bytes_ratio": round(r["saved_bytes"] / base["saved_bytes"], 3),
                     "input_bytes": x.numel() * x.element_size(),
                 }
@@ -207,8 +218,9 @@ def cuda_kernel_benchmark(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 50,
-    compression: str = "L",
-    lam: float = 1.0,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
     row_shapes: Sequence[Sequence[int]] = CUDA_ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = CUDA_IMAGE_SHAPES,
     on_case: Optional[Callable[[list[dict[str, object]]], object]] = None,
@@ -220,7 +232,7 @@ def cuda_kernel_benchmark(
     for grouping, shape, dtype_name in tqdm(_cases(groupings, dtypes, row_shapes, image_shapes), desc="cuda kernel benchmark"):
         dtype = DTYPES[dtype_name]
         x, grad = _inputs(shape, dtype, "cuda")
-        parent, layer = (m.to("cuda") for m in _layers(grouping, shape, dtype, compression, lam))
+        parent, layer = (m.to("cuda") for m in _layers(grouping, shape, dtype, compression, lam, placement))
         torch._dynamo.reset()  # a fresh, shape-specialized compile per case, never the recompile limit
         callables = {"parent": (parent, "eager"), "ib_triton": (layer, "triton"),
                      "composite_compiled": (torch.compile(layer, dynamic=False), "auto")}
@@ -239,6 +251,7 @@ def cuda_kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
+                    "variant": f"{compression}:{lam}:{placement}",
                     **{f"{m}_s": round(r[f"{m}_s"], 7) for m in MODES},
                     **{f"gbps_{m}": round(TRAFFIC[m] * moved / r[f"{m}_s"] / 1e9, 1) for m in MODES},
                     **{f"ratio_{m}": round(r[f"{m}_s"] / results["parent"][f"{m}_s"], 3) for m in MODES},
@@ -308,7 +321,11 @@ def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
 
 
 def model_step_benchmark(
-    models: Sequence[str] = MODELS, repeats: int = 10, compression: str = "L", lam: float = 1.0
+    models: Sequence[str] = MODELS,
+    repeats: int = 10,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
 ) -> list[dict[str, object]]:
     specs = _tiny_models()
     rows = []
@@ -316,7 +333,7 @@ def model_step_benchmark(
         build, loss_fn = specs[name]
         torch.manual_seed(0)
         parent = build()
-        converted, record = convert_norms(copy.deepcopy(parent), compression, lam)
+        converted, record = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
         steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
         for step in steps.values():  # compiles, allocator and thread-pool warm-up settle over the first steps
             for _ in range(15):
@@ -329,6 +346,7 @@ def model_step_benchmark(
         rows.append(
             {
                 "model": name,
+                "variant": f"{compression}:{lam}:{placement}",
                 "backend": dispatch.resolve_backend(torch.device("cpu")),
                 "norm_layers": len(record),
                 "parent_step_s": round(times["parent"], 5),
@@ -389,8 +407,9 @@ def run_benchmarks(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = tuple(DTYPES),
     models: Sequence[str] = MODELS,
-    compression: str = "L",
-    lam: float = 1.0,
+    compression: str = DEFAULT_COMPRESSION,
+    lam: float = DEFAULT_LAM,
+    placement: str = DEFAULT_PLACEMENT,
     quick: bool = False,
     device: str = "cpu",
 ) -> None:
@@ -400,15 +419,16 @@ def run_benchmarks(
     repeats = 3 if quick else repeats or (50 if device == "cuda" else 10)
     shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]} if quick else {}
     if device == "cuda":
-        return _run_cuda(out, repeats, groupings, dtypes, compression, lam, shapes)
-    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, **shapes)
+        return _run_cuda(out, repeats, groupings, dtypes, compression, lam, placement, shapes)
+    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, placement, **shapes)
     atomic_write_csv(out / "kernels.csv", kernels)
-    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd", "saved_bytes_ratio", "first_call_s"]
+    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
+               "ratio_inference", "saved_bytes_ratio", "first_call_s"]
     print(format_table(kernels, columns))
     plot = plot_kernels(kernels, out / "kernels.png")
     print(f"\nwrote {out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     if models:
-        steps = model_step_benchmark(models, repeats, compression, lam)
+        steps = model_step_benchmark(models, repeats, compression, lam, placement)
         atomic_write_csv(out / "model_step.csv", steps)
         print()
         print(format_table(steps, list(steps[0])))
@@ -417,11 +437,12 @@ def run_benchmarks(
 
 
 def _run_cuda(
-    out: Path, repeats: int, groupings: Sequence[str], dtypes: Sequence[str], compression: str, lam: float, shapes: dict
+    out: Path, repeats: int, groupings: Sequence[str], dtypes: Sequence[str], compression: str, lam: float,
+    placement: str, shapes: dict
 ) -> None:
     csv_path = out / "kernels_cuda.csv"
     kernels = cuda_kernel_benchmark(
-        groupings, dtypes, repeats, compression, lam,
+        groupings, dtypes, repeats, compression, lam, placement,
         on_case=lambda rows: atomic_write_csv(csv_path, rows), **shapes,
     )
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "gbps_forward", "gbps_backward", "gbps_fwd_bwd",
@@ -430,7 +451,7 @@ def _run_cuda(
     plot = plot_kernels(
         kernels, out / "kernels_cuda.png", impls=CUDA_IMPLEMENTATIONS, value="gbps_fwd_bwd",
         ylabel="forward+backward GB/s (bytes that must move / time)",
-        title=f"IBNorm ({compression}, λ={lam}) vs torch parent on {kernels[0]['device']} (higher is better)",
+        title=f"IBNorm ({compression}, λ={lam}, {placement}) vs torch parent on {kernels[0]['device']} (higher is better)",
     )
     print(f"\nwrote {csv_path}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     print(f"backend resolved for cuda: {dispatch.resolve_backend(torch.device('cuda'))}; torch {torch.__version__}")

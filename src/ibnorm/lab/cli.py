@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ibnorm._validation import check_lam
 from ibnorm.analysis.capture import SITES
-from ibnorm.compression import PLACEMENTS, get_compression
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, get_compression
 
 from .analysis_run import analyze_run, output_folder
 from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
@@ -259,8 +259,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--compression", default="L")
-    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help=f"default: the library's, {DEFAULT_COMPRESSION}")
+    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"default: the library's, {DEFAULT_LAM}")
+    parser.add_argument("--placement", default=DEFAULT_PLACEMENT, choices=PLACEMENTS, help=f"default: the library's, {DEFAULT_PLACEMENT}")
     parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -287,6 +288,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         models=args.models,
         compression=args.compression,
         lam=args.lam,
+        placement=args.placement,
         quick=args.quick,
         device=args.device,
     )
