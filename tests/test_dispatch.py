@@ -310,3 +310,20 @@ def test_set_backend_in_one_thread_leaves_the_others_alone():
             t.join()
         assert ibnorm.get_backend() == "auto"
     assert seen == {"reference": ("reference", False), "eager": ("eager", True)}
+
+
+def test_a_float_lam_first_seen_in_inference_mode_still_trains() -> None:
+    """A float λ becomes a tensor once per value; made in inference mode it must not be an
+    inference tensor, which autograd cannot save for the later training step."""
+    layer = ibnorm.IBLayerNorm(8, compression="S", lam=0.3731)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    with torch.no_grad():
+        y_no_grad = layer(x)
+    x.requires_grad_(True)
+    y = layer(x)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y_inference, y.detach())
+    torch.testing.assert_close(y_no_grad, y.detach())

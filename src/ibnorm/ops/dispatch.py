@@ -413,7 +413,7 @@ def normalize(
         weight is not None,
         bias is not None,
     )
-    lam_tensor = lam if isinstance(lam, Tensor) else torch.tensor(float(lam), dtype=compute_dtype(x.dtype), device=x.device)
+    lam_tensor = lam if isinstance(lam, Tensor) else _lam_tensor(float(lam), compute_dtype(x.dtype), x.device)
     key = CompileKey(cfg, x.dtype, lam_tensor.requires_grad)
     if backend == "cpp":
         bodies = _cpp_or_compiled(key)
@@ -423,8 +423,21 @@ def normalize(
         bodies = _compiled_or_eager(key)
     else:
         bodies = eager_bodies(cfg)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam_tensor))):
+        # nothing to differentiate (inference): the forward body alone, without autograd's bookkeeping
+        y, stats = bodies[0](x, weight, bias, lam_tensor, given)
+        return y, GroupStats(mean=stats.mean, var=stats.var, mean_psi=stats.mean_psi, var_psi=stats.var_psi)
     args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
     return _unpack(IBNormFunction.apply(*args, bodies))
+
+
+@functools.lru_cache(maxsize=256)
+def _lam_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A float λ as a 0-dim tensor, made once per (value, dtype, device): the kernels only read
+    it, and a fresh tensor per call costs more than a small layer's kernel. Made outside
+    inference mode, so a λ first seen there can still be saved for a later backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _unpack(outputs: tuple) -> tuple[Tensor, GroupStats]:

@@ -146,11 +146,13 @@ def _forward(
         cfg.center,
         cfg.placement == "standardized",
     )
+    mean, var, rstd, mean_psi, var_psi, rstd_psi = stats
     shape = _stat_shape(x, cfg.dims)
-    stats = GroupStats(*(None if s is None else s.view(shape) for s in stats))
+    rstd, rstd_psi = rstd.view(shape), rstd_psi.view(shape)
     if cfg.frozen:  # return the given statistics themselves, as forward_body does
-        stats = stats._replace(mean=given.mean, var=given.var, mean_psi=given.mean_psi, var_psi=given.var_psi)
-    return y, stats
+        return y, GroupStats(given.mean, given.var, rstd, given.mean_psi, given.var_psi, rstd_psi)
+    mean, mean_psi = (None if t is None else t.view(shape) for t in (mean, mean_psi))
+    return y, GroupStats(mean, var.view(shape), rstd, mean_psi, var_psi.view(shape), rstd_psi)
 
 
 def _backward(
