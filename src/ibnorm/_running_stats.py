@@ -36,10 +36,15 @@ def unbiased_variance(var: Tensor, count: int) -> Tensor:
     return var * (count / (count - 1))
 
 
-@torch.no_grad()
 def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], factor: float) -> None:
     """``running ← (1 − factor) · running + factor · batch`` for each ``(running, batch)``
-    pair where both are given; ``batch`` is detached, flattened and cast to the buffer's dtype."""
-    for running, batch in pairs:
-        if running is not None and batch is not None:
-            running.lerp_(batch.detach().reshape(-1).to(running.dtype), factor)
+    pair where both are given; ``batch`` is detached, flattened and cast to the buffer's dtype.
+    One fused update for all pairs: per-tensor calls cost more than a small layer's kernel."""
+    running, batch = [], []
+    for r, b in pairs:
+        if r is not None and b is not None:
+            running.append(r)
+            batch.append(b.detach().reshape(-1).to(r.dtype))
+    if running:
+        with torch.no_grad():
+            torch._foreach_lerp_(running, batch, factor)
