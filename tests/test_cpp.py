@@ -430,3 +430,20 @@ def test_the_build_name_follows_isa_torch_and_source() -> None:
     assert extension_name("AVX512", "2.14.1+cpu", b"int f();") == base
     others = {extension_name("AVX2", "2.14.1+cpu", b"int f();"), extension_name("AVX512", "2.13.0", b"int f();"), extension_name("AVX512", "2.14.1+cpu", b"int g();")}
     assert base not in others and len(others) == 3
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0, 4.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_psi_to_a_few_ulp_over_a_wide_range(kernels, family: str, lam: float) -> None:
+    """ψ alone, through the frozen (eval) path with statistics that make every other step the
+    identity (μ = 0, σ² + eps = 1 on both sides): the kernel's own log1p, tanh, reciprocal and
+    rsqrt must stay within a few float32 ulp of ψ in float64, from 1e-7 to 1e4 and at zero."""
+    magnitudes = torch.logspace(-7, 4, 4001, dtype=torch.float64)
+    z = torch.cat([magnitudes, -magnitudes, torch.zeros(1, dtype=torch.float64)]).float()
+    x = z.reshape(1, 1, -1)
+    one = torch.tensor([1.0 - EPS])
+    zero = torch.zeros(1)
+    cfg = _config(View(tuple(x.shape), (0, 2), (0, 2), True, (1, 1, 1), False, True), family, "standardized", False)
+    y, *_ = IBNormFunction.apply(x, None, None, torch.tensor(lam), zero, one, zero, one, cfg, cpp.bodies(cfg))
+    want = get_compression(family).psi(z.double(), torch.tensor(lam, dtype=torch.float64))
+    torch.testing.assert_close(y.reshape(-1).double(), want, rtol=8 * 2.0**-24, atol=0.0)
