@@ -268,8 +268,18 @@ inline Vectorized<acc_t> keep(Vectorized<acc_t> v, int64_t count) {
   return count == Vec::size() ? v : Vec::set(Vec(0), v, count);
 }
 
+// The sum of v's lanes, in double. Once or twice per run and statistic: for a row of a few
+// hundred elements a store-and-loop sum would cost as much as the sweeps themselves.
 template <typename acc_t>
 inline double hsum(Vectorized<acc_t> v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m512 lanes = v;
+    const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(lanes));
+    const __m512d high = _mm512_cvtps_pd(_mm512_extractf32x8_ps(lanes, 1));
+    return _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+  }
+#endif
   __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
   v.store(lanes);
   double total = 0;
