@@ -61,6 +61,9 @@ TINY = {  # for gradcheck
 }
 # Output and x-gradient tolerances (rtol, atol); the bf16 ones allow a few bf16 ulps.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+# λ-gradient tolerance (relative to |g_λ| + 1): bfloat16/float16 inputs get ψ from the 14-bit
+# reciprocal estimates without a Newton step (their outputs keep 8 or 11 bits), float32 to a few ulp.
+LAM_GRAD_TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def _have_compiler() -> bool:
@@ -185,7 +188,8 @@ def _check(
         if want is not None:
             torch.testing.assert_close(got.grad, want.grad, rtol=rtol, atol=atol, msg=f"grad {name}")
     scale = rlam.grad.abs().item() + 1
-    torch.testing.assert_close(klam.grad, rlam.grad, rtol=1e-4, atol=1e-4 * scale, msg="grad lam")
+    tol = LAM_GRAD_TOLERANCES[dtype]
+    torch.testing.assert_close(klam.grad, rlam.grad, rtol=tol, atol=tol * scale, msg=lambda m: f"grad lam: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -47,31 +47,36 @@ using at::vec::Vectorized;
 // A vector division or square root costs several times a multiply-add on wide vectors, and ψ
 // needs them per element (twice more in the backward, which recomputes ψ). For float, the ISA's
 // estimate (14 bits on AVX-512, 12 on AVX2) refined by one Newton step is within a few ulp of
-// the exact result; other types and ISAs divide exactly.
+// the exact result; other types and ISAs divide exactly. With kFull false (bfloat16 and float16
+// inputs, whose outputs keep 8 or 11 bits) the estimate is used as it is.
 
-template <typename V>
+template <bool kFull = true, typename V>
 inline V reciprocal(V a) {
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const V r(_mm512_rcp14_ps(a));
-    return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);  // r + r·(1 − a·r)
 #elif defined(CPU_CAPABILITY_AVX2)
     const V r(_mm256_rcp_ps(a));
-    return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!kFull) return r;
+    return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);  // r + r·(1 − a·r)
 #endif
   }
   return V(1) / a;
 }
 
-template <typename V>
+template <bool kFull = true, typename V>
 inline V reciprocal_sqrt(V a) {
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const V r(_mm512_rsqrt14_ps(a));
-    return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));  // r·(3/2 − a·r²/2)
 #elif defined(CPU_CAPABILITY_AVX2)
     const V r(_mm256_rsqrt_ps(a));
-    return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!kFull) return r;
+    return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));  // r·(3/2 − a·r²/2)
 #endif
   }
   return V(1) / a.sqrt();
@@ -87,7 +92,7 @@ inline V reciprocal_sqrt(V a) {
 //     exp(r) by its Taylor series to r⁷ (truncation < 5e-9).
 // Both stay within a few ulp of the exact value; other types and ISAs use Sleef.
 
-template <typename V>
+template <bool kFull, typename V>
 inline V log1p_nonnegative(V t) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
@@ -98,17 +103,17 @@ inline V log1p_nonnegative(V t) {
     V k(_mm512_getexp_ps(u));
     k = V::blendv(k, k + one, m < one);  // getexp is for m ∈ [1, 2): a mantissa below 1 adds one
     const V f = m - one;
-    const V s = f * reciprocal(f + V(2.0f)), s2 = s * s;
+    const V s = f * reciprocal<kFull>(f + V(2.0f)), s2 = s * s;
     const V series = fmadd(fmadd(fmadd(V(1.0f / 9), s2, V(1.0f / 7)), s2, V(1.0f / 5)), s2, V(1.0f / 3));
     const V log_m = fmadd(V(2.0f) * s * s2, series, V(2.0f) * s);
-    const V rounding = (t - (u - one)) * reciprocal(u);
+    const V rounding = (t - (u - one)) * reciprocal<kFull>(u);
     return fmadd(k, V(0.693145751953125f), fmadd(k, V(1.428606765330187e-06f), log_m + rounding));
   }
 #endif
   return t.log1p();
 }
 
-template <typename V>
+template <bool kFull, typename V>
 inline V tanh_fast(V u) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
@@ -132,7 +137,7 @@ inline V tanh_fast(V u) {
     e = fmadd(e, r, V(1.0f));
     e = fmadd(e, r, V(1.0f));
     e = V(_mm512_scalef_ps(e, n));
-    const V large = fnmadd(V(2.0f), reciprocal(e + V(1.0f)), V(1.0f));
+    const V large = fnmadd(V(2.0f), reciprocal<kFull>(e + V(1.0f)), V(1.0f));
     return V::blendv(large, small, a < V(0.625f)).copysign(u);
   }
 #endif
@@ -152,32 +157,32 @@ V series_cutoff(double for_double, double for_float) {
 }
 
 struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
-  template <typename V>
+  template <bool kFull, typename V>
   static void eval(V z, V lam, V /*inv_lam*/, V& psi, V& dpsi) {
     const V one(1);
     const V a = at::vec::fmadd(lam, z.abs(), one);
-    dpsi = reciprocal_sqrt(a);
-    psi = V(2) * z * reciprocal(at::vec::fmadd(a, dpsi, one));  // s = a / sqrt(a)
+    dpsi = reciprocal_sqrt<kFull>(a);
+    psi = V(2) * z * reciprocal<kFull>(at::vec::fmadd(a, dpsi, one));  // s = a / sqrt(a)
   }
 
   // −z|z| / (s·(s + 1)²) = −z|z|·ψ'·(ψ' / (1 + ψ'))²: no cancellation at any λ.
-  template <typename V>
+  template <bool kFull, typename V>
   static V dlam(V z, V /*lam*/, V /*inv_lam*/, V /*psi*/, V dpsi) {
-    const V ratio = dpsi * reciprocal(V(1) + dpsi);
+    const V ratio = dpsi * reciprocal<kFull>(V(1) + dpsi);
     return (z * z.abs() * dpsi * ratio * ratio).neg();
   }
 };
 
 struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = λ|z|
-  template <typename V>
+  template <bool kFull, typename V>
   static void eval(V z, V lam, V inv_lam, V& psi, V& dpsi) {
     const V t = lam * z.abs();
-    psi = (log1p_nonnegative(t) * inv_lam).copysign(z);
-    dpsi = reciprocal(V(1) + t);
+    psi = (log1p_nonnegative<kFull>(t) * inv_lam).copysign(z);
+    dpsi = reciprocal<kFull>(V(1) + t);
   }
 
   // z|z|·g(t), g(t) = (1/(1 + t) − log1p(t)/t)/t = −1/2 + 2t/3 − 3t²/4 + 4t³/5 − 5t⁴/6 + …
-  template <typename V>
+  template <bool kFull, typename V>
   static V dlam(V z, V lam, V inv_lam, V psi, V dpsi) {
     using at::vec::fmadd;
     const V t = lam * z.abs();
@@ -187,15 +192,15 @@ struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = �
 };
 
 struct Tanh {  // ψ = tanh(u) / λ,  ψ' = 1 − tanh²(u),  u = λz
-  template <typename V>
+  template <bool kFull, typename V>
   static void eval(V z, V lam, V inv_lam, V& psi, V& dpsi) {
-    const V th = tanh_fast(lam * z);
+    const V th = tanh_fast<kFull>(lam * z);
     psi = th * inv_lam;
     dpsi = V(1) - th * th;
   }
 
   // z²·h(u), h(u) = (1 − tanh²u − tanh(u)/u)/u = −2u/3 + 8u³/15 − 34u⁵/105 + …
-  template <typename V>
+  template <bool kFull, typename V>
   static V dlam(V z, V lam, V inv_lam, V psi, V dpsi) {
     using at::vec::fmadd;
     const V u = lam * z, u2 = u * u;
@@ -205,7 +210,7 @@ struct Tanh {  // ψ = tanh(u) / λ,  ψ' = 1 − tanh²(u),  u = λz
 };
 
 // ψ_λ of one family at a fixed λ ≥ 0 (λ = 0: the identity).
-template <typename Family, typename acc_t>
+template <typename Family, typename acc_t, bool kFull>
 class Psi {
   using Vec = Vectorized<acc_t>;
 
@@ -218,12 +223,12 @@ class Psi {
       psi = z;
       dpsi = Vec(1);
     } else {
-      Family::eval(z, lam_, inv_lam_, psi, dpsi);
+      Family::template eval<kFull>(z, lam_, inv_lam_, psi, dpsi);
     }
   }
 
   // ∂ψ/∂λ at z, given ψ(z) and ψ'(z) from operator().
-  Vec dlam(Vec z, Vec psi, Vec dpsi) const { return Family::dlam(z, lam_, inv_lam_, psi, dpsi); }
+  Vec dlam(Vec z, Vec psi, Vec dpsi) const { return Family::template dlam<kFull>(z, lam_, inv_lam_, psi, dpsi); }
 
  private:
   bool identity_;
@@ -638,7 +643,8 @@ class GroupKernel {
 
   Layout layout_;
   Options opt_;
-  Psi<Family, acc_t> psi_;
+  // bfloat16 and float16 inputs take ψ from the unrefined reciprocal estimates (see reciprocal)
+  Psi<Family, acc_t, std::is_same_v<scalar_t, acc_t>> psi_;
   const acc_t* weight_;
   const acc_t* bias_;
 };
