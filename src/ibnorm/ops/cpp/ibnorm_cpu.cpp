@@ -476,11 +476,20 @@ class GroupKernel {
       const scalar_t* xs = x + offset;
       const acc_t* us = opt_.frozen ? nullptr : u + s * len;
       scalar_t* ys = y + offset;
-      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-        const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
-        const Vec u_hat = at::vec::fmadd(value, a2, b2);
-        store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
-      });
+      if constexpr (kPerElement) {
+        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+          const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
+          const Vec u_hat = at::vec::fmadd(value, a2, b2);
+          store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
+        });
+      } else {  // one γ, β per run: y = u·(r₂γ) + (b₂γ + β), one multiply-add per element
+        const Vec gamma(weight_[channel]);
+        const Vec y_scale = a2 * gamma, y_shift = at::vec::fmadd(b2, gamma, Vec(bias_[channel]));
+        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+          const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
+          store(ys + i, at::vec::fmadd(value, y_scale, y_shift), c);
+        });
+      }
     }
   }
 
