@@ -24,6 +24,8 @@
 //   g_x = g_z − mean g_z                                      ("centered"; RMS or frozen: g_z)
 //   g_γ = Σ g_y·û,  g_β = Σ g_y,  g_λ = Σ g_u·∂ψ/∂λ
 // The mean(·) terms drop for RMS. γ/β gradients go to per-chunk partial sums reduced at the end.
+// Two sweeps per group: one recomputes ψ and gathers every sum (those of g_z are linear in the
+// sums of g_û, see GroupKernel::backward), one writes g_x.
 
 #include <torch/extension.h>
 
@@ -493,49 +495,80 @@ class GroupKernel {
     }
   }
 
-  // g_x for group g and its share of the γ, β, λ gradients; `u`, `d` (numel) cache ψ and ψ'.
+  // g_x for group g and its share of the γ, β, λ gradients; `u`, `d` (numel) cache û and ψ'.
+  //
+  // g_u = r₂·g_û + shift + slope·û, with shift and slope known only after a sweep. Every sum the
+  // rest needs is linear in g_u, so sweep 1 collects its three parts and the sum follows:
+  //   Σ g_z   = Σ g_u·ψ'   = r₂·Σ g_û·ψ'   + shift·Σ ψ'   + slope·Σ û·ψ'
+  //   Σ g_z·z = Σ g_u·ψ'·z = r₂·Σ g_û·ψ'·z + shift·Σ ψ'·z + slope·Σ û·ψ'·z    (standardized)
+  //   g_λ     = Σ g_u·∂ψ/∂λ (likewise)
+  // and sweep 2 writes g_x = scale·g_z + shift₁ + slope₁·z: two sweeps in all.
   void backward(int64_t g, const scalar_t* grad_y, const scalar_t* x, scalar_t* grad_x,
                 const StatArrays<acc_t>& st, acc_t* u, acc_t* d, GradSinks<acc_t>& sinks) const {
     const int64_t len = layout_.length;
     const double inv_n = 1.0 / double(layout_.numel());
-    const bool center = opt_.center, batch_stats = !opt_.frozen;
+    const bool center = opt_.center, batch_stats = !opt_.frozen, standardized = opt_.standardized;
+    const bool lam_needed = sinks.lam_needed;
     const double rstd = st.rstd[g], rstd_psi = st.rstd_psi[g];
-    const double scale = opt_.standardized ? rstd : 1.0;
+    const double scale = standardized ? rstd : 1.0;
     const Vec s1 = splat(scale), m1 = splat(center ? double(st.mean[g]) : 0.0);
     const Vec a2 = splat(rstd_psi), b2 = splat(-(center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
 
-    // Sweep 1: cache u = ψ(z) and ψ'(z); Σ g_û and Σ g_û·û; the γ, β gradients.
-    double sum_g = 0, sum_gu = 0;
-    Vec acc_g(0), acc_gu(0), acc_w(0), acc_b(0);
+    // Sweep 1: cache û and ψ'; the sums of g_û, g_û·û (→ shift, slope), the three parts of each
+    // later sum, and the γ, β gradients.
+    enum { kG, kGU, kGD, kD, kUD, kGDZ, kDZ, kUDZ, kGL, kL, kUL, kSums };
+    double sums[kSums] = {};
+    Vec acc[kSums];
+    for (auto& v : acc) v = Vec(0);
+    Vec acc_w(0), acc_b(0);
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       acc_t *us = u + s * len, *ds = d + s * len;
-      // Lanes past the end load g_y = 0, so every sum below that carries g_y needs no mask.
+      // Lanes past the end load g_y = 0 and are masked where a sum carries no g_y.
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        using at::vec::fmadd;
         Vec value, slope;
-        psi_((load(xs + i, c) - m1) * s1, value, slope);
-        value.store(us + i, c);
+        const Vec z = (load(xs + i, c) - m1) * s1;
+        psi_(z, value, slope);
+        slope = keep(slope, c);
+        const Vec u_hat = keep(fmadd(value, a2, b2), c);
+        u_hat.store(us + i, c);
         slope.store(ds + i, c);
-        const Vec u_hat = at::vec::fmadd(value, a2, b2);
         const Vec go = load(gs + i, c);
         const Vec g_u_hat = go * affine(weight_, channel, i, c);
-        acc_g += g_u_hat;
-        acc_gu = at::vec::fmadd(g_u_hat, u_hat, acc_gu);
+        acc[kG] += g_u_hat;
+        acc[kGU] = fmadd(g_u_hat, u_hat, acc[kGU]);
+        const Vec g_slope = g_u_hat * slope, u_slope = u_hat * slope;
+        acc[kGD] += g_slope;
+        acc[kD] += slope;
+        acc[kUD] += u_slope;
+        if (standardized) {
+          acc[kGDZ] = fmadd(g_slope, z, acc[kGDZ]);
+          acc[kDZ] = fmadd(slope, z, acc[kDZ]);
+          acc[kUDZ] = fmadd(u_slope, z, acc[kUDZ]);
+        }
+        if (lam_needed) {
+          const Vec dl = keep(psi_.dlam(z, value, slope), c);
+          acc[kGL] = fmadd(g_u_hat, dl, acc[kGL]);
+          acc[kL] += dl;
+          acc[kUL] = fmadd(u_hat, dl, acc[kUL]);
+        }
         if constexpr (kPerElement) {
           if (sinks.weight) accumulate(sinks.weight + i, go * u_hat, c);
           if (sinks.bias) accumulate(sinks.bias + i, go, c);
         } else {
-          acc_w = at::vec::fmadd(go, u_hat, acc_w);
+          acc_w = fmadd(go, u_hat, acc_w);
           acc_b += go;
         }
       });
       const bool last = s + 1 == layout_.segments;
       if ((pending += len) >= kFlushElements || last) {
-        sum_g += hsum(acc_g);
-        sum_gu += hsum(acc_gu);
-        acc_g = acc_gu = Vec(0);
+        for (int k = 0; k < kSums; ++k) {
+          sums[k] += hsum(acc[k]);
+          acc[k] = Vec(0);
+        }
         pending = 0;
       }
       // γ, β sums move to their channel when the next run belongs to another one (or it ends).
@@ -549,60 +582,31 @@ class GroupKernel {
     }
 
     // g_u = r₂·g_û + shift + slope·û (batch statistics add the projection terms).
-    const Vec gu_scale = splat(rstd_psi);
-    const Vec gu_shift = splat(batch_stats && center ? -rstd_psi * sum_g * inv_n : 0.0);
-    const Vec gu_slope = splat(batch_stats ? -rstd_psi * sum_gu * inv_n : 0.0);
-    // g_x = scale·g_z when the first step has no batch-statistics projection: write it now.
-    const bool direct = opt_.frozen || (!opt_.standardized && !center);
-    const Vec gx_scale = splat(scale);
+    const double shift = batch_stats && center ? -rstd_psi * sums[kG] * inv_n : 0.0;
+    const double slope = batch_stats ? -rstd_psi * sums[kGU] * inv_n : 0.0;
+    auto total = [&](int k) { return rstd_psi * sums[k] + shift * sums[k + 1] + slope * sums[k + 2]; };
+    if (lam_needed) sinks.lam += total(kGL);
+    // g_x = scale·g_z + shift₁ + slope₁·z; without the first step's projection (frozen
+    // statistics, or RMS with the centered placement) shift₁ = slope₁ = 0.
+    const bool project = !opt_.frozen && (standardized || center);
+    const double gx_shift = project && center ? -scale * total(kGD) * inv_n : 0.0;
+    const double gx_slope = project && standardized ? -scale * total(kGDZ) * inv_n : 0.0;
 
-    // Sweep 2: g_u, g_z (cached over ψ' unless direct), Σ g_z, Σ g_z·z, Σ g_u·∂ψ/∂λ.
-    double sum_gz = 0, sum_gzz = 0, sum_lam = 0;
-    Vec acc_z(0), acc_zz(0), acc_lam(0);
+    // Sweep 2: g_x.
+    const Vec gu_scale = splat(rstd_psi), gu_shift = splat(shift), gu_slope = splat(slope);
+    const Vec gx_scale = splat(scale), gx_shift_v = splat(gx_shift), gx_slope_v = splat(gx_slope);
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       scalar_t* gxs = grad_x + offset;
-      const acc_t* us = u + s * len;
-      acc_t* ds = d + s * len;
+      const acc_t *us = u + s * len, *ds = d + s * len;
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-        const Vec value = Vec::loadu(us + i, c), slope = Vec::loadu(ds + i, c);
-        const Vec u_hat = at::vec::fmadd(value, a2, b2);
+        using at::vec::fmadd;
         const Vec g_u_hat = load(gs + i, c) * affine(weight_, channel, i, c);
-        const Vec g_u = keep(at::vec::fmadd(g_u_hat, gu_scale, at::vec::fmadd(u_hat, gu_slope, gu_shift)), c);
-        const Vec g_z = g_u * slope;
-        const Vec z = (load(xs + i, c) - m1) * s1;
-        if (sinks.lam_needed) acc_lam = at::vec::fmadd(g_u, psi_.dlam(z, value, slope), acc_lam);
-        if (direct) {
-          store(gxs + i, g_z * gx_scale, c);
-        } else {
-          g_z.store(ds + i, c);
-          acc_z += g_z;
-          acc_zz = at::vec::fmadd(g_z, z, acc_zz);
-        }
-      });
-      if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
-        sum_gz += hsum(acc_z);
-        sum_gzz += hsum(acc_zz);
-        sum_lam += hsum(acc_lam);
-        acc_z = acc_zz = acc_lam = Vec(0);
-        pending = 0;
-      }
-    }
-    sinks.lam += sum_lam;
-    if (direct) return;
-
-    // Sweep 3: g_x = scale·g_z + shift + slope·z.
-    const Vec gx_shift = splat(center ? -scale * sum_gz * inv_n : 0.0);
-    const Vec gx_slope = splat(opt_.standardized ? -scale * sum_gzz * inv_n : 0.0);
-    for (int64_t s = 0; s < layout_.segments; ++s) {
-      const int64_t offset = layout_.offset(g, s);
-      const scalar_t* xs = x + offset;
-      scalar_t* gxs = grad_x + offset;
-      const acc_t* ds = d + s * len;
-      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-        const Vec z = (load(xs + i, c) - m1) * s1;
-        store(gxs + i, at::vec::fmadd(Vec::loadu(ds + i, c), gx_scale, at::vec::fmadd(z, gx_slope, gx_shift)), c);
+        const Vec g_u = fmadd(g_u_hat, gu_scale, fmadd(Vec::loadu(us + i, c), gu_slope, gu_shift));
+        Vec g_x = fmadd(g_u * Vec::loadu(ds + i, c), gx_scale, gx_shift_v);
+        if (standardized && gx_slope != 0.0) g_x = fmadd((load(xs + i, c) - m1) * s1, gx_slope_v, g_x);
+        store(gxs + i, g_x, c);
       });
     }
   }
