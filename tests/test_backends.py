@@ -207,19 +207,22 @@ def _leaves(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
 
 
 def implementation(y: Tensor) -> str:
-    """Which implementation computed ``y``: the IBNormFunction's backward body says
-    (eager, C++, Triton, or the compiled body behind its fallback guard); none: the reference."""
+    """Which implementation computed ``y``: the C++ autograd node (C++), or the IBNormFunction's
+    backward body (eager, Triton, or the compiled body behind its fallback guard); none: the
+    reference."""
     stack = [y.grad_fn]
     while stack:
         node = stack.pop()
         if node is None:
             continue
+        if "IBNormNode" in node.name():
+            return "cpp"
         if "IBNormFunction" in type(node).__name__:
             body = node.backward_body
             if not isinstance(body, functools.partial):
                 return "compiled"
             module = body.func.__module__
-            return {"ibnorm.ops.function": "eager", "ibnorm.ops.cpp": "cpp"}.get(module, module.split(".")[2])
+            return {"ibnorm.ops.function": "eager"}.get(module, module.split(".")[2])
         stack.extend(n for n, _ in node.next_functions)
     return "reference"
 

@@ -1,7 +1,7 @@
 """The C++ CPU kernels (ibnorm.ops.cpp) against a reference written here in plain torch ops.
 
 Every grouping (layer, RMS, batch in train and eval, group) × family (S, L, T) × placement ×
-dtype (float32, bfloat16) runs through IBNormFunction.apply with the C++ bodies, and its output,
+dtype (float32, bfloat16) runs through the C++ autograd node (cpp.function), and its output,
 statistics and the gradients of x, weight, bias and λ are compared with autograd through the
 reference; float64 runs torch.autograd.gradcheck. The fallback (build disabled or failing) runs
 in a fresh interpreter: one RuntimeWarning, no crash.
@@ -24,7 +24,7 @@ from torch import Tensor
 from ibnorm import get_compression
 from ibnorm.compression import Compression
 from ibnorm.ops import cpp
-from ibnorm.ops.function import IBNormFunction, KernelConfig
+from ibnorm.ops.function import KernelConfig
 from ibnorm.ops.reference import GroupStats
 
 EPS = 1e-5
@@ -147,8 +147,10 @@ def _inputs(view: View, dtype: torch.dtype, weight: bool = True, seed: int = 0, 
     return x, w, b, given, grad
 
 
-def _given_args(given: GroupStats) -> tuple:
-    return given.mean, given.var, given.mean_psi, given.var_psi
+def _run(cfg: KernelConfig, x: Tensor, w, b, lam: Tensor, given: GroupStats, dtype=None) -> tuple:
+    """The C++ node: y and (mean, var, mean_psi, var_psi)."""
+    y, stats = cpp.function(cfg, dtype)(x, w, b, lam, given)
+    return y, (stats.mean, stats.var, stats.mean_psi, stats.var_psi)
 
 
 def _leaves(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
@@ -169,7 +171,7 @@ def _check(
     cfg = _config(view, family, placement, has_weight=weight)
 
     kx, kw, kb, klam = _leaves(x, w, b, lam)
-    y, *stats = IBNormFunction.apply(kx, kw, kb, klam, *_given_args(given), cfg, cpp.bodies(cfg, dtype))
+    y, stats = _run(cfg, kx, kw, kb, klam, given, dtype)
     y.backward(grad)
     rx, rw, rb, rlam = _leaves(x, w, b, lam)
     y_ref, stats_ref = _reference(rx, rw, rb, rlam, given, view, family, placement)
@@ -211,6 +213,11 @@ def test_without_weight_or_bias(kernels, grouping: str) -> None:
     _check(view, "T", "standardized", torch.float32, lam_value=2.0, weight=False)
 
 
+@pytest.mark.parametrize("grouping", ["layer", "batch", "group"])
+def test_bias_without_weight(kernels, grouping: str) -> None:
+    _check(VIEWS[grouping], "S", "centered", torch.float32, lam_value=0.7, weight=False)
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("grouping", list(TINY))
@@ -218,14 +225,14 @@ def test_gradcheck_float64(kernels, grouping: str, family: str, placement: str) 
     view = TINY[grouping]
     x, w, b, given, _ = _inputs(view, torch.float64)
     cfg = _config(view, family, placement)
-    bodies = cpp.bodies(cfg, torch.float64)
+    call = cpp.function(cfg, torch.float64)
     inputs = _leaves(x, w, b, torch.tensor(0.8, dtype=torch.float64))
     inputs = [t for t in inputs if t is not None]
 
     def fn(*args: Tensor) -> Tensor:
         x, w, *rest = args
         b = rest[0] if view.has_bias else None
-        return IBNormFunction.apply(x, w, b, rest[-1], *_given_args(given), cfg, bodies)[0]
+        return call(x, w, b, rest[-1], given)[0]
 
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
 
@@ -236,9 +243,9 @@ def test_lambda_zero_tensor(kernels, family: str) -> None:
     view = TINY["layer"]
     x, w, b, _, _ = _inputs(view, torch.float64)
     cfg = _config(view, family, "standardized")
-    bodies = cpp.bodies(cfg, torch.float64)
+    call = cpp.function(cfg, torch.float64)
     inputs = _leaves(x, w, b, torch.tensor(0.0, dtype=torch.float64))
-    fn = lambda *args: IBNormFunction.apply(*args, None, None, None, None, cfg, bodies)[0]  # noqa: E731
+    fn = lambda *args: call(*args, GroupStats())[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
 
 
@@ -250,7 +257,7 @@ def test_small_lambda_gradient_float32(kernels, family: str) -> None:
     x, w, b, given, grad = _inputs(view, torch.float32)
     cfg = _config(view, family, "standardized")
     kx, kw, kb, klam = _leaves(x, w, b, torch.tensor(lam))
-    IBNormFunction.apply(kx, kw, kb, klam, *_given_args(given), cfg, cpp.bodies(cfg))[0].backward(grad)
+    _run(cfg, kx, kw, kb, klam, given)[0].backward(grad)
     rx, rw, rb, rlam = _leaves(x.double(), w.double(), b.double(), torch.tensor(lam, dtype=torch.float64))
     _reference(rx, rw, rb, rlam, given, view, family, "standardized")[0].backward(grad.double())
     torch.testing.assert_close(klam.grad.double(), rlam.grad, rtol=1e-4, atol=1e-6)
@@ -293,7 +300,7 @@ def test_long_groups_far_from_zero(kernels, view: View, placement: str) -> None:
     x, w, b, given, grad = _inputs(view, torch.float32, offset=300.0)
     cfg = _config(view, "S", placement)
     kx, klam = _leaves(x, torch.tensor(0.7))
-    y, *stats = IBNormFunction.apply(kx, w, b, klam, *_given_args(given), cfg, cpp.bodies(cfg))
+    y, stats = _run(cfg, kx, w, b, klam, given)
     y.backward(grad)
     rx, rlam = _leaves(x.double(), torch.tensor(0.7, dtype=torch.float64))
     y_ref, stats_ref = _reference(rx, w.double(), b.double(), rlam, given, view, "S", placement)
@@ -305,15 +312,15 @@ def test_long_groups_far_from_zero(kernels, view: View, placement: str) -> None:
     torch.testing.assert_close(klam.grad.double(), rlam.grad, rtol=1e-4, atol=1e-3, msg="grad lam")
 
 
-def test_bodies_reject_what_they_cannot_serve(kernels) -> None:
+def test_function_rejects_what_it_cannot_serve(kernels) -> None:
     view = VIEWS["layer"]
     custom = Compression("soft", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
     with pytest.raises(cpp.Unsupported, match="built-in families"):
-        cpp.bodies(_config(view, custom, "standardized"))
+        cpp.function(_config(view, custom, "standardized"))
     with pytest.raises(cpp.Unsupported, match="support"):
-        cpp.bodies(_config(view, "S", "standardized"), torch.complex64)
+        cpp.function(_config(view, "S", "standardized"), torch.complex64)
     with pytest.raises(cpp.Unsupported, match="dims"):
-        cpp.bodies(_config(view._replace(dims=(0,)), "S", "standardized"))
+        cpp.function(_config(view._replace(dims=(0,)), "S", "standardized"))
 
 
 _FALLBACK_SCRIPT = """
@@ -326,7 +333,7 @@ with warnings.catch_warnings(record=True) as caught:
     first, second = cpp.available(), cpp.available()
 cfg = KernelConfig((1,), (0,), (8,), 1e-5, get_compression("S"), True, "standardized", False, True, True)
 try:
-    cpp.bodies(cfg)
+    cpp.function(cfg)
     raised = False
 except cpp.Unsupported:
     raised = True
@@ -406,7 +413,7 @@ def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, place
     with ibnorm.use_backend("cpp"):
         assert dispatch.resolve_backend(x.device) == "cpp"
         y = layer(x)
-    assert dispatch._cpp_cache, "the C++ bodies were not used"
+    assert dispatch._cpp_cache, "the C++ kernels were not used"
     xc = x - x.mean(-1, keepdim=True)
     z = xc if placement == "centered" else xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + layer.eps)
     u = torch.tanh(0.7 * z) / 0.7
@@ -420,10 +427,13 @@ def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, place
     with ibnorm.use_backend("auto"):
         assert dispatch.resolve_backend(x.device) == "cpp"
     custom = Compression("soft2", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
-    key = dispatch.CompileKey(_config(VIEWS["layer"], custom, placement), torch.float32, False)
-    forward, _ = dispatch._cpp_or_compiled(key)
-    assert dispatch._cpp_cache[(key.cfg, torch.float32)] is None  # not taken by the C++ kernels
-    assert forward.__qualname__ == "_guarded.<locals>.call"  # the compiled body behind its fallback
+    cfg = _config(VIEWS["layer"], custom, placement)
+    assert dispatch._cpp_function(dispatch.CompileKey(cfg, torch.float32, False)) is None  # not the C++ kernels'
+    dispatch._compiled_cache.clear()
+    x = torch.randn(VIEWS["layer"].shape)
+    with ibnorm.use_backend("cpp"):  # the compiled bodies serve it
+        dispatch.normalize(x, None, None, 0.7, dims=(1,), dynamic_dims=(0,), eps=EPS, family=custom, center=True, placement=placement)
+    assert cfg._replace(has_weight=False, has_bias=False) in dispatch._compiled_cache
 
 
 def test_the_build_name_follows_isa_torch_and_source() -> None:
@@ -448,6 +458,17 @@ def test_psi_to_a_few_ulp_over_a_wide_range(kernels, family: str, lam: float) ->
     one = torch.tensor([1.0 - EPS])
     zero = torch.zeros(1)
     cfg = _config(View(tuple(x.shape), (0, 2), (0, 2), True, (1, 1, 1), False, True), family, "standardized", False)
-    y, *_ = IBNormFunction.apply(x, None, None, torch.tensor(lam), zero, one, zero, one, cfg, cpp.bodies(cfg))
+    y, _ = cpp.function(cfg)(x, None, None, torch.tensor(lam), GroupStats(zero, one, None, zero, one))
     want = get_compression(family).psi(z.double(), torch.tensor(lam, dtype=torch.float64))
     torch.testing.assert_close(y.reshape(-1).double(), want, rtol=8 * 2.0**-24, atol=0.0)
+
+
+def test_double_backward_raises(kernels) -> None:
+    """The C++ node's backward is not differentiable: create_graph=True says so, as
+    once_differentiable does for the Python Function."""
+    view = VIEWS["layer"]
+    x, w, b, given, grad = _inputs(view, torch.float32)
+    kx, klam = _leaves(x, torch.tensor(0.7))
+    y, _ = _run(_config(view, "S", "centered"), kx, w, b, klam, given)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(y, kx, grad, create_graph=True)

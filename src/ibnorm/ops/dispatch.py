@@ -82,7 +82,7 @@ class CompileKey(NamedTuple):
 
 
 _compiled_cache: dict[KernelConfig, Bodies] = {}
-_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Optional[Bodies]] = {}
+_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Optional[Callable[..., tuple[Tensor, GroupStats]]]] = {}
 _compile_failures: dict[CompileKey, str] = {}
 _warned: set[object] = set()
 
@@ -318,18 +318,18 @@ def _compiled_or_eager(key: CompileKey) -> Bodies:
     return _guarded(compiled_forward, eager_forward, key), _guarded(compiled_backward, eager_backward, key)
 
 
-def _cpp_or_compiled(key: CompileKey) -> Bodies:
-    """The C++ bodies for this configuration and dtype, or the compiled ones for what the C++
-    kernels do not take (a user-registered family)."""
+def _cpp_function(key: CompileKey) -> Optional[Callable[..., tuple[Tensor, GroupStats]]]:
+    """The C++ autograd node for this configuration and dtype, or None for what the C++
+    kernels do not take (a user-registered family: ``compiled`` serves it)."""
     from . import cpp
 
     cache_key = (key.cfg, key.dtype)
     if cache_key not in _cpp_cache:
         try:
-            _cpp_cache[cache_key] = cpp.bodies(key.cfg, key.dtype)
+            _cpp_cache[cache_key] = cpp.function(key.cfg, key.dtype)
         except cpp.Unsupported:
             _cpp_cache[cache_key] = None
-    return _cpp_cache[cache_key] or _compiled_or_eager(key)
+    return _cpp_cache[cache_key]
 
 
 # ----------------------------------------------------------------------------- per call
@@ -415,11 +415,11 @@ def normalize(
     )
     lam_tensor = lam if isinstance(lam, Tensor) else _lam_tensor(float(lam), compute_dtype(x.dtype), x.device)
     key = CompileKey(cfg, x.dtype, lam_tensor.requires_grad)
-    if backend == "cpp":
-        bodies = _cpp_or_compiled(key)
-    elif backend == "triton":
+    if backend == "cpp" and (cpp_function := _cpp_function(key)) is not None:
+        return cpp_function(x, weight, bias, lam_tensor, given)  # autograd in C++ too
+    if backend == "triton":
         bodies = _triton_kernels().triton_bodies(cfg)
-    elif backend == "compiled":
+    elif backend in ("compiled", "cpp"):  # cpp here: a family the C++ kernels do not have
         bodies = _compiled_or_eager(key)
     else:
         bodies = eager_bodies(cfg)

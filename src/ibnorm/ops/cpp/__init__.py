@@ -1,9 +1,8 @@
-r"""Vectorized C++ CPU kernels for :class:`~ibnorm.ops.function.IBNormFunction`.
+r"""Vectorized C++ CPU kernels, behind one C++ autograd node.
 
-:func:`bodies` returns a forward and a backward body with the signatures of
-:func:`~ibnorm.ops.function.forward_body` and :func:`~ibnorm.ops.function.backward_body`, so
-``IBNormFunction.apply(..., cfg, bodies(cfg))`` runs the same math (DESIGN §1; the backward's
-derivation is in :mod:`ibnorm.ops.function`) in one C++ kernel per direction::
+:func:`function` returns a callable ``(x, weight, bias, lam, given) → (y, statistics)`` with the
+contract of :class:`~ibnorm.ops.function.IBNormFunction` (the same math, DESIGN §1; the
+backward's derivation is in :mod:`ibnorm.ops.function`), in one C++ kernel per direction::
 
     z = (x − μ)·rsqrt(σ² + eps)  (placement "standardized")   or   z = x − μ  ("centered")
     u = ψ_λ(z)      û = (u − m)·rsqrt(v + eps)      y = γ·û + β
@@ -11,7 +10,10 @@ derivation is in :mod:`ibnorm.ops.function`) in one C++ kernel per direction::
 RMS grouping drops the centerings; batch grouping in eval uses the given (frozen) statistics.
 ψ is one of the built-in families S, L, T (one templated functor, vectorized with
 ``at::vec::Vectorized``); inputs may be float32, bfloat16, float16 (statistics in float32) or
-float64; groups are split across threads with ``at::parallel_for``.
+float64; groups are split across threads with ``at::parallel_for``. The autograd node is C++
+too (``torch::autograd::Function``), so a call costs one Python call and a backward none: for a
+small layer the Python of an ``autograd.Function`` costs more than its kernels. Its backward
+is not differentiable; double backward raises (use the ``reference`` backend).
 
 The extension is compiled on first use by :func:`torch.utils.cpp_extension.load` for this
 machine's vector ISA (torch's CPU capability) and cached in torch's extension directory, or under
@@ -32,16 +34,16 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ...compression import BUILTIN_COMPRESSIONS, Compression
-from ..function import Bodies, KernelConfig
+from ..function import KernelConfig
 from ..reference import GroupStats
 
-__all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "bodies", "extension_name", "load"]
+__all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "extension_name", "function", "load"]
 
 SOURCE = Path(__file__).with_name("ibnorm_cpu.cpp")
 BUILD_ENV = "IBNORM_CPP_BUILD"
@@ -87,8 +89,10 @@ def available() -> bool:
     return load() is not None
 
 
-def bodies(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Bodies:
-    """(forward_body, backward_body) for ``cfg`` with the signatures of function.py's bodies.
+def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable[..., tuple[Tensor, GroupStats]]:
+    """IBNorm for ``cfg`` as one C++ autograd node: ``call(x, weight, bias, lam, given)`` returns
+    y and ``GroupStats(mean, var, mean_psi, var_psi)`` (non-differentiable, shaped to broadcast;
+    the given ones when given), as ``IBNormFunction.apply`` does.
 
     Raises :class:`Unsupported` where the kernels are unavailable, for a family other than the
     built-in S, L, T, for a view other than those of ``ibnorm.functional``, or for a ``dtype``
@@ -102,8 +106,7 @@ def bodies(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Bodies:
     grouping = _GROUPINGS.get(tuple(cfg.dims))
     if grouping is None:
         raise Unsupported(f"ibnorm C++ CPU kernels have no grouping with statistics over dims {cfg.dims}")
-    codes = dict(module=module, cfg=cfg, grouping=grouping, family=_family_code(cfg.family))
-    return functools.partial(_forward, **codes), functools.partial(_backward, **codes)
+    return functools.partial(_apply, module=module, cfg=cfg, grouping=grouping, family=_family_code(cfg.family))
 
 
 def _family_code(family: Compression) -> int:
@@ -119,7 +122,7 @@ def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
     return [1 if d in dims else size for d, size in enumerate(x.shape)]
 
 
-def _forward(
+def _apply(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -131,7 +134,7 @@ def _forward(
     grouping: int,
     family: int,
 ) -> tuple[Tensor, GroupStats]:
-    y, *stats = module.forward(
+    outputs = module.apply(
         x,
         weight,
         bias,
@@ -145,58 +148,13 @@ def _forward(
         cfg.eps,
         cfg.center,
         cfg.placement == "standardized",
+        _stat_shape(x, cfg.dims),
     )
-    mean, var, rstd, mean_psi, var_psi, rstd_psi = stats
-    shape = _stat_shape(x, cfg.dims)
-    rstd, rstd_psi = rstd.view(shape), rstd_psi.view(shape)
-    if cfg.frozen:  # return the given statistics themselves, as forward_body does
-        return y, GroupStats(given.mean, given.var, rstd, given.mean_psi, given.var_psi, rstd_psi)
-    mean, mean_psi = (None if t is None else t.view(shape) for t in (mean, mean_psi))
-    return y, GroupStats(mean, var.view(shape), rstd, mean_psi, var_psi.view(shape), rstd_psi)
-
-
-def _backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Optional[Tensor],
-    lam: Tensor,
-    mean: Optional[Tensor],
-    rstd: Tensor,
-    mean_psi: Optional[Tensor],
-    rstd_psi: Tensor,
-    *,
-    need_weight_grad: bool,
-    bias_shape: Optional[torch.Size],
-    need_lam_grad: bool,
-    module: ModuleType,
-    cfg: KernelConfig,
-    grouping: int,
-    family: int,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    g_x, g_weight, g_bias, g_lam = module.backward(
-        grad_y,
-        x,
-        weight,
-        lam,
-        mean,
-        rstd,
-        mean_psi,
-        rstd_psi,
-        grouping,
-        family,
-        cfg.center,
-        cfg.placement == "standardized",
-        cfg.frozen,
-        need_weight_grad,
-        bias_shape is not None,
-        need_lam_grad,
-    )
-    return (
-        g_x,
-        None if g_weight is None else g_weight.view(weight.shape).to(weight.dtype),
-        None if g_bias is None else g_bias.view(bias_shape),
-        None if g_lam is None else g_lam.view(lam.shape).to(lam.dtype),
-    )
+    if cfg.center:
+        y, mean, var, mean_psi, var_psi = outputs
+        return y, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi)
+    y, var, var_psi = outputs  # RMS: no means
+    return y, GroupStats(var=var, var_psi=var_psi)
 
 
 def extension_name(isa: str, torch_version: str, source: bytes) -> str:

@@ -818,9 +818,95 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   return {grad_x, grad_weight, grad_bias, grad_lam};
 }
 
+// ------------------------------------------------------------------ the autograd node
+
+std::optional<at::Tensor> given_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// IBNormFunction's contract (ibnorm/ops/function.py) as a C++ autograd node, so that a call
+// costs no Python beyond the one that makes it: apply(x, weight, bias, λ, the given statistics
+// (undefined: batch statistics), grouping, family, eps, center, standardized, statistics shape)
+// → y, mean, var, mean_psi, var_psi (statistics non-differentiable, in the statistics shape; the
+// given ones themselves when given); without centering (RMS) the means are left out: y, var, var_psi.
+class IBNormNode : public torch::autograd::Function<IBNormNode> {
+ public:
+  using Optional = std::optional<at::Tensor>;
+
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                       const Optional& weight, const Optional& bias, const at::Tensor& lam,
+                                       const Optional& given_mean, const Optional& given_var,
+                                       const Optional& given_mean_psi, const Optional& given_var_psi, int64_t grouping,
+                                       int64_t family, double eps, bool center, bool standardized,
+                                       const std::vector<int64_t>& stat_shape) {
+    const bool frozen = given_var.has_value();
+    auto out = ::forward(x, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi, grouping, family,
+                         eps, center, standardized);
+    auto shaped = [&](const at::Tensor& t) { return t.defined() ? t.view(stat_shape) : t; };
+    at::Tensor mean = shaped(out[1]), var = shaped(out[2]), rstd = shaped(out[3]);
+    at::Tensor mean_psi = shaped(out[4]), var_psi = shaped(out[5]), rstd_psi = shaped(out[6]);
+    if (frozen) {
+      auto value = [](const Optional& t) { return t.has_value() ? *t : at::Tensor(); };
+      mean = value(given_mean), var = value(given_var), mean_psi = value(given_mean_psi), var_psi = value(given_var_psi);
+    }
+    ctx->save_for_backward({x, weight.has_value() ? *weight : at::Tensor(), lam, mean, rstd, mean_psi, rstd_psi});
+    ctx->saved_data["grouping"] = grouping;
+    ctx->saved_data["family"] = family;
+    ctx->saved_data["center"] = center;
+    ctx->saved_data["standardized"] = standardized;
+    ctx->saved_data["frozen"] = frozen;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    if (bias.has_value()) ctx->saved_data["bias_shape"] = bias->sizes().vec();
+    torch::autograd::variable_list outputs{out[0]}, statistics;
+    for (const at::Tensor& t : {mean, var, mean_psi, var_psi}) {
+      if (t.defined()) statistics.push_back(t);  // an autograd node cannot return undefined tensors
+    }
+    ctx->mark_non_differentiable(statistics);
+    outputs.insert(outputs.end(), statistics.begin(), statistics.end());
+    return outputs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "ibnorm: the C++ kernels' backward is not differentiable (double backward, create_graph=True); "
+                "use ibnorm.use_backend('reference') for it");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lam = saved[2];
+    // needs_input_grad counts the tensor inputs only: x, then weight and bias where given, then λ
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t bias_edge = weight.defined() ? 2 : 1, lam_edge = bias_edge + (has_bias ? 1 : 0);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(bias_edge);
+    const bool need_lam = ctx->needs_input_grad(lam_edge);
+    auto g = ::backward(grads[0], x, given_or_none(weight), lam, given_or_none(saved[3]), saved[4],
+                        given_or_none(saved[5]), saved[6], ctx->saved_data["grouping"].toInt(),
+                        ctx->saved_data["family"].toInt(), ctx->saved_data["center"].toBool(),
+                        ctx->saved_data["standardized"].toBool(), ctx->saved_data["frozen"].toBool(), need_weight,
+                        need_bias, need_lam);
+    // each gradient in its parameter's shape; γ's and λ's in their dtypes (β's: x's accumulation type)
+    const at::Tensor g_weight = need_weight ? g[1].view(weight.sizes()).to(weight.scalar_type()) : at::Tensor();
+    const at::Tensor g_bias = need_bias ? g[2].view(ctx->saved_data["bias_shape"].toIntVector()) : at::Tensor();
+    const at::Tensor g_lam = need_lam ? g[3].view(lam.sizes()).to(lam.scalar_type()) : at::Tensor();
+    return {g[0], g_weight, g_bias, g_lam, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> apply(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& lam,
+                                             const std::optional<at::Tensor>& given_mean,
+                                             const std::optional<at::Tensor>& given_var,
+                                             const std::optional<at::Tensor>& given_mean_psi,
+                                             const std::optional<at::Tensor>& given_var_psi, int64_t grouping,
+                                             int64_t family, double eps, bool center, bool standardized,
+                                             const std::vector<int64_t>& stat_shape) {
+  return IBNormNode::apply(x, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi, grouping, family,
+                           eps, center, standardized, stat_shape);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "IBNorm forward: y and the per-group statistics");
-  m.def("backward", &backward, "IBNorm backward: gradients of x, weight, bias and lambda");
+  m.def("apply", &apply, "IBNorm through a C++ autograd node: y, mean, var, mean_psi, var_psi");
 }
