@@ -38,13 +38,14 @@ def unbiased_variance(var: Tensor, count: int) -> Tensor:
 
 def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], factor: float) -> None:
     """``running ← (1 − factor) · running + factor · batch`` for each ``(running, batch)``
-    pair where both are given; ``batch`` is detached, flattened and cast to the buffer's dtype.
-    One fused update for all pairs: per-tensor calls cost more than a small layer's kernel."""
-    running, batch = [], []
-    for r, b in pairs:
-        if r is not None and b is not None:
-            running.append(r)
-            batch.append(b.detach().reshape(-1).to(r.dtype))
-    if running:
-        with torch.no_grad():
+    pair where both are given; ``batch`` is flattened and cast to the buffer's dtype (no
+    autograd history: it runs under no_grad). One fused update for all pairs: per-tensor calls
+    cost more than a small layer's kernel."""
+    with torch.no_grad():
+        running, batch = [], []
+        for r, b in pairs:
+            if r is not None and b is not None:
+                running.append(r)
+                batch.append(b.reshape(-1) if b.dtype == r.dtype else b.reshape(-1).to(r.dtype))
+        if running:
             torch._foreach_lerp_(running, batch, factor)
