@@ -51,6 +51,9 @@ VIEWS = {
     "batch": View((4, 5, 21), (0, 2), (0, 2), True, (1, 5, 1), True, False),
     "batch_eval": View((4, 5, 21), (0, 2), (0, 2), True, (1, 5, 1), True, True),
     "group": View((3, 2, 3, 21), (2, 3), (0, 3), True, (1, 2, 3, 1), True, False),
+    # runs shorter than a vector (BatchNorm1d on (N, C) has L = 1): the kernels regroup them
+    "batch_short_runs": View((24, 5, 3), (0, 2), (0, 2), True, (1, 5, 1), True, False),
+    "batch_eval_short_runs": View((24, 5, 1), (0, 2), (0, 2), True, (1, 5, 1), True, True),
 }
 TINY = {  # for gradcheck
     "layer": View((3, 11), (1,), (0,), True, (1, 11), True, False),

@@ -711,6 +711,23 @@ T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Batch grouping with runs shorter than a vector (BatchNorm1d on (N, C), maps of 2×2 or 3×3):
+// (N, C, L) → (1, C, N·L) holds the same groups in one long run each, and the two copies cost
+// less than N runs of a few elements per channel.
+constexpr int64_t kShortRun = 16;
+
+bool short_runs(const at::Tensor& x, int64_t grouping) {
+  return grouping == kBatch && x.dim() == 3 && x.size(0) > 1 && x.size(2) < kShortRun;
+}
+
+at::Tensor to_long_runs(const at::Tensor& t) {
+  return t.transpose(0, 1).contiguous().view({1, t.size(1), t.size(0) * t.size(2)});
+}
+
+at::Tensor from_long_runs(const at::Tensor& t, at::IntArrayRef shape) {
+  return t.view({shape[1], shape[0], shape[2]}).transpose(0, 1).contiguous();
+}
+
 // Returns y, mean, var, rstd, mean_psi, var_psi, rstd_psi (statistics flat over groups, in the
 // accumulation dtype; means undefined without centering). Given statistics freeze the group.
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -721,6 +738,12 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
                                 const std::optional<at::Tensor>& given_var_psi, int64_t grouping, int64_t family,
                                 double eps, bool center, bool standardized) {
   TORCH_CHECK(input.device().is_cpu(), "ibnorm_cpu: input must be on the CPU");
+  if (short_runs(input, grouping)) {
+    auto out = forward(to_long_runs(input), weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi,
+                       grouping, family, eps, center, standardized);
+    out[0] = from_long_runs(out[0], input.sizes());
+    return out;
+  }
   const at::Tensor x = input.contiguous();
   const Layout layout = make_layout(x, grouping);
   const Options options{eps, center, standardized, given_var.has_value()};
@@ -769,6 +792,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
                                  bool need_weight, bool need_bias, bool need_lam) {
   TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), "ibnorm_cpu: tensors must be on the CPU");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "ibnorm_cpu: grad_output and input shapes differ");
+  if (short_runs(input, grouping)) {
+    auto g = backward(to_long_runs(grad_output.to(input.scalar_type())), to_long_runs(input), weight, lam, mean, rstd,
+                      mean_psi, rstd_psi, grouping, family, center, standardized, frozen, need_weight, need_bias,
+                      need_lam);
+    g[0] = from_long_runs(g[0], input.sizes());
+    return g;
+  }
   const at::Tensor x = input.contiguous();
   const at::Tensor grad_y = grad_output.to(x.scalar_type()).contiguous();
   const Layout layout = make_layout(x, grouping);
