@@ -188,3 +188,17 @@ def test_analyze_records_information_plane_trajectories(tmp_path):
     write_report(tmp_path)
     assert (tmp_path / "plots/mnist1d-cnn-information-plane.png").stat().st_size > 1000
     assert (tmp_path / "plots/mnist1d-cnn-layer-stats.png").exists()
+
+
+def test_rows_name_the_commit_of_their_code():
+    """Each row's versions name the git commit of the ibnorm source that made it (with
+    "+modified" for uncommitted changes), where that source is a git checkout."""
+    import re
+    import subprocess
+
+    from ibnorm.lab.experiments import compare
+
+    package = Path(compare.__file__).resolve().parents[2]
+    if subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("ibnorm is not running from a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{12}(\+modified)?", compare._versions()["ibnorm_commit"])

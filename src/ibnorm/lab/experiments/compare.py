@@ -9,12 +9,14 @@ all checked, and data loaded, before any training starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import math
 import platform
 import re
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -139,7 +141,31 @@ def _folder_name(name: str) -> str:
 
 
 def _versions() -> dict[str, str]:
-    return {"ibnorm": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    versions = {"ibnorm": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    commit = _source_commit()
+    if commit:
+        versions["ibnorm_commit"] = commit
+    return versions
+
+
+@functools.lru_cache(maxsize=1)
+def _source_commit() -> Optional[str]:
+    """The git commit of the ibnorm source this process runs, with ``+modified`` where the
+    package's files differ from it; None outside a git checkout (an installed wheel). A
+    campaign runs for weeks while the kernels change: each row says which code made it."""
+    package = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0 or status.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+modified" if status.stdout.strip() else "")
 
 
 def _run_one(
