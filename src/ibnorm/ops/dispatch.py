@@ -7,9 +7,10 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
     ``triton`` on CUDA where Triton is importable (else ``eager``); on CPU ``cpp`` where the
     C++ extension builds (else ``compiled``); ``eager`` on other devices.
 ``cpp``
-    :class:`IBNormFunction` with the vectorized C++ kernels of :mod:`ibnorm.ops.cpp` (CPU;
-    built once per machine on first use and cached). Where it cannot be built it warns once
-    and ``compiled`` serves; families other than S/L/T also use ``compiled``.
+    the vectorized C++ kernels of :mod:`ibnorm.ops.cpp` behind their own C++ autograd node,
+    with :class:`IBNormFunction`'s contract (CPU; built once per machine on first use and
+    cached). Where it cannot be built it warns once and ``compiled`` serves; families other
+    than S/L/T also use ``compiled``.
 ``compiled``
     :class:`IBNormFunction` whose forward and backward bodies are compiled by
     ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA). The batch-like dims
