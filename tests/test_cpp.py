@@ -475,3 +475,29 @@ def test_double_backward_raises(kernels) -> None:
     y, _ = _run(_config(view, "S", "centered"), kx, w, b, klam, given)
     with pytest.raises(RuntimeError, match="not differentiable"):
         torch.autograd.grad(y, kx, grad, create_graph=True)
+
+
+def test_a_long_run_with_outliers_first(kernels) -> None:
+    """One row of 65536 whose first 16 values are 1000 and the rest N(0, 1): an offset that a
+    shifted one-pass variance would cancel on (tried: 4e-5 off); the block-wise two-pass moments
+    keep float32 accuracy against float64."""
+    x = torch.randn(1, 65536, generator=torch.Generator().manual_seed(3))
+    x[0, :16] = 1000.0
+    cfg = _config(View(tuple(x.shape), (1,), (0,), True, (1, 65536), False, False), "S", "centered", False)
+    _, stats = cpp.function(cfg)(x, None, None, torch.tensor(0.7), GroupStats())
+    want = x.double().var(unbiased=False)
+    torch.testing.assert_close(stats.var.double().reshape(()), want, rtol=2e-6, atol=0.0)
+
+
+def test_gradients_of_parameters_alone(kernels) -> None:
+    """An input that needs no gradient (a first layer on data): γ, β and λ still match the
+    reference, and the node skips g_x."""
+    view = VIEWS["batch"]
+    x, w, b, given, grad = _inputs(view, torch.float32)
+    cfg = _config(view, "L", "standardized")
+    kw, kb, klam = _leaves(w, b, torch.tensor(0.7))
+    _run(cfg, x, kw, kb, klam, given)[0].backward(grad)
+    rw, rb, rlam = _leaves(w, b, torch.tensor(0.7))
+    _reference(x, rw, rb, rlam, given, view, "L", "standardized")[0].backward(grad)
+    for got, want in ((kw, rw), (kb, rb), (klam, rlam)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)

@@ -328,3 +328,30 @@ def test_a_float_lam_first_seen_in_inference_mode_still_trains() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     torch.testing.assert_close(y_inference, y.detach())
     torch.testing.assert_close(y_no_grad, y.detach())
+
+
+def test_inference_runs_the_forward_body_under_no_grad(monkeypatch) -> None:
+    """With nothing to differentiate the forward body runs alone, under no_grad as inside the
+    Function (compiled bodies guard on grad mode: no second compile)."""
+    seen = []
+    real = function.forward_body
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(function, "forward_body", spy)
+    layer = ibnorm.IBLayerNorm(8, compression="S", lam=0.5).requires_grad_(False)
+    with ibnorm.use_backend("eager"):
+        y = layer(torch.randn(3, 8))
+    assert seen == [False] and not y.requires_grad
+
+
+def test_a_float_lam_is_not_kept_from_a_fake_tensor_mode() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (0.6173, torch.float32, torch.device("cpu"))
+    with FakeTensorMode():
+        dispatch._lam_tensor(*key)
+    assert key not in dispatch._lam_tensors
+    assert type(dispatch._lam_tensor(*key)) is torch.Tensor

@@ -59,6 +59,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..compression import Compression
 from .function import Bodies, IBNormFunction, KernelConfig, backward_body, eager_bodies, forward_body
@@ -83,6 +84,7 @@ class CompileKey(NamedTuple):
 
 
 _compiled_cache: dict[KernelConfig, Bodies] = {}
+_lam_tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 _cpp_cache: dict[tuple[KernelConfig, torch.dtype], Optional[Callable[..., tuple[Tensor, GroupStats]]]] = {}
 _compile_failures: dict[CompileKey, str] = {}
 _warned: set[object] = set()
@@ -129,6 +131,7 @@ def reset() -> None:
     compiler or Triton in a running process)."""
     _compiled_cache.clear()
     _cpp_cache.clear()
+    _lam_tensors.clear()
     _compile_failures.clear()
     _warned.clear()
     _cpp_available.cache_clear()
@@ -425,20 +428,30 @@ def normalize(
     else:
         bodies = eager_bodies(cfg)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam_tensor))):
-        # nothing to differentiate (inference): the forward body alone, without autograd's bookkeeping
-        y, stats = bodies[0](x, weight, bias, lam_tensor, given)
+        # nothing to differentiate (inference): the forward body alone, without autograd's
+        # bookkeeping, under no_grad as inside the Function (compiled bodies guard on grad mode)
+        with torch.no_grad():
+            y, stats = bodies[0](x, weight, bias, lam_tensor, given)
         return y, GroupStats(mean=stats.mean, var=stats.var, mean_psi=stats.mean_psi, var_psi=stats.var_psi)
     args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
     return _unpack(IBNormFunction.apply(*args, bodies))
 
 
-@functools.lru_cache(maxsize=256)
 def _lam_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A float λ as a 0-dim tensor, made once per (value, dtype, device): the kernels only read
     it, and a fresh tensor per call costs more than a small layer's kernel. Made outside
-    inference mode, so a λ first seen there can still be saved for a later backward."""
-    with torch.inference_mode(False):
+    inference mode, so a λ first seen there can still be saved for a later backward; not kept
+    while a dispatch mode (fake or meta tensors) is active, whose tensors must not outlive it."""
+    if _get_current_dispatch_mode() is not None:
         return torch.tensor(value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    lam = _lam_tensors.get(key)
+    if lam is None:
+        with torch.inference_mode(False):
+            lam = torch.tensor(value, dtype=dtype, device=device)
+        if len(_lam_tensors) < 256:
+            _lam_tensors[key] = lam
+    return lam
 
 
 def _unpack(outputs: tuple) -> tuple[Tensor, GroupStats]:

@@ -11,10 +11,11 @@
 //   u = ψ_λ(z)   m, v of u      û = (u − m)·rsqrt(v + eps)    y = γ·û + β
 // With frozen statistics (batch grouping in eval) μ, σ², m, v are given and nothing is reduced.
 // Elementwise math and vector sums run in float32 (float64 for double input), in lanes that are
-// moved into double totals every few thousand elements. The input's moments take one sweep,
-// shifted by an estimate of the mean; ψ's output is cached and its moments summed as it is
-// written. So the forward reads x twice (a row once in all: the second sweep hits L1), caches u,
-// and writes y once.
+// moved into double totals every few thousand elements. The input's moments come from blocks of
+// at most 2048 elements, each read twice while in L1 (its mean, then its squared deviations) and
+// merged by Chan's update; ψ's output is cached and its moments summed as it is written (u is ψ
+// of a centered input, so that one-pass variance does not cancel). So the forward reads x from
+// memory twice (a row once: the later sweeps hit L1), caches u, and writes y once.
 //
 // Backward (see ibnorm/ops/function.py for the derivation), with r₁, r₂ the two rsqrt factors:
 //   g_û = γ·g_y
@@ -304,22 +305,39 @@ inline void for_vectors(int64_t length, const F& f) {
 }
 
 // Group sums are held in vector lanes across a group's runs and moved into double totals
-// every kFlushElements elements or so (at the end of a run), so that the float32 partial sums
-// stay short and a run of a few vectors (a 7×7 feature map) costs no horizontal sum of its own.
+// every kFlushElements elements, so that the float32 partial sums stay short and a run of a
+// few vectors (a 7×7 feature map) costs no horizontal sum of its own.
 constexpr int64_t kFlushElements = 2048;
 
-// Σ (x − K) and Σ (x − K)² with a shift K near the mean (the mean of the group's first vector),
-// so one pass gives the moments without the cancellation of Σx² − (Σx)²/n. Without centering
-// (RMS) K = 0 and the "variance" is the mean square.
-struct ShiftedSums {
-  bool center = true;
-  double shift = 0, sum = 0, squares = 0;
-
-  double mean(double n) const { return shift + sum / n; }
-  double variance(double n) const {
-    const double m = center ? sum / n : 0.0;
-    return std::max(squares / n - m * m, 0.0);
+// for_vectors over one run of a group's sweep in blocks of at most kFlushElements; flush() runs
+// whenever `pending` (elements since the last flush, carried across runs) reaches kFlushElements,
+// so the float32 lane sums stay short however long the run.
+template <typename acc_t, typename F, typename Flush>
+inline void for_vectors_flushed(int64_t length, int64_t& pending, const F& f, const Flush& flush) {
+  for (int64_t start = 0; start < length; start += kFlushElements) {
+    const int64_t block = std::min(kFlushElements, length - start);
+    for_vectors<acc_t>(block, [&](int64_t i, int64_t c) { f(start + i, c); });
+    if ((pending += block) >= kFlushElements) {
+      flush();
+      pending = 0;
+    }
   }
+}
+
+// Count, mean and sum of squared deviations, merged across blocks by Chan et al.'s update.
+// Without centering the mean stays 0 and m2 is the sum of squares (RMS statistics).
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+
+  void merge(double n, double block_mean, double block_m2) {
+    const double total = count + n;
+    const double delta = block_mean - mean;
+    mean += delta * n / total;
+    m2 += block_m2 + delta * delta * count * n / total;
+    count = total;
+  }
+
+  double variance() const { return m2 / count; }
 };
 
 // ------------------------------------------------------------------ layout and options
@@ -427,9 +445,9 @@ class GroupKernel {
   void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
     const int64_t len = layout_.length, n = layout_.numel();
     if (!opt_.frozen) {
-      const ShiftedSums sums = input_sums(g, x);
-      if (opt_.center) st.mean[g] = acc_t(sums.mean(n));
-      st.var[g] = acc_t(sums.variance(n));
+      const Moments moments = input_moments(g, x);
+      if (opt_.center) st.mean[g] = acc_t(moments.mean);
+      st.var[g] = acc_t(moments.variance());
     }
     const double rstd = 1.0 / std::sqrt(double(st.var[g]) + opt_.eps);
     st.rstd[g] = acc_t(rstd);
@@ -448,23 +466,23 @@ class GroupKernel {
       // one-pass variance does not cancel.
       double sum = 0, squares = 0;
       Vec acc_u(0), acc_uu(0);
+      auto flush = [&] {
+        sum += hsum(acc_u);
+        squares += hsum(acc_uu);
+        acc_u = acc_uu = Vec(0);
+      };
       int64_t pending = 0;
       for (int64_t s = 0; s < layout_.segments; ++s) {
         const scalar_t* xs = x + layout_.offset(g, s);
         acc_t* us = u + s * len;
-        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
           const Vec value = keep(psi_at(xs, i, c), c);
           value.store(us + i, c);
           acc_u += value;
           acc_uu = at::vec::fmadd(value, value, acc_uu);
-        });
-        if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
-          sum += hsum(acc_u);
-          squares += hsum(acc_uu);
-          acc_u = acc_uu = Vec(0);
-          pending = 0;
-        }
+        }, flush);
       }
+      flush();
       const double mean_psi = opt_.center ? sum / n : 0.0;
       if (opt_.center) st.mean_psi[g] = acc_t(mean_psi);
       st.var_psi[g] = acc_t(std::max(squares / n - mean_psi * mean_psi, 0.0));
@@ -521,13 +539,31 @@ class GroupKernel {
     Vec acc[kSums];
     for (auto& v : acc) v = Vec(0);
     Vec acc_w(0), acc_b(0);
+    int64_t channel = 0;
+    // γ, β sums go to their channel (one per run for group grouping) at every flush and when the
+    // next run belongs to another channel.
+    auto flush_affine = [&] {
+      if constexpr (!kPerElement) {
+        if (sinks.weight) sinks.weight[channel] += acc_t(hsum(acc_w));
+        if (sinks.bias) sinks.bias[channel] += acc_t(hsum(acc_b));
+        acc_w = acc_b = Vec(0);
+      }
+    };
+    auto flush = [&] {
+      for (int k = 0; k < kSums; ++k) {
+        sums[k] += hsum(acc[k]);
+        acc[k] = Vec(0);
+      }
+      flush_affine();
+    };
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
-      const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
+      const int64_t offset = layout_.offset(g, s);
+      channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       acc_t *us = u + s * len, *ds = d + s * len;
       // Lanes past the end load g_y = 0 and are masked where a sum carries no g_y.
-      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+      for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
         using at::vec::fmadd;
         Vec value, slope;
         const Vec z = (load(xs + i, c) - m1) * s1;
@@ -562,30 +598,17 @@ class GroupKernel {
           acc_w = fmadd(go, u_hat, acc_w);
           acc_b += go;
         }
-      });
-      const bool last = s + 1 == layout_.segments;
-      if ((pending += len) >= kFlushElements || last) {
-        for (int k = 0; k < kSums; ++k) {
-          sums[k] += hsum(acc[k]);
-          acc[k] = Vec(0);
-        }
-        pending = 0;
-      }
-      // γ, β sums move to their channel when the next run belongs to another one (or it ends).
-      if constexpr (!kPerElement) {
-        if (last || layout_.channel(g, s + 1) != channel || pending == 0) {
-          if (sinks.weight) sinks.weight[channel] += acc_t(hsum(acc_w));
-          if (sinks.bias) sinks.bias[channel] += acc_t(hsum(acc_b));
-          acc_w = acc_b = Vec(0);
-        }
-      }
+      }, flush);
+      if (s + 1 < layout_.segments && layout_.channel(g, s + 1) != channel) flush_affine();
     }
+    flush();
 
     // g_u = r₂·g_û + shift + slope·û (batch statistics add the projection terms).
     const double shift = batch_stats && center ? -rstd_psi * sums[kG] * inv_n : 0.0;
     const double slope = batch_stats ? -rstd_psi * sums[kGU] * inv_n : 0.0;
     auto total = [&](int k) { return rstd_psi * sums[k] + shift * sums[k + 1] + slope * sums[k + 2]; };
     if (lam_needed) sinks.lam += total(kGL);
+    if (grad_x == nullptr) return;  // only γ, β, λ were asked for
     // g_x = scale·g_z + shift₁ + slope₁·z; without the first step's projection (frozen
     // statistics, or RMS with the centered placement) shift₁ = slope₁ = 0.
     const bool project = !opt_.frozen && (standardized || center);
@@ -614,33 +637,48 @@ class GroupKernel {
  private:
   static Vec splat(double value) { return Vec(acc_t(value)); }
 
-  // One sweep over group g's input: Σ(x − K), Σ(x − K)² (K = 0 without centering).
-  ShiftedSums input_sums(int64_t g, const scalar_t* x) const {
-    const int64_t len = layout_.length;
-    ShiftedSums sums;
-    sums.center = opt_.center;
-    if (opt_.center) {
-      const int64_t head = std::min<int64_t>(len, Vec::size());
-      sums.shift = hsum(load(x + layout_.offset(g, 0), head)) / double(head);
-    }
-    const Vec shift = splat(sums.shift);
-    Vec acc(0), acc_sq(0);
-    int64_t pending = 0;
-    for (int64_t s = 0; s < layout_.segments; ++s) {
-      const scalar_t* xs = x + layout_.offset(g, s);
-      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-        const Vec dev = keep(load(xs + i, c) - shift, c);
-        acc += dev;
-        acc_sq = at::vec::fmadd(dev, dev, acc_sq);
-      });
-      if ((pending += len) >= kFlushElements || s + 1 == layout_.segments) {
-        sums.sum += hsum(acc);
-        sums.squares += hsum(acc_sq);
-        acc = acc_sq = Vec(0);
-        pending = 0;
+  // f(first, end, start, count) for group g's blocks of at most kFlushElements elements: runs
+  // [first, end) restricted to [start, start + count) — whole short runs, or pieces of a long one.
+  template <typename F>
+  void for_blocks(const F& f) const {
+    const int64_t len = layout_.length, segments = layout_.segments;
+    if (len >= kFlushElements) {
+      for (int64_t s = 0; s < segments; ++s) {
+        for (int64_t start = 0; start < len; start += kFlushElements) f(s, s + 1, start, std::min(kFlushElements, len - start));
       }
+    } else {
+      const int64_t per_block = std::max<int64_t>(1, kFlushElements / len);
+      for (int64_t s = 0; s < segments; s += per_block) f(s, std::min(s + per_block, segments), int64_t(0), len);
     }
-    return sums;
+  }
+
+  // The moments of group g's input: per block (in L1) its mean, then its squared deviations
+  // from that mean, merged across blocks — no cancellation, whatever the data's offset or order.
+  Moments input_moments(int64_t g, const scalar_t* x) const {
+    Moments moments;
+    for_blocks([&](int64_t first, int64_t end, int64_t start, int64_t count) {
+      auto block = [&](const auto& f) {
+        for (int64_t s = first; s < end; ++s) {
+          const scalar_t* xs = x + layout_.offset(g, s) + start;
+          for_vectors<acc_t>(count, [&](int64_t i, int64_t c) { f(load(xs + i, c), c); });
+        }
+      };
+      const double n = double((end - first) * count);
+      double mean = 0;
+      if (opt_.center) {
+        Vec sum(0);  // the padding lanes load as 0
+        block([&](Vec v, int64_t) { sum += v; });
+        mean = hsum(sum) / n;
+      }
+      const Vec mu = splat(mean);
+      Vec squares(0);
+      block([&](Vec v, int64_t c) {
+        const Vec dev = keep(v - mu, c);
+        squares = at::vec::fmadd(dev, dev, squares);
+      });
+      moments.merge(n, mean, hsum(squares));
+    });
+    return moments;
   }
 
   // γ or β at element i of a run of `channel`: a vector for layer/RMS, one value per channel otherwise.
@@ -783,20 +821,20 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
 }
 
 // Returns g_x (x's dtype), g_γ and g_β (flat, accumulation dtype) and g_λ (0-dim), each
-// undefined when not requested.
+// undefined when not requested (without g_x the second sweep is skipped).
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const std::optional<at::Tensor>& weight, const at::Tensor& lam,
                                  const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
                                  const std::optional<at::Tensor>& mean_psi, const at::Tensor& rstd_psi,
                                  int64_t grouping, int64_t family, bool center, bool standardized, bool frozen,
-                                 bool need_weight, bool need_bias, bool need_lam) {
+                                 bool need_input, bool need_weight, bool need_bias, bool need_lam) {
   TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), "ibnorm_cpu: tensors must be on the CPU");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "ibnorm_cpu: grad_output and input shapes differ");
   if (short_runs(input, grouping)) {
     auto g = backward(to_long_runs(grad_output.to(input.scalar_type())), to_long_runs(input), weight, lam, mean, rstd,
-                      mean_psi, rstd_psi, grouping, family, center, standardized, frozen, need_weight, need_bias,
-                      need_lam);
-    g[0] = from_long_runs(g[0], input.sizes());
+                      mean_psi, rstd_psi, grouping, family, center, standardized, frozen, need_input, need_weight,
+                      need_bias, need_lam);
+    if (need_input) g[0] = from_long_runs(g[0], input.sizes());
     return g;
   }
   const at::Tensor x = input.contiguous();
@@ -810,7 +848,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor mu_psi = center ? flat_acc(*mean_psi, acc) : at::Tensor();
   const at::Tensor r1 = flat_acc(rstd, acc), r2 = flat_acc(rstd_psi, acc);
   const at::Tensor w = affine_or(weight, layout, acc, 1.0);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
   const int64_t chunks = chunk_count(layout);
   at::Tensor weight_partials = need_weight ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
   at::Tensor bias_partials = need_bias ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
@@ -825,7 +863,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
                                data_or_null<acc_t>(mu_psi), nullptr, data_or_null<acc_t>(r2)};
     const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
     const auto* gyp = grad_y.data_ptr<typename Kernel::scalar_type>();
-    auto* gxp = grad_x.data_ptr<typename Kernel::scalar_type>();
+    auto* gxp = need_input ? grad_x.data_ptr<typename Kernel::scalar_type>() : nullptr;
     acc_t* wp = data_or_null<acc_t>(weight_partials);
     acc_t* bp = data_or_null<acc_t>(bias_partials);
     const int64_t stride = layout.affine_size;
@@ -906,14 +944,15 @@ class IBNormNode : public torch::autograd::Function<IBNormNode> {
     // needs_input_grad counts the tensor inputs only: x, then weight and bias where given, then λ
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t bias_edge = weight.defined() ? 2 : 1, lam_edge = bias_edge + (has_bias ? 1 : 0);
+    const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
     const bool need_bias = has_bias && ctx->needs_input_grad(bias_edge);
     const bool need_lam = ctx->needs_input_grad(lam_edge);
     auto g = ::backward(grads[0], x, given_or_none(weight), lam, given_or_none(saved[3]), saved[4],
                         given_or_none(saved[5]), saved[6], ctx->saved_data["grouping"].toInt(),
                         ctx->saved_data["family"].toInt(), ctx->saved_data["center"].toBool(),
-                        ctx->saved_data["standardized"].toBool(), ctx->saved_data["frozen"].toBool(), need_weight,
-                        need_bias, need_lam);
+                        ctx->saved_data["standardized"].toBool(), ctx->saved_data["frozen"].toBool(), need_input,
+                        need_weight, need_bias, need_lam);
     // each gradient in its parameter's shape; γ's and λ's in their dtypes (β's: x's accumulation type)
     const at::Tensor g_weight = need_weight ? g[1].view(weight.sizes()).to(weight.scalar_type()) : at::Tensor();
     const at::Tensor g_bias = need_bias ? g[2].view(ctx->saved_data["bias_shape"].toIntVector()) : at::Tensor();
