@@ -46,6 +46,6 @@ def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], f
         for r, b in pairs:
             if r is not None and b is not None:
                 running.append(r)
-                batch.append(b.reshape(-1) if b.dtype == r.dtype else b.reshape(-1).to(r.dtype))
+                batch.append(b.reshape(-1).to(r.dtype))
         if running:
             torch._foreach_lerp_(running, batch, factor)

@@ -64,6 +64,11 @@ TRAFFIC = {"forward": 2, "backward": 3, "fwd_bwd": 5}
 MODES = tuple(TRAFFIC)
 
 
+def _variant(compression: str, lam: float, placement: str) -> str:
+    """How the rows name the IB layer they timed, e.g. ``S:0.1:centered``."""
+    return f"{compression}:{lam}:{placement}"
+
+
 def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float, placement: str):
     kw = {"dtype": dtype}
     ibkw = {"compression": compression, "lam": lam, "placement": placement, **kw}
@@ -157,7 +162,7 @@ def kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
-                    "variant": f"{compression}:{lam}:{placement}",
+                    "variant": _variant(compression, lam, placement),
                     **{k: round(v, 6) for k, v in r.items() if k.endswith("_s")},
                     "saved_bytes": r["saved_bytes"],
                     **{f"ratio_{m}": round(r[f"{m}_s"] / base[f"{m}_s"], 3) for m in ("forward", "backward", "fwd_bwd", "inference")},
@@ -251,7 +256,7 @@ def cuda_kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
-                    "variant": f"{compression}:{lam}:{placement}",
+                    "variant": _variant(compression, lam, placement),
                     **{f"{m}_s": round(r[f"{m}_s"], 7) for m in MODES},
                     **{f"gbps_{m}": round(TRAFFIC[m] * moved / r[f"{m}_s"] / 1e9, 1) for m in MODES},
                     **{f"ratio_{m}": round(r[f"{m}_s"] / results["parent"][f"{m}_s"], 3) for m in MODES},
@@ -346,7 +351,7 @@ def model_step_benchmark(
         rows.append(
             {
                 "model": name,
-                "variant": f"{compression}:{lam}:{placement}",
+                "variant": _variant(compression, lam, placement),
                 "backend": dispatch.resolve_backend(torch.device("cpu")),
                 "norm_layers": len(record),
                 "parent_step_s": round(times["parent"], 5),

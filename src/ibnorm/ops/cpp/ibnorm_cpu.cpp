@@ -95,6 +95,10 @@ inline V reciprocal_sqrt(V a) {
 //     exp(r) by its Taylor series to r⁷ (truncation < 5e-9).
 // Both stay within a few ulp of the exact value; other types and ISAs use Sleef.
 
+// ln 2 = kLn2High + kLn2Low, the high part exact in few bits so that n·kLn2High is exact.
+constexpr float kLn2High = 0.693145751953125f;
+constexpr float kLn2Low = 1.428606765330187e-06f;
+
 template <bool kFull, typename V>
 inline V log1p_nonnegative(V t) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -110,7 +114,7 @@ inline V log1p_nonnegative(V t) {
     const V series = fmadd(fmadd(fmadd(V(1.0f / 9), s2, V(1.0f / 7)), s2, V(1.0f / 5)), s2, V(1.0f / 3));
     const V log_m = fmadd(V(2.0f) * s * s2, series, V(2.0f) * s);
     const V rounding = (t - (u - one)) * reciprocal<kFull>(u);
-    return fmadd(k, V(0.693145751953125f), fmadd(k, V(1.428606765330187e-06f), log_m + rounding));
+    return fmadd(k, V(kLn2High), fmadd(k, V(kLn2Low), log_m + rounding));
   }
 #endif
   return t.log1p();
@@ -128,10 +132,10 @@ inline V tanh_fast(V u) {
                             V(1.333220973e-1f)),
                       a2, V(-3.333331156e-1f));
     const V small = fmadd(a * a2, q, a);
-    // e^{2a} = 2^n·exp(r), r = 2a − n·ln2 in two steps (ln2 = hi + lo, hi exact in few bits)
+    // e^{2a} = 2^n·exp(r), r = 2a − n·ln2 in two steps
     const V x = a + a;
     const V n = (x * V(1.44269504088896341f)).round();
-    const V r = fnmadd(n, V(1.428606765330187e-06f), fnmadd(n, V(0.693145751953125f), x));
+    const V r = fnmadd(n, V(kLn2Low), fnmadd(n, V(kLn2High), x));
     V e = fmadd(r, V(1.0f / 5040), V(1.0f / 720));
     e = fmadd(e, r, V(1.0f / 120));
     e = fmadd(e, r, V(1.0f / 24));
