@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ibnorm import get_compression
+from ibnorm._running_stats import RunningUpdate
 from ibnorm.compression import Compression
 from ibnorm.ops import cpp
 from ibnorm.ops.function import KernelConfig
@@ -501,3 +502,45 @@ def test_gradients_of_parameters_alone(kernels) -> None:
     _reference(x, rw, rb, rlam, given, view, "L", "standardized")[0].backward(grad)
     for got, want in ((kw, rw), (kb, rb), (klam, rlam)):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_output_may_be_modified_in_place(kernels) -> None:
+    """y is not a view made inside the node (autograd forbids in-place changes to those): a
+    residual added in place, as ResNets do, works and its gradient is the reference's."""
+    view = VIEWS["batch"]
+    x, w, b, given, grad = _inputs(view, torch.float32)
+    residual = torch.randn(view.shape)
+    kx, rx = _leaves(x, x)
+    y, _ = _run(_config(view, "S", "centered"), kx, w, b, torch.tensor(0.5), given)
+    y += residual
+    y.backward(grad)
+    want, _ = _reference(rx, w, b, torch.tensor(0.5), given, view, "S", "centered")
+    (want + residual).backward(grad)
+    torch.testing.assert_close(y.detach(), want.detach() + residual, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kx.grad, rx.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("view_name", ["batch", "batch_short_runs"])
+def test_running_buffers_updated_in_the_kernel(kernels, view_name, buffer_dtype) -> None:
+    """The node views an ungrouped (N, C, H, W) input itself, takes flat γ and β, and moves the
+    running buffers (one of them strided) toward its batch statistics times their scales:
+    running ← running + f·(scale·batch − running), against the reference's statistics."""
+    view = VIEWS[view_name]
+    x, w, b, given, grad = _inputs(view, torch.float32)
+    n, c, length = view.shape
+    image = x.reshape(n, c, length, 1)  # an ungrouped input the node views as (N, C, L)
+    strided = torch.full((2 * c,), 0.5, dtype=buffer_dtype)
+    buffers = (torch.zeros(c, dtype=buffer_dtype), torch.ones(c, dtype=buffer_dtype), strided[::2], torch.full((c,), 2.0, dtype=buffer_dtype))
+    start = [t.double().clone() for t in buffers]
+    factor, scales = 0.3, (1.0, 1.25, 1.0, 0.5)
+    cfg = _config(view, "L", "centered")
+    y, stats = cpp.function(cfg)(image, w.reshape(c), b.reshape(c), torch.tensor(0.7), given, view.shape, RunningUpdate(buffers, factor, scales))
+    assert y.shape == image.shape
+    want_y, want_stats = _reference(x, w, b, torch.tensor(0.7), given, view, "L", "centered")
+    torch.testing.assert_close(y.reshape(view.shape), want_y, rtol=1e-5, atol=1e-5)
+    tolerance = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-6}[buffer_dtype]
+    for buffer, old, batch, scale in zip(buffers, start, want_stats, scales):
+        expected = old + factor * (scale * batch.double().reshape(-1) - old)
+        torch.testing.assert_close(buffer.double(), expected, rtol=tolerance, atol=tolerance)
+    assert strided[1::2].eq(0.5).all(), "the buffer's neighbours changed"

@@ -12,7 +12,7 @@ Used by the IB batch layers, :func:`ibnorm.functional.ib_batch_norm` and NormalN
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -49,3 +49,23 @@ def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], f
                 batch.append(b.reshape(-1).to(r.dtype))
         if running:
             torch._foreach_lerp_(running, batch, factor)
+
+
+class RunningUpdate(NamedTuple):
+    """Where one training call's batch statistics go: for each of the four per-group
+    statistics (mean, var, mean_psi, var_psi) a running buffer or None, and
+    ``running ← (1 − factor) · running + factor · scale · batch`` with its ``scale`` (n/(n − 1)
+    for a variance stored unbiased, else 1). Applied by the dispatch point, inside the C++
+    kernel where that runs."""
+
+    buffers: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+    factor: float
+    scales: tuple[float, float, float, float]
+
+    def apply(self, batch: Iterable[Optional[Tensor]]) -> None:
+        """Update the buffers from the batch statistics (mean, var, mean_psi, var_psi)."""
+        pairs = [
+            (running, b if b is None or scale == 1 else b * scale)
+            for running, b, scale in zip(self.buffers, batch, self.scales)
+        ]
+        update_running(pairs, self.factor)

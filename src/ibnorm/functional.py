@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._running_stats import unbiased_variance, update_running
+from ._running_stats import RunningUpdate
 from ._validation import (
     check_affine_shape,
     check_eps,
@@ -64,8 +64,14 @@ def _channels(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -
     return input.shape[1]
 
 
-def _view(t: Optional[Tensor], shape: Sequence[int]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(shape)
+def _rows(input: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (R, n) view of a row grouping: n = prod(normalized_shape), R the leading positions."""
+    return math.prod(input.shape[: input.dim() - len(normalized_shape)]), math.prod(normalized_shape)
+
+
+def _spatial(input: Tensor) -> int:
+    """L of an (N, C, *) input: the number of positions per sample and channel."""
+    return math.prod(input.shape[2:])
 
 
 def ib_layer_norm(
@@ -89,12 +95,12 @@ def ib_layer_norm(
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
     check_affine_shape(bias, shape, "bias")
-    n = math.prod(shape)
     y, _ = normalize(
-        input.reshape(-1, n),
-        _view(weight, (1, n)),
-        _view(bias, (1, n)),
+        input,
+        weight,
+        bias,
         lam,
+        shape=_rows(input, shape),
         dims=(1,),
         dynamic_dims=(0,),
         eps=eps,
@@ -103,7 +109,7 @@ def ib_layer_norm(
         placement=placement,
         parent=lambda: F.layer_norm(input, shape, weight, bias, eps),
     )
-    return y.reshape(input.shape)
+    return y
 
 
 def ib_rms_norm(
@@ -127,12 +133,12 @@ def ib_rms_norm(
     check_eps(eps)
     check_trailing_shape(input, shape)
     check_affine_shape(weight, shape, "weight")
-    n = math.prod(shape)
     y, _ = normalize(
-        input.reshape(-1, n),
-        _view(weight, (1, n)),
+        input,
+        weight,
         None,
         lam,
+        shape=_rows(input, shape),
         dims=(1,),
         dynamic_dims=(0,),
         eps=eps,
@@ -141,7 +147,7 @@ def ib_rms_norm(
         placement=placement,
         parent=lambda: F.rms_norm(input, shape, weight, eps),
     )
-    return y.reshape(input.shape)
+    return y
 
 
 def ib_group_norm(
@@ -163,13 +169,12 @@ def ib_group_norm(
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}")
-    per_group = channels // num_groups
-    affine_shape = (1, num_groups, per_group, 1)
     y, _ = normalize(
-        input.reshape(input.shape[0], num_groups, per_group, -1),
-        _view(weight, affine_shape),
-        _view(bias, affine_shape),
+        input,
+        weight,
+        bias,
         lam,
+        shape=(input.shape[0], num_groups, channels // num_groups, _spatial(input)),
         dims=(2, 3),
         dynamic_dims=(0, 3),
         eps=eps,
@@ -178,7 +183,7 @@ def ib_group_norm(
         placement=placement,
         parent=lambda: F.group_norm(input, num_groups, weight, bias, eps),
     )
-    return y.reshape(input.shape)
+    return y
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -204,13 +209,13 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _cross_process_mean(x: Tensor, process_group: object) -> tuple:
-    """Per-channel mean over (N, L) of an (N, C, L) view, summed across ``process_group``
-    (differentiably, so gradients reach every rank); returns the reducer and the global
-    count per channel."""
+def _cross_process_mean(local_count: int, device: torch.device, process_group: object) -> tuple:
+    """Per-channel mean over (N, L) of an (N, C, L) view with ``local_count`` = N·L values per
+    channel here, summed across ``process_group`` (differentiably, so gradients reach every
+    rank); returns the reducer and the global count per channel."""
     import torch.distributed as dist
 
-    count = torch.tensor([float(x.shape[0] * x.shape[2])], dtype=torch.float64, device=x.device)
+    count = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
     dist.all_reduce(count, group=process_group)
     total = int(count.item())
 
@@ -243,7 +248,7 @@ def ib_batch_norm(
     running buffers are given, updates them in place with ``momentum``:
     ``running_mean``/``running_var`` (of x, variance unbiased as torch) and
     ``running_mean_psi``/``running_var_psi`` (of u, variance biased for the standardized
-    placement and unbiased for the centered one, see ``_update_running_stats``; left as
+    placement and unbiased for the centered one, see ``_running_update``; left as
     they are when λ = 0). ``training=False`` uses the running buffers.
     ``process_group`` (training only): reduce batch statistics across that group, so the
     result equals one process on the concatenated batch.
@@ -261,29 +266,51 @@ def ib_batch_norm(
         missing = [name for name, tensor in needed.items() if tensor is None]
         if missing:
             raise ValueError(f"ib_batch_norm with training=False needs the running statistics {missing}")
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, family, lam,
+        running_mean_psi, running_var_psi, process_group, placement,
+    )
 
-    x = input.reshape(input.shape[0], channels, -1)
-    reduce_mean, count = None, x.shape[0] * x.shape[2]
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    family: Compression,
+    lam: Lam,
+    running_mean_psi: Optional[Tensor],
+    running_var_psi: Optional[Tensor],
+    process_group: Optional[object],
+    placement: str,
+) -> Tensor:
+    """:func:`ib_batch_norm` past its argument checks, for callers that made them already (the
+    batch layers check at construction and per call only the input: on small feature maps the
+    Python per call costs as much as the kernels)."""
+    buffers = (running_mean, running_var, running_mean_psi, running_var_psi)
+    shape = (input.shape[0], input.shape[1], _spatial(input))
+    reduce_mean, count = None, shape[0] * shape[2]
     if training and process_group is not None:
-        reduce_mean, count = _cross_process_mean(x, process_group)
+        reduce_mean, count = _cross_process_mean(count, input.device, process_group)
     if training and count <= 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
-    stat_shape = (1, channels, 1)
-    given = GroupStats()
+    given, running = GroupStats(), None
     if not training:
-        given = GroupStats(
-            mean=_view(running_mean, stat_shape),
-            var=_view(running_var, stat_shape),
-            mean_psi=_view(running_mean_psi, stat_shape),
-            var_psi=_view(running_var_psi, stat_shape),
-        )
-    y, stats = normalize(
-        x,
-        _view(weight, stat_shape),
-        _view(bias, stat_shape),
+        given = GroupStats(mean=running_mean, var=running_var, mean_psi=running_mean_psi, var_psi=running_var_psi)
+    elif any(t is not None for t in buffers):
+        running = _running_update(buffers, momentum, count, placement)
+    y, _ = normalize(
+        input,
+        weight,
+        bias,
         lam,
+        shape=shape,
         dims=(0, 2),
         dynamic_dims=(0, 2),
         eps=eps,
@@ -291,18 +318,15 @@ def ib_batch_norm(
         center=True,
         placement=placement,
         given=given,
+        running=running,
         reduce_mean=reduce_mean,
         parent=lambda: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
     )
-    if training and stats is not None:  # None: torch's batch_norm ran and updated the buffers
-        _update_running_stats(stats, buffers, momentum, count, placement)
-    return y.reshape(input.shape)
+    return y
 
 
-def _update_running_stats(
-    stats: GroupStats, buffers: Sequence[Optional[Tensor]], momentum: float, count: int, placement: str
-) -> None:
-    """running ← (1 − momentum)·running + momentum·batch.
+def _running_update(buffers: Sequence[Optional[Tensor]], momentum: float, count: int, placement: str) -> RunningUpdate:
+    """running ← (1 − momentum)·running + momentum·batch, for the batch statistics (μ, σ², m, v).
 
     The variance of x is stored unbiased (× n/(n−1)), as torch does. With the standardized
     placement the variance of u is stored biased: z was standardized with the same batch's
@@ -311,8 +335,5 @@ def _update_running_stats(
     norm by that factor). With the centered placement u = ψ(x − μ) keeps x's units and,
     like x, its variance is stored unbiased (at λ → 0 it is x's, and eval is BatchNorm's).
     """
-    var_psi = stats.var_psi
-    if var_psi is not None and placement == "centered":
-        var_psi = unbiased_variance(var_psi, count)
-    batch = (stats.mean, unbiased_variance(stats.var, count), stats.mean_psi, var_psi)
-    update_running(zip(buffers, batch), momentum)
+    unbiased = count / (count - 1)
+    return RunningUpdate(tuple(buffers), momentum, (1.0, unbiased, 1.0, unbiased if placement == "centered" else 1.0))

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from . import functional as IBF
 from ._norm_parts import NormBase
 from ._running_stats import count_batch
-from ._validation import check_eps, check_lam, check_momentum, check_placement, check_positive_int, normalize_shape
+from ._validation import (
+    check_eps,
+    check_floating,
+    check_lam,
+    check_momentum,
+    check_placement,
+    check_positive_int,
+    normalize_shape,
+)
 from .compression import (
     DEFAULT_COMPRESSION,
     DEFAULT_LAM,
@@ -62,7 +70,7 @@ class _IBNorm(NormBase):
         self, compression: str | Compression, lam: float, learnable_lam: bool, placement: str, factory_kwargs: dict[str, Any]
     ) -> None:
         self.compression = compression
-        self.placement = check_placement(placement)
+        self.placement = placement
         if isinstance(lam, Tensor):
             raise TypeError(f"lam must be a real number >= 0 when building a layer, got a tensor {lam!r}")
         lam = check_lam(lam)
@@ -84,6 +92,14 @@ class _IBNorm(NormBase):
     @compression.setter
     def compression(self, value: str | Compression) -> None:
         self._compression = get_compression(value).name
+
+    @property
+    def placement(self) -> str:
+        return self._placement
+
+    @placement.setter
+    def placement(self, value: str) -> None:
+        self._placement = check_placement(value)
 
     @property
     def lam(self) -> Union[float, Tensor]:
@@ -335,6 +351,7 @@ class _IBBatchNorm(_IBNorm):
         self._reset_affine()
 
     def _check_input_dim(self, input: Tensor) -> None:
+        check_floating(input)
         if self._input_dims and input.dim() not in self._input_dims:
             raise ValueError(
                 f"{type(self).__name__} expected {' or '.join(f'{d}D' for d in self._input_dims)} input "
@@ -355,7 +372,8 @@ class _IBBatchNorm(_IBNorm):
         factor = count_batch(self.momentum, self.num_batches_tracked) if self.training and self.track_running_stats else 0.0
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        return IBF.ib_batch_norm(
+        # the arguments were checked at construction (and by the setters): skip the functional's checks
+        return IBF._batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -364,12 +382,12 @@ class _IBBatchNorm(_IBNorm):
             use_batch_stats,
             factor,
             self.eps,
-            self.compression,
+            get_compression(self._compression),
             self.lam,
             self.running_mean_psi if track else None,
             self.running_var_psi if track else None,
-            process_group=self._process_group() if use_batch_stats else None,
-            placement=self.placement,
+            self._process_group() if use_batch_stats else None,
+            self.placement,
         )
 
     def extra_repr(self) -> str:

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._running_stats import RunningUpdate
 from ..compression import Compression
 from .function import Bodies, IBNormFunction, KernelConfig, backward_body, eager_bodies, forward_body
 from .reference import GroupStats, ReduceMean, affine, compute_dtype, ib_normalize_reference, is_identity, mean_over
@@ -181,10 +182,11 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def resolve_backend(device: torch.device) -> str:
+def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
     """The implementation that will run on ``device``: ``cpp``, ``triton``, ``compiled``,
-    ``eager`` or ``reference`` (before the per-call fallbacks of :func:`normalize`)."""
-    requested = get_backend()
+    ``eager`` or ``reference`` (before the per-call fallbacks of :func:`normalize`), for the
+    ``requested`` backend (default: :func:`get_backend`)."""
+    requested = requested or get_backend()
     if requested in ("eager", "reference"):
         return requested
     if requested == "triton":
@@ -358,22 +360,24 @@ def _triton_or_fallback(x: Tensor, family: Compression) -> str:
 def _needs_reference(lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> bool:
     if reduce_mean is not None:
         return True
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     return isinstance(lam, Tensor) and lam.requires_grad and family.dpsi_dlam is None
 
 
-def _implementation(x: Tensor, lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> str:
+def _implementation(
+    x: Tensor, lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean], requested: str
+) -> str:
     """The implementation :func:`normalize` runs for this call (λ > 0): the backend
-    :func:`resolve_backend` gives, or the reference or a per-call fallback."""
-    if _needs_reference(lam, family, reduce_mean):
+    :func:`resolve_backend` gives for ``requested``, or the reference or a per-call fallback."""
+    if requested == "reference" or _needs_reference(lam, family, reduce_mean):
         return "reference"
-    backend = resolve_backend(x.device)
+    backend = resolve_backend(x.device, requested)
     return _triton_or_fallback(x, family) if backend == "triton" else backend
 
 
 def normalize(
-    x: Tensor,
+    input: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     lam: Union[float, Tensor],
@@ -384,57 +388,91 @@ def normalize(
     family: Compression,
     center: bool,
     placement: str = "standardized",
+    shape: Optional[tuple[int, ...]] = None,
     given: GroupStats = GroupStats(),
+    running: Optional[RunningUpdate] = None,
     reduce_mean: Optional[ReduceMean] = None,
     parent: Optional[Callable[[], Tensor]] = None,
 ) -> tuple[Tensor, Optional[GroupStats]]:
-    """IBNorm of ``x`` with statistics over ``dims`` (or ``reduce_mean``, e.g. across
-    processes), λ as a float or tensor, ψ placed as ``placement``, then ``weight``/``bias``
-    (already shaped to broadcast). ``dynamic_dims`` are the dims whose size may change
-    between calls. ``parent`` computes torch's own norm for this call: it serves a float
-    λ = 0 (ψ the identity), except with the ``reference`` backend or ``reduce_mean``.
+    """IBNorm of ``input`` viewed as ``shape`` (default: its own), with statistics over
+    ``dims`` of that view (or ``reduce_mean``, e.g. across processes), λ as a float or tensor,
+    ψ placed as ``placement``, then ``weight``/``bias``: one value per position of the view's
+    dims outside ``dynamic_dims`` (the dims whose size may change between calls), in any
+    shape with that many elements. ``given`` statistics (frozen) have one value per group, in
+    any shape; ``running``, where given, receives the batch statistics. ``parent`` computes
+    torch's own norm for this call: it serves a float λ = 0 (ψ the identity), except with the
+    ``reference`` backend or ``reduce_mean``. The views happen inside the C++ node where it
+    runs (where autograd does not see them), and here otherwise.
 
-    Returns y in x's dtype and the statistics (for running buffers), or ``None`` for them
-    where ``parent`` ran (torch's norm updates any running buffers itself)."""
-    if parent is not None and is_identity(lam) and reduce_mean is None and get_backend() != "reference":
+    Returns y in the input's shape and dtype and the statistics, shaped to broadcast against
+    the view, or ``None`` for them where ``parent`` ran (torch's norm updates any running
+    buffers itself)."""
+    requested = get_backend()
+    if parent is not None and is_identity(lam) and reduce_mean is None and requested != "reference":
         return parent(), None
-    backend = _implementation(x, lam, family, reduce_mean)
+    shape = tuple(input.shape) if shape is None else tuple(shape)
+    backend = _implementation(input, lam, family, reduce_mean, requested)
+    lam_tensor = lam
+    if backend != "reference":
+        static_sizes = tuple(size for d, size in enumerate(shape) if d not in dynamic_dims)
+        cfg = KernelConfig(
+            dims,
+            dynamic_dims,
+            static_sizes,
+            float(eps),
+            family,
+            center,
+            placement,
+            given.var is not None,
+            weight is not None,
+            bias is not None,
+        )
+        if not isinstance(lam, Tensor):
+            lam_tensor = _lam_tensor(float(lam), compute_dtype(input.dtype), input.device)
+        key = CompileKey(cfg, input.dtype, lam_tensor.requires_grad)
+        if backend == "cpp" and (cpp_function := _cpp_function(key)) is not None:
+            return cpp_function(input, weight, bias, lam_tensor, given, shape, running)  # views and autograd in C++
+    x = input.reshape(shape)
+    affine_shape = [1 if d in dynamic_dims else size for d, size in enumerate(shape)]
+    weight, bias = _reshaped(weight, affine_shape), _reshaped(bias, affine_shape)
+    stat_shape = [1 if d in dims else size for d, size in enumerate(shape)]
+    given = GroupStats(*(_reshaped(t, stat_shape) for t in given))
     if backend == "reference":
         y, stats = ib_normalize_reference(
             x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given, placement
         )
-        return affine(y, weight, bias).to(x.dtype), stats
-    static_sizes = tuple(size for d, size in enumerate(x.shape) if d not in dynamic_dims)
-    cfg = KernelConfig(
-        dims,
-        dynamic_dims,
-        static_sizes,
-        float(eps),
-        family,
-        center,
-        placement,
-        given.var is not None,
-        weight is not None,
-        bias is not None,
-    )
-    lam_tensor = lam if isinstance(lam, Tensor) else _lam_tensor(float(lam), compute_dtype(x.dtype), x.device)
-    key = CompileKey(cfg, x.dtype, lam_tensor.requires_grad)
-    if backend == "cpp" and (cpp_function := _cpp_function(key)) is not None:
-        return cpp_function(x, weight, bias, lam_tensor, given)  # autograd in C++ too
+        y = affine(y, weight, bias).to(x.dtype)
+    else:
+        y, stats = _run_function(backend, key, x, weight, bias, lam_tensor, given)
+    if running is not None:
+        running.apply((stats.mean, stats.var, stats.mean_psi, stats.var_psi))
+    return y.reshape(input.shape), stats
+
+
+def _run_function(
+    backend: str, key: CompileKey, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: Tensor, given: GroupStats
+) -> tuple[Tensor, GroupStats]:
+    """:class:`IBNormFunction` with the bodies of ``backend`` (``triton``, ``compiled``, ``eager``,
+    or ``cpp`` for a family the C++ kernels do not have: ``compiled``), on the grouped view."""
+    cfg = key.cfg
     if backend == "triton":
         bodies = _triton_kernels().triton_bodies(cfg)
-    elif backend in ("compiled", "cpp"):  # cpp here: a family the C++ kernels do not have
+    elif backend in ("compiled", "cpp"):
         bodies = _compiled_or_eager(key)
     else:
         bodies = eager_bodies(cfg)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam_tensor))):
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam))):
         # nothing to differentiate (inference): the forward body alone, without autograd's
         # bookkeeping, under no_grad as inside the Function (compiled bodies guard on grad mode)
         with torch.no_grad():
-            y, stats = bodies[0](x, weight, bias, lam_tensor, given)
+            y, stats = bodies[0](x, weight, bias, lam, given)
         return y, GroupStats(mean=stats.mean, var=stats.var, mean_psi=stats.mean_psi, var_psi=stats.var_psi)
-    args = (x, weight, bias, lam_tensor, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
+    args = (x, weight, bias, lam, given.mean, given.var, given.mean_psi, given.var_psi, cfg)
     return _unpack(IBNormFunction.apply(*args, bodies))
+
+
+def _reshaped(t: Optional[Tensor], shape: list[int]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(shape)
 
 
 def _lam_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -34,11 +34,12 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..._running_stats import RunningUpdate
 from ...compression import BUILTIN_COMPRESSIONS, Compression
 from ..function import KernelConfig
 from ..reference import GroupStats
@@ -90,9 +91,12 @@ def available() -> bool:
 
 
 def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable[..., tuple[Tensor, GroupStats]]:
-    """IBNorm for ``cfg`` as one C++ autograd node: ``call(x, weight, bias, lam, given)`` returns
-    y and ``GroupStats(mean, var, mean_psi, var_psi)`` (non-differentiable, shaped to broadcast;
-    the given ones when given), as ``IBNormFunction.apply`` does.
+    """IBNorm for ``cfg`` as one C++ autograd node: ``call(x, weight, bias, lam, given, shape=None,
+    running=None)`` returns y (in x's shape) and ``GroupStats(mean, var, mean_psi, var_psi)``
+    (non-differentiable, shaped to broadcast against the view; the given ones when given), as
+    ``IBNormFunction.apply`` does for x viewed as ``shape`` (default: x's own). γ, β and the given
+    statistics may have any shape with the right number of elements; a
+    :class:`~ibnorm._running_stats.RunningUpdate` is applied to its buffers in the kernel.
 
     Raises :class:`Unsupported` where the kernels are unavailable, for a family other than the
     built-in S, L, T, for a view other than those of ``ibnorm.functional``, or for a ``dtype``
@@ -118,8 +122,7 @@ def _family_code(family: Compression) -> int:
     raise Unsupported(f"ibnorm C++ CPU kernels implement the built-in families S, L, T, not {family.name!r}")
 
 
-def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
-    return [1 if d in dims else size for d, size in enumerate(x.shape)]
+_NO_RUNNING = RunningUpdate((None, None, None, None), 0.0, (1.0, 1.0, 1.0, 1.0))
 
 
 def _apply(
@@ -128,12 +131,16 @@ def _apply(
     bias: Optional[Tensor],
     lam: Tensor,
     given: GroupStats,
+    shape: Optional[Sequence[int]] = None,
+    running: Optional[RunningUpdate] = None,
     *,
     module: ModuleType,
     cfg: KernelConfig,
     grouping: int,
     family: int,
 ) -> tuple[Tensor, GroupStats]:
+    shape = list(x.shape) if shape is None else list(shape)
+    running = running or _NO_RUNNING
     outputs = module.apply(
         x,
         weight,
@@ -143,12 +150,16 @@ def _apply(
         given.var,
         given.mean_psi,
         given.var_psi,
+        *running.buffers,
+        running.factor,
+        running.scales,
+        shape,
         grouping,
         family,
         cfg.eps,
         cfg.center,
         cfg.placement == "standardized",
-        _stat_shape(x, cfg.dims),
+        [1 if d in cfg.dims else size for d, size in enumerate(shape)],
     )
     if cfg.center:
         y, mean, var, mean_psi, var_psi = outputs
