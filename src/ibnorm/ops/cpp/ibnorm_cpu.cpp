@@ -41,6 +41,7 @@
 #include <cmath>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -366,6 +367,12 @@ struct Layout {
   int64_t channel(int64_t g, int64_t s) const {
     return (g % channel_period) * channel_group_stride + s * channel_segment_stride;
   }
+  // The r-th run in memory: (g, s) with offset(g, s) increasing in r (whichever stride is larger
+  // is the outer one; rows, with one run per group, are already in order).
+  std::pair<int64_t, int64_t> run_in_memory_order(int64_t r) const {
+    if (segment_stride > group_stride) return {r % groups, r / groups};
+    return {r / segments, r % segments};
+  }
 };
 
 Layout make_layout(const at::Tensor& x, int64_t grouping) {
@@ -448,74 +455,80 @@ class GroupKernel {
       : layout_(layout), opt_(options), psi_(lam), weight_(weight), bias_(bias) {}
 
   // y for group g; `u` (numel, unused when frozen) caches ψ between sweeps.
+  // Batch statistics: the group's statistics, then y; `u` (numel) caches ψ.
   void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
     const int64_t len = layout_.length, n = layout_.numel();
-    if (!opt_.frozen) {
-      const Moments moments = input_moments(g, x);
-      if (opt_.center) st.mean[g] = acc_t(moments.mean);
-      st.var[g] = acc_t(moments.variance());
-    }
+    const Moments moments = input_moments(g, x);
+    if (opt_.center) st.mean[g] = acc_t(moments.mean);
+    st.var[g] = acc_t(moments.variance());
     const double rstd = 1.0 / std::sqrt(double(st.var[g]) + opt_.eps);
     st.rstd[g] = acc_t(rstd);
-    const double scale = opt_.standardized ? rstd : 1.0;
-    // z = (x − μ)·scale: subtracting first keeps z exact where |μ| ≫ σ.
-    const Vec s1 = splat(scale), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
-    auto psi_at = [&](const scalar_t* xs, int64_t i, int64_t c) {
+    const Vec s1 = splat(opt_.standardized ? rstd : 1.0), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
+
+    // u = ψ(z) into the cache with Σu and Σu² in the same sweep: u is ψ of a centered input
+    // (or, for RMS, only Σu² is used), so its mean is small against its spread and the
+    // one-pass variance does not cancel.
+    double sum = 0, squares = 0;
+    Vec acc_u(0), acc_uu(0);
+    auto flush = [&] {
+      sum += hsum(acc_u);
+      squares += hsum(acc_uu);
+      acc_u = acc_uu = Vec(0);
+    };
+    int64_t pending = 0;
+    for (int64_t s = 0; s < layout_.segments; ++s) {
+      const scalar_t* xs = x + layout_.offset(g, s);
+      acc_t* us = u + s * len;
+      for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
+        Vec value, slope;
+        psi_((load(xs + i, c) - m1) * s1, value, slope);
+        value = keep(value, c);
+        value.store(us + i, c);
+        acc_u += value;
+        acc_uu = at::vec::fmadd(value, value, acc_uu);
+      }, flush);
+    }
+    flush();
+    const double mean_psi = opt_.center ? sum / n : 0.0;
+    if (opt_.center) st.mean_psi[g] = acc_t(mean_psi);
+    st.var_psi[g] = acc_t(std::max(squares / n - mean_psi * mean_psi, 0.0));
+    st.rstd_psi[g] = acc_t(1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps));
+    for (int64_t s = 0; s < layout_.segments; ++s) write_run<true>(g, s, x, y, st, u + s * len);
+  }
+
+  // Frozen statistics: rsqrt of the given variances, once per group before the runs.
+  void frozen_rstd(int64_t g, const StatArrays<acc_t>& st) const {
+    st.rstd[g] = acc_t(1.0 / std::sqrt(double(st.var[g]) + opt_.eps));
+    st.rstd_psi[g] = acc_t(1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps));
+  }
+
+  // y of run s of group g: û = (u − m)·r₂ and y = γ·û + β, with u from the cache `us` (kCached), or
+  // ψ of x (frozen statistics, where runs need no reduction and can go in memory order).
+  template <bool kCached>
+  void write_run(int64_t g, int64_t s, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st,
+                 const acc_t* us) const {
+    const int64_t len = layout_.length, offset = layout_.offset(g, s), channel = layout_.channel(g, s);
+    const double rstd_psi = st.rstd_psi[g];
+    const Vec s1 = splat(opt_.standardized ? double(st.rstd[g]) : 1.0);
+    const Vec m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
+    const Vec a2 = splat(rstd_psi), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
+    const scalar_t* xs = x + offset;
+    scalar_t* ys = y + offset;
+    auto u_at = [&](int64_t i, int64_t c) {
+      if constexpr (kCached) return Vec::loadu(us + i, c);
       Vec value, slope;
       psi_((load(xs + i, c) - m1) * s1, value, slope);
       return value;
     };
-
-    if (!opt_.frozen) {
-      // u = ψ(z) into the cache with Σu and Σu² in the same sweep: u is ψ of a centered input
-      // (or, for RMS, only Σu² is used), so its mean is small against its spread and the
-      // one-pass variance does not cancel.
-      double sum = 0, squares = 0;
-      Vec acc_u(0), acc_uu(0);
-      auto flush = [&] {
-        sum += hsum(acc_u);
-        squares += hsum(acc_uu);
-        acc_u = acc_uu = Vec(0);
-      };
-      int64_t pending = 0;
-      for (int64_t s = 0; s < layout_.segments; ++s) {
-        const scalar_t* xs = x + layout_.offset(g, s);
-        acc_t* us = u + s * len;
-        for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
-          const Vec value = keep(psi_at(xs, i, c), c);
-          value.store(us + i, c);
-          acc_u += value;
-          acc_uu = at::vec::fmadd(value, value, acc_uu);
-        }, flush);
-      }
-      flush();
-      const double mean_psi = opt_.center ? sum / n : 0.0;
-      if (opt_.center) st.mean_psi[g] = acc_t(mean_psi);
-      st.var_psi[g] = acc_t(std::max(squares / n - mean_psi * mean_psi, 0.0));
-    }
-    const double rstd_psi = 1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps);
-    st.rstd_psi[g] = acc_t(rstd_psi);
-    const Vec a2 = splat(rstd_psi), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
-
-    for (int64_t s = 0; s < layout_.segments; ++s) {
-      const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
-      const scalar_t* xs = x + offset;
-      const acc_t* us = opt_.frozen ? nullptr : u + s * len;
-      scalar_t* ys = y + offset;
-      if constexpr (kPerElement) {
-        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-          const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
-          const Vec u_hat = at::vec::fmadd(value, a2, b2);
-          store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
-        });
-      } else {  // one γ, β per run: y = u·(r₂γ) + (b₂γ + β), one multiply-add per element
-        const Vec gamma(weight_[channel]);
-        const Vec y_scale = a2 * gamma, y_shift = at::vec::fmadd(b2, gamma, Vec(bias_[channel]));
-        for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
-          const Vec value = opt_.frozen ? psi_at(xs, i, c) : Vec::loadu(us + i, c);
-          store(ys + i, at::vec::fmadd(value, y_scale, y_shift), c);
-        });
-      }
+    if constexpr (kPerElement) {
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        const Vec u_hat = at::vec::fmadd(u_at(i, c), a2, b2);
+        store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
+      });
+    } else {  // one γ, β per run: y = u·(r₂γ) + (b₂γ + β), one multiply-add per element
+      const Vec gamma(weight_[channel]);
+      const Vec y_scale = a2 * gamma, y_shift = at::vec::fmadd(b2, gamma, Vec(bias_[channel]));
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) { store(ys + i, at::vec::fmadd(u_at(i, c), y_scale, y_shift), c); });
     }
   }
 
@@ -827,8 +840,21 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
                                data_or_null<acc_t>(var_psi),  data_or_null<acc_t>(rstd_psi)};
     const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
     auto* yp = y.data_ptr<typename Kernel::scalar_type>();
+    if (options.frozen) {
+      // No reductions: every run on its own, in memory order (group-major order jumps a page per
+      // run of a batch grouping, where the hardware prefetcher restarts).
+      for (int64_t g = 0; g < layout.groups; ++g) kernel.frozen_rstd(g, st);
+      const int64_t runs = layout.groups * layout.segments;
+      at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / layout.length), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const auto [g, s] = layout.run_in_memory_order(r);
+          kernel.template write_run<false>(g, s, xp, yp, st, nullptr);
+        }
+      });
+      return;
+    }
     for_each_chunk(layout.groups, chunk_count(layout), [&](int64_t, int64_t begin, int64_t end) {
-      std::vector<acc_t> u(options.frozen ? 0 : layout.numel());
+      std::vector<acc_t> u(layout.numel());
       for (int64_t g = begin; g < end; ++g) kernel.forward(g, xp, yp, st, u.data());
     });
   });
