@@ -331,7 +331,11 @@ def model_step_benchmark(
     compression: str = DEFAULT_COMPRESSION,
     lam: float = DEFAULT_LAM,
     placement: str = DEFAULT_PLACEMENT,
+    min_seconds: float = 5.0,
 ) -> list[dict[str, object]]:
+    """Training-step time of each tiny model with its norms and converted to IBNorm: the
+    median step of each arm, and the overhead as the median over interleaved pairs of
+    ibnorm step / parent step, minus 1."""
     specs = _tiny_models()
     rows = []
     for name in tqdm(models, desc="model-step benchmark"):
@@ -344,10 +348,13 @@ def model_step_benchmark(
             for _ in range(15):
                 step()
         samples: dict[str, list[float]] = {arm: [] for arm in steps}
-        for _ in range(repeats):  # interleaved, so drift hits both arms alike
+        # interleaved pairs, so drift hits both arms alike; at least `repeats` pairs and
+        # `min_seconds` per arm (a short step's median needs many samples on a shared machine)
+        while len(samples["parent"]) < repeats or sum(samples["parent"]) < min_seconds:
             for arm, step in steps.items():
                 samples[arm].append(_median_time(step, 1, warmup=0))
         times = {arm: statistics.median(v) for arm, v in samples.items()}
+        ratio = statistics.median(b / a for a, b in zip(samples["parent"], samples["ibnorm"]))
         rows.append(
             {
                 "model": name,
@@ -356,7 +363,8 @@ def model_step_benchmark(
                 "norm_layers": len(record),
                 "parent_step_s": round(times["parent"], 5),
                 "ibnorm_step_s": round(times["ibnorm"], 5),
-                "overhead_pct": round(100 * (times["ibnorm"] / times["parent"] - 1), 2),
+                "pairs": len(samples["parent"]),
+                "overhead_pct": round(100 * (ratio - 1), 2),
             }
         )
     return rows
@@ -433,7 +441,7 @@ def run_benchmarks(
     plot = plot_kernels(kernels, out / "kernels.png")
     print(f"\nwrote {out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     if models:
-        steps = model_step_benchmark(models, repeats, compression, lam, placement)
+        steps = model_step_benchmark(models, repeats, compression, lam, placement, min_seconds=0.0 if quick else 5.0)
         atomic_write_csv(out / "model_step.csv", steps)
         print()
         print(format_table(steps, list(steps[0])))
