@@ -432,7 +432,7 @@ def test_layers_run_on_the_cpp_backend_through_the_dispatch_point(kernels, place
         assert dispatch.resolve_backend(x.device) == "cpp"
     custom = Compression("soft2", lambda z, lam: z / (1 + lam * z.abs()), lambda z, lam: (1 + lam * z.abs()) ** -2)
     cfg = _config(VIEWS["layer"], custom, placement)
-    assert dispatch._cpp_function(dispatch.CompileKey(cfg, torch.float32, False)) is None  # not the C++ kernels'
+    assert dispatch._cpp_function(cfg.dims, custom, EPS, True, placement, torch.float32) is None  # not the C++ kernels'
     dispatch._compiled_cache.clear()
     x = torch.randn(VIEWS["layer"].shape)
     with ibnorm.use_backend("cpp"):  # the compiled bodies serve it
@@ -504,15 +504,19 @@ def test_gradients_of_parameters_alone(kernels) -> None:
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_the_output_may_be_modified_in_place(kernels) -> None:
-    """y is not a view made inside the node (autograd forbids in-place changes to those): a
-    residual added in place, as ResNets do, works and its gradient is the reference's."""
-    view = VIEWS["batch"]
+@pytest.mark.parametrize("view_name", ["batch", "batch_short_runs"])
+def test_the_output_may_be_modified_in_place(kernels, view_name) -> None:
+    """y is not a view made inside the node (autograd forbids in-place changes to those), also
+    where the node views an ungrouped (N, C, L, 1) input itself: a residual added in place, as
+    ResNets do, works and its gradient is the reference's."""
+    view = VIEWS[view_name]
     x, w, b, given, grad = _inputs(view, torch.float32)
     residual = torch.randn(view.shape)
     kx, rx = _leaves(x, x)
-    y, _ = _run(_config(view, "S", "centered"), kx, w, b, torch.tensor(0.5), given)
-    y += residual
+    image = kx.unsqueeze(-1)
+    y, _ = cpp.function(_config(view, "S", "centered"))(image, w, b, torch.tensor(0.5), given, view.shape)
+    y += residual.unsqueeze(-1)
+    y = y.squeeze(-1)
     y.backward(grad)
     want, _ = _reference(rx, w, b, torch.tensor(0.5), given, view, "S", "centered")
     (want + residual).backward(grad)
@@ -544,3 +548,53 @@ def test_running_buffers_updated_in_the_kernel(kernels, view_name, buffer_dtype)
         expected = old + factor * (scale * batch.double().reshape(-1) - old)
         torch.testing.assert_close(buffer.double(), expected, rtol=tolerance, atol=tolerance)
     assert strided[1::2].eq(0.5).all(), "the buffer's neighbours changed"
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 21), (1, 5, 21), (3, 4, 9000)], ids=["one-channel", "one-sample", "split"])
+def test_frozen_statistics_in_memory_order(kernels, shape) -> None:
+    """Eval batch statistics go run by run in memory order: one channel, one sample, and runs
+    enough to be split between threads (2 here) match the reference."""
+    view = View(shape, (0, 2), (0, 2), True, (1, shape[1], 1), True, True)
+    x, w, b, given, _ = _inputs(view, torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, _ = _run(_config(view, "S", "centered"), x, w, b, torch.tensor(0.5), given)
+    finally:
+        torch.set_num_threads(threads)
+    want, _ = _reference(x, w, b, torch.tensor(0.5), given, view, "S", "centered")
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_running_buffers_bump_their_version(kernels) -> None:
+    """The kernel's update of the running buffers counts as an in-place change: a graph that
+    saved them (an eval forward) and is differentiated after a training step raises, as
+    torch's BatchNorm does, instead of using the changed statistics."""
+    import ibnorm
+
+    layer = ibnorm.IBBatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with ibnorm.use_backend("cpp"):
+        y = layer.eval()(x)
+        version = layer.running_mean._version
+        layer.train()(x)
+    assert layer.running_mean._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_inputs_do_not_reach_the_kernels(kernels, training) -> None:
+    """A map with no positions: torch's BatchNorm returns an empty output in eval and raises in
+    training (one value per channel); so do the IB layers on the cpp backend."""
+    import ibnorm
+
+    layer = ibnorm.IBBatchNorm2d(3).train(training)
+    x = torch.randn(2, 3, 0, 5)
+    with ibnorm.use_backend("cpp"):
+        if training:
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                layer(x)
+        else:
+            assert layer(x).shape == x.shape
+    assert ibnorm.ib_group_norm(torch.randn(2, 4, 0), 2).shape == (2, 4, 0)

@@ -16,9 +16,9 @@ the second standardization is skipped, so the result *is* the parent norm (Layer
 RMSNorm, BatchNorm, GroupNorm) and not a re-standardization of it.
 
 Statistics are computed in float32 (float64 for float64 inputs) whatever the input
-dtype; the output has the input's dtype. Each function checks its arguments, views the
-input so that every group's statistics are a mean over fixed dims, and hands it to the
-dispatch point :func:`ibnorm.ops.normalize` (fused kernels or the composite reference,
+dtype; the output has the input's dtype. Each function checks its arguments, names the
+view of the input (``shape``) in which every group's statistics are a mean over fixed dims,
+and hands both to the dispatch point :func:`ibnorm.ops.normalize` (fused kernels or the composite reference,
 see :func:`ibnorm.set_backend`) together with torch's own norm for the call, which the
 dispatch point runs for a float λ = 0.
 """

@@ -372,7 +372,8 @@ class _IBBatchNorm(_IBNorm):
         factor = count_batch(self.momentum, self.num_batches_tracked) if self.training and self.track_running_stats else 0.0
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        # the arguments were checked at construction (and by the setters): skip the functional's checks
+        # skips the functional's argument checks (made at construction, and by the compression, λ
+        # and placement setters; a weight or buffer replaced later is checked by the kernels' sizes)
         return IBF._batch_norm(
             input,
             self.running_mean if track else None,
@@ -387,7 +388,7 @@ class _IBBatchNorm(_IBNorm):
             self.running_mean_psi if track else None,
             self.running_var_psi if track else None,
             self._process_group() if use_batch_stats else None,
-            self.placement,
+            self._placement,
         )
 
     def extra_repr(self) -> str:

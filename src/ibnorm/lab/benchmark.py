@@ -348,11 +348,12 @@ def model_step_benchmark(
             for _ in range(15):
                 step()
         samples: dict[str, list[float]] = {arm: [] for arm in steps}
-        # interleaved pairs, so drift hits both arms alike; at least `repeats` pairs and
-        # `min_seconds` per arm (a short step's median needs many samples on a shared machine)
-        while len(samples["parent"]) < repeats or sum(samples["parent"]) < min_seconds:
-            for arm, step in steps.items():
-                samples[arm].append(_median_time(step, 1, warmup=0))
+        # interleaved pairs, so drift hits both arms alike, in alternating order; at least
+        # `repeats` pairs and `min_seconds` per arm (a short step's median needs many samples)
+        while len(samples["parent"]) < repeats or min(sum(v) for v in samples.values()) < min_seconds:
+            order = list(steps) if len(samples["parent"]) % 2 == 0 else list(reversed(steps))
+            for arm in order:
+                samples[arm].append(_median_time(steps[arm], 1, warmup=0))
         times = {arm: statistics.median(v) for arm, v in samples.items()}
         ratio = statistics.median(b / a for a, b in zip(samples["parent"], samples["ibnorm"]))
         rows.append(

@@ -86,7 +86,8 @@ class CompileKey(NamedTuple):
 
 _compiled_cache: dict[KernelConfig, Bodies] = {}
 _lam_tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
-_cpp_cache: dict[tuple[KernelConfig, torch.dtype], Optional[Callable[..., tuple[Tensor, GroupStats]]]] = {}
+_cpp_cache: dict[tuple, Optional[Callable[..., tuple[Tensor, GroupStats]]]] = {}
+_MISSING = object()
 _compile_failures: dict[CompileKey, str] = {}
 _warned: set[object] = set()
 
@@ -112,7 +113,13 @@ def get_backend() -> str:
     requested = _requested.get()
     if requested is not None:
         return requested
-    return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+    return _environment_backend(os.environ.get(ENV_VAR, "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _environment_backend(value: str) -> str:
+    """``$IBNORM_BACKEND``'s value checked once per distinct value (it is read on every call)."""
+    return _check_backend(value, f"${ENV_VAR}")
 
 
 @contextlib.contextmanager
@@ -136,6 +143,7 @@ def reset() -> None:
     _compile_failures.clear()
     _warned.clear()
     _cpp_available.cache_clear()
+    _environment_backend.cache_clear()
     _triton_import_error.cache_clear()
     _triton_kernels.cache_clear()
 
@@ -324,18 +332,23 @@ def _compiled_or_eager(key: CompileKey) -> Bodies:
     return _guarded(compiled_forward, eager_forward, key), _guarded(compiled_backward, eager_backward, key)
 
 
-def _cpp_function(key: CompileKey) -> Optional[Callable[..., tuple[Tensor, GroupStats]]]:
+def _cpp_function(
+    dims: tuple[int, ...], family: Compression, eps: float, center: bool, placement: str, dtype: torch.dtype
+) -> Optional[Callable[..., tuple[Tensor, GroupStats]]]:
     """The C++ autograd node for this configuration and dtype, or None for what the C++
     kernels do not take (a user-registered family: ``compiled`` serves it)."""
     from . import cpp
 
-    cache_key = (key.cfg, key.dtype)
-    if cache_key not in _cpp_cache:
+    cache_key = (dims, family, eps, center, placement, dtype)
+    function = _cpp_cache.get(cache_key, _MISSING)
+    if function is _MISSING:
+        cfg = KernelConfig(dims, (), (), float(eps), family, center, placement, False, False, False)
         try:
-            _cpp_cache[cache_key] = cpp.function(key.cfg, key.dtype)
+            function = cpp.function(cfg, dtype)
         except cpp.Unsupported:
-            _cpp_cache[cache_key] = None
-    return _cpp_cache[cache_key]
+            function = None
+        _cpp_cache[cache_key] = function
+    return function
 
 
 # ----------------------------------------------------------------------------- per call
@@ -373,7 +386,9 @@ def _implementation(
     if requested == "reference" or _needs_reference(lam, family, reduce_mean):
         return "reference"
     backend = resolve_backend(x.device, requested)
-    return _triton_or_fallback(x, family) if backend == "triton" else backend
+    if backend == "triton":
+        return _triton_or_fallback(x, family)
+    return "eager" if x.numel() == 0 else backend  # the C++ kernels take no empty groups
 
 
 def normalize(
@@ -405,14 +420,23 @@ def normalize(
     runs (where autograd does not see them), and here otherwise.
 
     Returns y in the input's shape and dtype and the statistics, shaped to broadcast against
-    the view, or ``None`` for them where ``parent`` ran (torch's norm updates any running
-    buffers itself)."""
+    the view (given ones may come back as given), or ``None`` for them where ``parent`` ran
+    (torch's norm updates any running buffers itself)."""
+    if running is not None and given.var is not None:
+        raise ValueError("normalize: running buffers are updated from batch statistics, not with given ones")
     requested = get_backend()
     if parent is not None and is_identity(lam) and reduce_mean is None and requested != "reference":
         return parent(), None
-    shape = tuple(input.shape) if shape is None else tuple(shape)
+    shape = tuple(input.shape) if shape is None else shape
     backend = _implementation(input, lam, family, reduce_mean, requested)
     lam_tensor = lam
+    if backend != "reference" and not isinstance(lam, Tensor):
+        lam_tensor = _lam_tensor(float(lam), compute_dtype(input.dtype), input.device)
+    if backend == "cpp":
+        cpp_function = _cpp_function(dims, family, eps, center, placement, input.dtype)
+        if cpp_function is not None:
+            return cpp_function(input, weight, bias, lam_tensor, given, shape, running)  # views and autograd in C++
+        backend = "compiled"  # a family the C++ kernels do not have
     if backend != "reference":
         static_sizes = tuple(size for d, size in enumerate(shape) if d not in dynamic_dims)
         cfg = KernelConfig(
@@ -427,11 +451,7 @@ def normalize(
             weight is not None,
             bias is not None,
         )
-        if not isinstance(lam, Tensor):
-            lam_tensor = _lam_tensor(float(lam), compute_dtype(input.dtype), input.device)
         key = CompileKey(cfg, input.dtype, lam_tensor.requires_grad)
-        if backend == "cpp" and (cpp_function := _cpp_function(key)) is not None:
-            return cpp_function(input, weight, bias, lam_tensor, given, shape, running)  # views and autograd in C++
     x = input.reshape(shape)
     affine_shape = [1 if d in dynamic_dims else size for d, size in enumerate(shape)]
     weight, bias = _reshaped(weight, affine_shape), _reshaped(bias, affine_shape)
@@ -452,12 +472,12 @@ def normalize(
 def _run_function(
     backend: str, key: CompileKey, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: Tensor, given: GroupStats
 ) -> tuple[Tensor, GroupStats]:
-    """:class:`IBNormFunction` with the bodies of ``backend`` (``triton``, ``compiled``, ``eager``,
-    or ``cpp`` for a family the C++ kernels do not have: ``compiled``), on the grouped view."""
+    """:class:`IBNormFunction` with the bodies of ``backend`` (``triton``, ``compiled`` or
+    ``eager``), on the grouped view."""
     cfg = key.cfg
     if backend == "triton":
         bodies = _triton_kernels().triton_bodies(cfg)
-    elif backend in ("compiled", "cpp"):
+    elif backend == "compiled":
         bodies = _compiled_or_eager(key)
     else:
         bodies = eager_bodies(cfg)

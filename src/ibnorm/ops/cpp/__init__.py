@@ -1,6 +1,6 @@
 r"""Vectorized C++ CPU kernels, behind one C++ autograd node.
 
-:func:`function` returns a callable ``(x, weight, bias, lam, given) → (y, statistics)`` with the
+:func:`function` returns a callable ``(x, weight, bias, lam, given, shape, running) → (y, statistics)`` with the
 contract of :class:`~ibnorm.ops.function.IBNormFunction` (the same math, DESIGN §1; the
 backward's derivation is in :mod:`ibnorm.ops.function`), in one C++ kernel per direction::
 
@@ -96,7 +96,9 @@ def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable
     (non-differentiable, shaped to broadcast against the view; the given ones when given), as
     ``IBNormFunction.apply`` does for x viewed as ``shape`` (default: x's own). γ, β and the given
     statistics may have any shape with the right number of elements; a
-    :class:`~ibnorm._running_stats.RunningUpdate` is applied to its buffers in the kernel.
+    :class:`~ibnorm._running_stats.RunningUpdate` is applied to its buffers in the kernel. Of
+    ``cfg`` only ``dims``, ``family``, ``eps``, ``center`` and ``placement`` matter: one node
+    serves every size, affine choice and frozen or batch statistics.
 
     Raises :class:`Unsupported` where the kernels are unavailable, for a family other than the
     built-in S, L, T, for a view other than those of ``ibnorm.functional``, or for a ``dtype``
@@ -139,7 +141,7 @@ def _apply(
     grouping: int,
     family: int,
 ) -> tuple[Tensor, GroupStats]:
-    shape = list(x.shape) if shape is None else list(shape)
+    shape = x.shape if shape is None else shape
     running = running or _NO_RUNNING
     outputs = module.apply(
         x,
@@ -159,7 +161,6 @@ def _apply(
         cfg.eps,
         cfg.center,
         cfg.placement == "standardized",
-        [1 if d in cfg.dims else size for d, size in enumerate(shape)],
     )
     if cfg.center:
         y, mean, var, mean_psi, var_psi = outputs

@@ -28,6 +28,7 @@
 // Two sweeps per group: one recomputes ψ and gathers every sum (those of g_z are linear in the
 // sums of g_û, see GroupKernel::backward), one writes g_x.
 
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
@@ -454,8 +455,7 @@ class GroupKernel {
   GroupKernel(const Layout& layout, const Options& options, double lam, const acc_t* weight, const acc_t* bias)
       : layout_(layout), opt_(options), psi_(lam), weight_(weight), bias_(bias) {}
 
-  // y for group g; `u` (numel, unused when frozen) caches ψ between sweeps.
-  // Batch statistics: the group's statistics, then y; `u` (numel) caches ψ.
+  // y for group g with batch statistics (computed here, then y); `u` (numel) caches ψ.
   void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
     const int64_t len = layout_.length, n = layout_.numel();
     const Moments moments = input_moments(g, x);
@@ -756,11 +756,12 @@ at::Tensor flat_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
 }
 
-// γ or β as a flat acc-type vector; ones (γ) or zeros (β) when absent.
-at::Tensor affine_or(const std::optional<at::Tensor>& t, const Layout& layout, at::ScalarType acc, double fill) {
+// γ or β (`name`) as a flat acc-type vector; ones (γ) or zeros (β) when absent.
+at::Tensor affine_or(const std::optional<at::Tensor>& t, const Layout& layout, at::ScalarType acc, double fill,
+                     const char* name) {
   if (t.has_value()) {
-    TORCH_CHECK(t->numel() == layout.affine_size, "ibnorm_cpu: affine parameter has ", t->numel(),
-                " elements, expected ", layout.affine_size);
+    TORCH_CHECK(t->numel() == layout.affine_size, "ibnorm: ", name, " has ", t->numel(), " elements, expected ",
+                layout.affine_size);
     return flat_acc(*t, acc);
   }
   return at::full({layout.affine_size}, fill, at::TensorOptions().dtype(acc));
@@ -790,8 +791,9 @@ at::Tensor from_long_runs(const at::Tensor& t, at::IntArrayRef shape) {
 
 // Writes y into `y` (contiguous, as many elements as the input, of its dtype: the caller's tensor,
 // so that an output made here is not a view) and returns y, mean, var, rstd, mean_psi, var_psi,
-// rstd_psi (statistics flat over groups, in the accumulation dtype; means undefined without
-// centering). Given statistics freeze the group.
+// rstd_psi (computed statistics flat over groups, in the accumulation dtype; means undefined
+// without centering; given statistics, which freeze the group, as given where already contiguous
+// and of the accumulation dtype).
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& lam,
                                 const std::optional<at::Tensor>& given_mean,
@@ -819,7 +821,8 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
     if (!present) return at::Tensor();
     if (options.frozen) {
       TORCH_CHECK(given.has_value() && given->numel() == layout.groups,
-                  "ibnorm_cpu: frozen statistics need one value per group");
+                  "ibnorm: the running statistics need one value per group (", layout.groups, "), got ",
+                  given.has_value() ? given->numel() : 0);
       return flat_acc(*given, acc);
     }
     return at::empty({layout.groups}, at::TensorOptions().dtype(acc));
@@ -828,7 +831,7 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
   at::Tensor mean_psi = statistic(given_mean_psi, center), var_psi = statistic(given_var_psi, true);
   at::Tensor rstd = at::empty({layout.groups}, at::TensorOptions().dtype(acc));
   at::Tensor rstd_psi = at::empty_like(rstd);
-  const at::Tensor w = affine_or(weight, layout, acc, 1.0), b = affine_or(bias, layout, acc, 0.0);
+  const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight"), b = affine_or(bias, layout, acc, 0.0, "bias");
   const double lam_value = lam.item<double>();
 
   dispatch(x, family, grouping, [&](auto* tag) {
@@ -888,7 +891,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor mu = center ? flat_acc(*mean, acc) : at::Tensor();
   const at::Tensor mu_psi = center ? flat_acc(*mean_psi, acc) : at::Tensor();
   const at::Tensor r1 = flat_acc(rstd, acc), r2 = flat_acc(rstd_psi, acc);
-  const at::Tensor w = affine_or(weight, layout, acc, 1.0);
+  const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight");
   at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
   const int64_t chunks = chunk_count(layout);
   at::Tensor weight_partials = need_weight ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
@@ -928,10 +931,30 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   return {grad_x, grad_weight, grad_bias, grad_lam};
 }
 
+// The statistics' shape: the grouping shape with 1 at the reduced dims.
+std::vector<int64_t> statistics_shape(const std::vector<int64_t>& shape, int64_t grouping) {
+  switch (grouping) {
+    case kRows:
+      TORCH_CHECK(shape.size() == 2, "ibnorm_cpu: row grouping expects an (R, n) shape");
+      return {shape[0], 1};
+    case kBatch:
+      TORCH_CHECK(shape.size() == 3, "ibnorm_cpu: batch grouping expects an (N, C, L) shape");
+      return {1, shape[1], 1};
+    case kGroups:
+      TORCH_CHECK(shape.size() == 4, "ibnorm_cpu: group grouping expects an (N, G, C/G, L) shape");
+      return {shape[0], shape[1], 1, 1};
+    default:
+      TORCH_CHECK(false, "ibnorm_cpu: unknown grouping ", grouping);
+  }
+}
+
 // ------------------------------------------------------------------ running statistics
+
+constexpr const char* kRunningNames[] = {"running_mean", "running_var", "running_mean_psi", "running_var_psi"};
 
 // running ← running + factor·(scale·batch − running) per group, in double, for each buffer given
 // (the batch statistics are flat, in the accumulation dtype; a buffer may be any floating dtype).
+
 void update_running(const std::array<std::optional<at::Tensor>, 4>& buffers, const std::array<at::Tensor, 4>& batch,
                     double factor, const std::vector<double>& scale) {
   TORCH_CHECK(scale.size() == buffers.size(), "ibnorm_cpu: one running-statistics scale per buffer");
@@ -939,8 +962,9 @@ void update_running(const std::array<std::optional<at::Tensor>, 4>& buffers, con
     if (!buffers[i].has_value() || !batch[i].defined()) continue;
     const at::Tensor& buffer = *buffers[i];
     const at::Tensor values = batch[i].contiguous();
-    TORCH_CHECK(buffer.numel() == values.numel(), "ibnorm_cpu: a running buffer needs one value per group, got ",
-                buffer.sizes());
+    TORCH_CHECK(buffer.device().is_cpu() && !buffer.requires_grad() && buffer.numel() == values.numel(),
+                "ibnorm: ", kRunningNames[i], " must be a CPU tensor without grad with one value per group (",
+                values.numel(), "), got ", buffer.sizes(), " on ", buffer.device());
     at::Tensor running = buffer.contiguous();  // the buffer itself, or a copy written back below
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running.scalar_type(), "ibnorm_running", [&] {
       scalar_t* r = running.data_ptr<scalar_t>();
@@ -953,7 +977,11 @@ void update_running(const std::array<std::optional<at::Tensor>, 4>& buffers, con
       if (values.scalar_type() == at::kDouble) lerp(values.data_ptr<double>());
       else lerp(values.data_ptr<float>());
     });
-    if (!running.is_same(buffer)) buffer.copy_(running);
+    if (!running.is_same(buffer)) {
+      buffer.copy_(running);
+    } else if (!buffer.is_inference()) {
+      torch::autograd::increment_version(buffer);  // as an in-place op would: a saved buffer is now stale
+    }
   }
 }
 
@@ -966,9 +994,9 @@ std::optional<at::Tensor> given_or_none(const at::Tensor& t) {
 // IBNormFunction's contract (ibnorm/ops/function.py) as a C++ autograd node, so that a call
 // costs no Python beyond the one that makes it. apply(input, weight, bias, λ, the given statistics
 // (undefined: batch statistics), the running buffers (undefined: none), running factor and scales,
-// grouping shape, grouping, family, eps, center, standardized, statistics shape) → y in the input's
-// shape, mean, var, mean_psi, var_psi (statistics non-differentiable, in the statistics shape; the
-// given ones themselves when given); without centering (RMS) the means are left out: y, var, var_psi.
+// grouping shape, grouping, family, eps, center, standardized) → y in the input's shape, mean, var,
+// mean_psi, var_psi (statistics non-differentiable, shaped to broadcast against the grouping shape;
+// the given ones themselves when given); without centering (RMS) the means are left out: y, var, var_psi.
 // The input is viewed in the grouping shape, and γ, β may have any shape with one value per
 // affine position, inside the node: those views cost autograd nothing. The running buffers are
 // updated in place with the batch statistics (update_running above).
@@ -982,8 +1010,9 @@ class IBNormNode : public torch::autograd::Function<IBNormNode> {
       const Optional& given_var_psi, const Optional& running_mean, const Optional& running_var,
       const Optional& running_mean_psi, const Optional& running_var_psi, double running_factor,
       const std::vector<double>& running_scale, const std::vector<int64_t>& shape, int64_t grouping, int64_t family,
-      double eps, bool center, bool standardized, const std::vector<int64_t>& stat_shape) {
+      double eps, bool center, bool standardized) {
     const bool frozen = given_var.has_value();
+    const std::vector<int64_t> stat_shape = statistics_shape(shape, grouping);
     auto out = ::forward(input.reshape(shape), weight, bias, lam, given_mean, given_var, given_mean_psi,
                          given_var_psi, grouping, family, eps, center, standardized,
                          at::empty(input.sizes(), input.options()));
@@ -1022,7 +1051,7 @@ class IBNormNode : public torch::autograd::Function<IBNormNode> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "ibnorm: the C++ kernels' backward is not differentiable (double backward, create_graph=True); "
                 "use ibnorm.use_backend('reference') for it");
-    torch::autograd::variable_list result(21);
+    torch::autograd::variable_list result(20);
     if (!grads[0].defined()) return result;  // y reached no loss
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &weight = saved[1], &lam = saved[2];
@@ -1058,11 +1087,10 @@ std::vector<at::Tensor> apply(const at::Tensor& input, const std::optional<at::T
                               const std::optional<at::Tensor>& running_mean_psi,
                               const std::optional<at::Tensor>& running_var_psi, double running_factor,
                               const std::vector<double>& running_scale, const std::vector<int64_t>& shape,
-                              int64_t grouping, int64_t family, double eps, bool center, bool standardized,
-                              const std::vector<int64_t>& stat_shape) {
+                              int64_t grouping, int64_t family, double eps, bool center, bool standardized) {
   return IBNormNode::apply(input, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi, running_mean,
                            running_var, running_mean_psi, running_var_psi, running_factor, running_scale, shape,
-                           grouping, family, eps, center, standardized, stat_shape);
+                           grouping, family, eps, center, standardized);
 }
 
 }  // namespace
