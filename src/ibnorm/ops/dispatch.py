@@ -337,11 +337,11 @@ def _cpp_function(
 ) -> Optional[Callable[..., tuple[Tensor, GroupStats]]]:
     """The C++ autograd node for this configuration and dtype, or None for what the C++
     kernels do not take (a user-registered family: ``compiled`` serves it)."""
-    from . import cpp
-
     cache_key = (dims, family, eps, center, placement, dtype)
     function = _cpp_cache.get(cache_key, _MISSING)
     if function is _MISSING:
+        from . import cpp
+
         cfg = KernelConfig(dims, (), (), float(eps), family, center, placement, False, False, False)
         try:
             function = cpp.function(cfg, dtype)
