@@ -31,9 +31,14 @@ def count_batch(momentum: Optional[float], num_batches_tracked: Optional[Tensor]
     return 1.0 / float(num_batches_tracked)
 
 
+def unbiased_factor(count: int) -> float:
+    """``n / (n − 1)``: turns the biased variance of ``n = count`` values into the unbiased one."""
+    return count / (count - 1)
+
+
 def unbiased_variance(var: Tensor, count: int) -> Tensor:
     """``var · n / (n − 1)``: the unbiased estimate from the biased variance of ``n = count`` values."""
-    return var * (count / (count - 1))
+    return var * unbiased_factor(count)
 
 
 def update_running(pairs: Iterable[tuple[Optional[Tensor], Optional[Tensor]]], factor: float) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._running_stats import RunningUpdate
+from ._running_stats import RunningUpdate, unbiased_factor
 from ._validation import (
     check_affine_shape,
     check_eps,
@@ -335,5 +335,5 @@ def _running_update(buffers: Sequence[Optional[Tensor]], momentum: float, count:
     norm by that factor). With the centered placement u = ψ(x − μ) keeps x's units and,
     like x, its variance is stored unbiased (at λ → 0 it is x's, and eval is BatchNorm's).
     """
-    unbiased = count / (count - 1)
+    unbiased = unbiased_factor(count)
     return RunningUpdate(tuple(buffers), momentum, (1.0, unbiased, 1.0, unbiased if placement == "centered" else 1.0))
