@@ -113,13 +113,7 @@ def get_backend() -> str:
     requested = _requested.get()
     if requested is not None:
         return requested
-    return _environment_backend(os.environ.get(ENV_VAR, "auto"))
-
-
-@functools.lru_cache(maxsize=8)
-def _environment_backend(value: str) -> str:
-    """``$IBNORM_BACKEND``'s value checked once per distinct value (it is read on every call)."""
-    return _check_backend(value, f"${ENV_VAR}")
+    return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
 
 
 @contextlib.contextmanager
@@ -143,7 +137,6 @@ def reset() -> None:
     _compile_failures.clear()
     _warned.clear()
     _cpp_available.cache_clear()
-    _environment_backend.cache_clear()
     _triton_import_error.cache_clear()
     _triton_kernels.cache_clear()
 
