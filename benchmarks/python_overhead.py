@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import types
 
 import torch
@@ -29,16 +28,7 @@ from ibnorm.ops import cpp
 
 def overhead(steps: dict, seconds: float) -> tuple[float, int]:
     """Median of IB step / parent step − 1 over interleaved pairs, and the number of pairs."""
-    for step in steps.values():  # warm-up
-        for _ in range(10):
-            step()
-    samples: dict[str, list[float]] = {arm: [] for arm in steps}
-    while min(sum(v) for v in samples.values()) < seconds:
-        order = list(steps) if len(samples["parent"]) % 2 == 0 else list(reversed(steps))
-        for arm in order:
-            start = time.perf_counter()
-            steps[arm]()
-            samples[arm].append(time.perf_counter() - start)
+    samples = benchmark.paired_step_times(steps, repeats=1, min_seconds=seconds, warmup=10)
     ratios = [b / a for a, b in zip(samples["parent"], samples["ibnorm"])]
     return statistics.median(ratios) - 1, len(ratios)
 

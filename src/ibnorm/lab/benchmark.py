@@ -325,6 +325,24 @@ def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
     return step
 
 
+def paired_step_times(
+    steps: dict[str, Callable[[], None]], repeats: int, min_seconds: float, warmup: int = 15
+) -> dict[str, list[float]]:
+    """Seconds of each call of each step function (``"parent"`` and ``"ibnorm"``), after
+    ``warmup`` calls each (compiles, allocator and thread-pool warm-up settle over the first
+    steps): interleaved pairs, so drift hits both arms alike, in alternating order; at least
+    ``repeats`` pairs and ``min_seconds`` per arm (a short step's median needs many samples)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {arm: [] for arm in steps}
+    while len(samples["parent"]) < repeats or min(sum(v) for v in samples.values()) < min_seconds:
+        order = list(steps) if len(samples["parent"]) % 2 == 0 else list(reversed(steps))
+        for arm in order:
+            samples[arm].append(_median_time(steps[arm], 1, warmup=0))
+    return samples
+
+
 def model_step_benchmark(
     models: Sequence[str] = MODELS,
     repeats: int = 10,
@@ -344,16 +362,7 @@ def model_step_benchmark(
         parent = build()
         converted, record = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
         steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
-        for step in steps.values():  # compiles, allocator and thread-pool warm-up settle over the first steps
-            for _ in range(15):
-                step()
-        samples: dict[str, list[float]] = {arm: [] for arm in steps}
-        # interleaved pairs, so drift hits both arms alike, in alternating order; at least
-        # `repeats` pairs and `min_seconds` per arm (a short step's median needs many samples)
-        while len(samples["parent"]) < repeats or min(sum(v) for v in samples.values()) < min_seconds:
-            order = list(steps) if len(samples["parent"]) % 2 == 0 else list(reversed(steps))
-            for arm in order:
-                samples[arm].append(_median_time(steps[arm], 1, warmup=0))
+        samples = paired_step_times(steps, repeats, min_seconds)
         times = {arm: statistics.median(v) for arm, v in samples.items()}
         ratio = statistics.median(b / a for a, b in zip(samples["parent"], samples["ibnorm"]))
         rows.append(

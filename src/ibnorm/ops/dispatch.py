@@ -64,7 +64,16 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .._running_stats import RunningUpdate
 from ..compression import Compression
 from .function import Bodies, IBNormFunction, KernelConfig, backward_body, eager_bodies, forward_body
-from .reference import GroupStats, ReduceMean, affine, compute_dtype, ib_normalize_reference, is_identity, mean_over
+from .reference import (
+    GroupStats,
+    ReduceMean,
+    affine,
+    compute_dtype,
+    ib_normalize_reference,
+    is_identity,
+    keepdim_shape,
+    mean_over,
+)
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend", "normalize", "reset"]
 
@@ -446,9 +455,9 @@ def normalize(
         )
         key = CompileKey(cfg, input.dtype, lam_tensor.requires_grad)
     x = input.reshape(shape)
-    affine_shape = [1 if d in dynamic_dims else size for d, size in enumerate(shape)]
+    affine_shape = keepdim_shape(shape, dynamic_dims)
     weight, bias = _reshaped(weight, affine_shape), _reshaped(bias, affine_shape)
-    stat_shape = [1 if d in dims else size for d, size in enumerate(shape)]
+    stat_shape = keepdim_shape(shape, dims)
     given = GroupStats(*(_reshaped(t, stat_shape) for t in given))
     if backend == "reference":
         y, stats = ib_normalize_reference(

@@ -7,7 +7,7 @@ any custom family without a λ-derivative), and an outer ``torch.compile`` or
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,12 @@ class GroupStats(NamedTuple):
 def is_identity(lam: Lam) -> bool:
     """λ given as the float 0: ψ is the identity and the layer is its parent norm."""
     return not isinstance(lam, Tensor) and lam == 0.0
+
+
+def keepdim_shape(shape: Sequence[int], dims: Sequence[int]) -> list[int]:
+    """``shape`` with 1 at ``dims``: what a keepdim reduction over ``dims`` leaves (one
+    statistic per group), or, with the dynamic dims, the shape of γ and β."""
+    return [1 if d in dims else size for d, size in enumerate(shape)]
 
 
 def mean_over(dims: tuple[int, ...]) -> ReduceMean:

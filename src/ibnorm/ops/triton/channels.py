@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..function import Bodies, KernelConfig
-from ..reference import GroupStats
+from ..reference import GroupStats, keepdim_shape
 from . import launch
 from .chain import grad_u, grad_x, recompute
 from .moments import block_moments, finalize_kernel, merge_moments
@@ -247,10 +247,6 @@ def _plan(x: Tensor, cfg: KernelConfig) -> _Plan:
     return _Plan(layout, lines_per_program, (layout.groups, triton.cdiv(layout.lines, lines_per_program)), meta)
 
 
-def _stat_shape(x: Tensor, cfg: KernelConfig) -> list[int]:
-    return [1 if d in cfg.dims else size for d, size in enumerate(x.shape)]
-
-
 def _finalize(partials: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, variance and rstd per group from PARTIALS[3, S, pieces]."""
     groups, pieces = partials.shape[1:]
@@ -288,7 +284,7 @@ def forward(
         mean, var, rstd = _finalize(run(MOMENTS_OF_X), cfg.eps)
         mean_psi, var_psi, rstd_psi = _finalize(run(MOMENTS_OF_PSI, mean, rstd), cfg.eps)
     run(WRITE_Y, mean, rstd, mean_psi, rstd_psi)
-    shape = _stat_shape(x, cfg)
+    shape = keepdim_shape(x.shape, cfg.dims)
     return y, GroupStats(*(t.reshape(shape) for t in (mean, var, rstd, mean_psi, var_psi, rstd_psi)))
 
 
