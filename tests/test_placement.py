@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import pickle
 import socket
 import sys
 
@@ -661,6 +662,22 @@ def test_bad_placement_raises(name):
 
 def test_placement_is_case_insensitive():
     assert ibnorm.IBLayerNorm(4, placement="Centered").placement == "centered"
+
+
+@pytest.mark.parametrize("stored", ["centered", None])
+def test_modules_pickled_before_placement_was_a_property_still_load(stored):
+    """Older pickles kept ``placement`` as a plain attribute, or (before placements) none: the
+    standardized form those layers computed."""
+    x = torch.randn(4, 3, 5, 5)
+    layer = ibnorm.IBBatchNorm2d(3, compression="L", lam=1.0, placement=stored or "standardized").train()
+    expected = layer(x)
+    del layer.__dict__["_placement"]
+    if stored is not None:
+        layer.__dict__["placement"] = stored.upper()
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.placement == (stored or "standardized")
+    assert "placement" not in restored.__dict__
+    torch.testing.assert_close(restored(x), expected)
 
 
 def test_arm_parsing_with_placement():

@@ -85,6 +85,13 @@ class _IBNorm(NormBase):
             self.register_parameter("lam_raw", None)
             self._fixed_lam = lam
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A whole module pickled before ``placement`` became a validated property holds it as a
+        # plain attribute, and one pickled before placements existed computed the standardized form.
+        if "_placement" not in state:
+            state["_placement"] = check_placement(state.pop("placement", "standardized"))
+        super().__setstate__(state)
+
     @property
     def compression(self) -> str:
         return self._compression

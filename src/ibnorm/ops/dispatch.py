@@ -81,6 +81,7 @@ BACKENDS = ("auto", "cpp", "compiled", "triton", "eager", "reference")
 ENV_VAR = "IBNORM_BACKEND"
 
 _requested: ContextVar[Optional[str]] = ContextVar("ibnorm_backend", default=None)
+_env_parsed: dict[str, str] = {}
 
 
 class CompileKey(NamedTuple):
@@ -122,7 +123,11 @@ def get_backend() -> str:
     requested = _requested.get()
     if requested is not None:
         return requested
-    return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+    raw = os.environ.get(ENV_VAR, "auto")
+    parsed = _env_parsed.get(raw)
+    if parsed is None:  # checked once per value: this runs on every layer call
+        parsed = _env_parsed[raw] = _check_backend(raw, f"${ENV_VAR}")
+    return parsed
 
 
 @contextlib.contextmanager
@@ -145,6 +150,7 @@ def reset() -> None:
     _lam_tensors.clear()
     _compile_failures.clear()
     _warned.clear()
+    _env_parsed.clear()
     _cpp_available.cache_clear()
     _triton_import_error.cache_clear()
     _triton_kernels.cache_clear()
@@ -372,20 +378,20 @@ def _triton_or_fallback(x: Tensor, family: Compression) -> str:
     return "triton" if x.dtype in kernels.SUPPORTED_DTYPES else "compiled"
 
 
-def _needs_reference(lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean]) -> bool:
-    if reduce_mean is not None:
-        return True
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    return isinstance(lam, Tensor) and lam.requires_grad and family.dpsi_dlam is None
-
-
 def _implementation(
     x: Tensor, lam: Union[float, Tensor], family: Compression, reduce_mean: Optional[ReduceMean], requested: str
 ) -> str:
     """The implementation :func:`normalize` runs for this call (λ > 0): the backend
-    :func:`resolve_backend` gives for ``requested``, or the reference or a per-call fallback."""
-    if requested == "reference" or _needs_reference(lam, family, reduce_mean):
+    :func:`resolve_backend` gives for ``requested``, or the reference (statistics reduced
+    across processes, an outer compiler or tracer, a learnable λ without ``dpsi_dlam``) or a
+    per-call fallback."""
+    if (
+        requested == "reference"
+        or reduce_mean is not None
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or (isinstance(lam, Tensor) and lam.requires_grad and family.dpsi_dlam is None)
+    ):
         return "reference"
     backend = resolve_backend(x.device, requested)
     if backend == "triton":

@@ -23,7 +23,6 @@ machine's vector ISA (torch's CPU capability) and cached in torch's extension di
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -112,7 +111,29 @@ def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable
     grouping = _GROUPINGS.get(tuple(cfg.dims))
     if grouping is None:
         raise Unsupported(f"ibnorm C++ CPU kernels have no grouping with statistics over dims {cfg.dims}")
-    return functools.partial(_apply, module=module, cfg=cfg, grouping=grouping, family=_family_code(cfg.family))
+    tail = (grouping, _family_code(cfg.family), cfg.eps, cfg.center, cfg.placement == "standardized")
+    apply, center = module.apply, cfg.center
+
+    def call(
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        lam: Tensor,
+        given: GroupStats,
+        shape: Optional[Sequence[int]] = None,
+        running: Optional[RunningUpdate] = None,
+    ) -> tuple[Tensor, GroupStats]:
+        running = running or _NO_RUNNING
+        statistics = (given.mean, given.var, given.mean_psi, given.var_psi)
+        view = x.shape if shape is None else shape
+        outputs = apply(x, weight, bias, lam, *statistics, *running.buffers, running.factor, running.scales, view, *tail)
+        if center:
+            y, mean, var, mean_psi, var_psi = outputs
+            return y, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi)
+        y, var, var_psi = outputs  # RMS: no means
+        return y, GroupStats(var=var, var_psi=var_psi)
+
+    return call
 
 
 def _family_code(family: Compression) -> int:
@@ -125,48 +146,6 @@ def _family_code(family: Compression) -> int:
 
 
 _NO_RUNNING = RunningUpdate((None, None, None, None), 0.0, (1.0, 1.0, 1.0, 1.0))
-
-
-def _apply(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    lam: Tensor,
-    given: GroupStats,
-    shape: Optional[Sequence[int]] = None,
-    running: Optional[RunningUpdate] = None,
-    *,
-    module: ModuleType,
-    cfg: KernelConfig,
-    grouping: int,
-    family: int,
-) -> tuple[Tensor, GroupStats]:
-    shape = x.shape if shape is None else shape
-    running = running or _NO_RUNNING
-    outputs = module.apply(
-        x,
-        weight,
-        bias,
-        lam,
-        given.mean,
-        given.var,
-        given.mean_psi,
-        given.var_psi,
-        *running.buffers,
-        running.factor,
-        running.scales,
-        shape,
-        grouping,
-        family,
-        cfg.eps,
-        cfg.center,
-        cfg.placement == "standardized",
-    )
-    if cfg.center:
-        y, mean, var, mean_psi, var_psi = outputs
-        return y, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi)
-    y, var, var_psi = outputs  # RMS: no means
-    return y, GroupStats(var=var, var_psi=var_psi)
 
 
 def extension_name(isa: str, torch_version: str, source: bytes) -> str:
