@@ -43,7 +43,7 @@ def direct_node_forward(layer: IBBatchNorm2d, module: types.ModuleType, lam: tor
         buffers = (self.running_mean, self.running_var, self.running_mean_psi, self.running_var_psi)
         family = [c.name for c in BUILTIN_COMPRESSIONS].index(self.compression)  # the C++ family code
         args = (x, self.weight, self.bias, lam, None, None, None, None, *buffers, self.momentum, scales, shape)
-        return module.apply(*args, 1, family, self.eps, True, self.placement == "standardized")[0]
+        return module.apply(*args, 1, family, self.eps, True, self.placement == "standardized", False)[0]
 
     return types.MethodType(forward, layer)
 

@@ -108,6 +108,7 @@ def ib_layer_norm(
         center=True,
         placement=placement,
         parent=lambda: F.layer_norm(input, shape, weight, bias, eps),
+        statistics=False,
     )
     return y
 
@@ -146,6 +147,7 @@ def ib_rms_norm(
         center=False,
         placement=placement,
         parent=lambda: F.rms_norm(input, shape, weight, eps),
+        statistics=False,
     )
     return y
 
@@ -182,6 +184,7 @@ def ib_group_norm(
         center=True,
         placement=placement,
         parent=lambda: F.group_norm(input, num_groups, weight, bias, eps),
+        statistics=False,
     )
     return y
 
@@ -321,6 +324,7 @@ def _batch_norm(
         running=running,
         reduce_mean=reduce_mean,
         parent=lambda: F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
+        statistics=False,
     )
     return y
 

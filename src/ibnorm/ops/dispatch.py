@@ -416,6 +416,7 @@ def normalize(
     running: Optional[RunningUpdate] = None,
     reduce_mean: Optional[ReduceMean] = None,
     parent: Optional[Callable[[], Tensor]] = None,
+    statistics: bool = True,
 ) -> tuple[Tensor, Optional[GroupStats]]:
     """IBNorm of ``input`` viewed as ``shape`` (default: its own), with statistics over
     ``dims`` of that view (or ``reduce_mean``, e.g. across processes), λ as a float or tensor,
@@ -429,7 +430,8 @@ def normalize(
 
     Returns y in the input's shape and dtype and the statistics, shaped to broadcast against
     the view (given ones may come back as given), or ``None`` for them where ``parent`` ran
-    (torch's norm updates any running buffers itself)."""
+    (torch's norm updates any running buffers itself) or ``statistics`` is False (which spares
+    the C++ node the outputs' cost)."""
     if running is not None and given.var is not None:
         raise ValueError("normalize: running buffers are updated from batch statistics, not with given ones")
     requested = get_backend()
@@ -443,7 +445,7 @@ def normalize(
     if backend == "cpp":
         cpp_function = _cpp_function(dims, family, eps, center, placement, input.dtype)
         if cpp_function is not None:
-            return cpp_function(input, weight, bias, lam_tensor, given, shape, running)  # views and autograd in C++
+            return cpp_function(input, weight, bias, lam_tensor, given, shape, running, statistics)  # views in C++
         backend = "compiled"  # a family the C++ kernels do not have
     if backend != "reference":
         static_sizes = tuple(size for d, size in enumerate(shape) if d not in dynamic_dims)
@@ -474,7 +476,7 @@ def normalize(
         y, stats = _run_function(backend, key, x, weight, bias, lam_tensor, given)
     if running is not None:
         running.apply((stats.mean, stats.var, stats.mean_psi, stats.var_psi))
-    return y.reshape(input.shape), stats
+    return y.reshape(input.shape), stats if statistics else None
 
 
 def _run_function(

@@ -91,8 +91,9 @@ def available() -> bool:
 
 def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable[..., tuple[Tensor, GroupStats]]:
     """IBNorm for ``cfg`` as one C++ autograd node: ``call(x, weight, bias, lam, given, shape=None,
-    running=None)`` returns y (in x's shape) and ``GroupStats(mean, var, mean_psi, var_psi)``
-    (non-differentiable, shaped to broadcast against the view; the given ones when given), as
+    running=None, statistics=True)`` returns y (in x's shape) and ``GroupStats(mean, var, mean_psi,
+    var_psi)`` (non-differentiable, shaped to broadcast against the view; the given ones when given;
+    ``None`` with ``statistics=False``, which spares a small layer the outputs' cost), as
     ``IBNormFunction.apply`` does for x viewed as ``shape`` (default: x's own). γ, β and the given
     statistics may have any shape with the right number of elements; a
     :class:`~ibnorm._running_stats.RunningUpdate` is applied to its buffers in the kernel. Of
@@ -122,11 +123,15 @@ def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable
         given: GroupStats,
         shape: Optional[Sequence[int]] = None,
         running: Optional[RunningUpdate] = None,
-    ) -> tuple[Tensor, GroupStats]:
+        statistics: bool = True,
+    ) -> tuple[Tensor, Optional[GroupStats]]:
         running = running or _NO_RUNNING
-        statistics = (given.mean, given.var, given.mean_psi, given.var_psi)
+        frozen = (given.mean, given.var, given.mean_psi, given.var_psi)
         view = x.shape if shape is None else shape
-        outputs = apply(x, weight, bias, lam, *statistics, *running.buffers, running.factor, running.scales, view, *tail)
+        buffers, factor, scales = running
+        outputs = apply(x, weight, bias, lam, *frozen, *buffers, factor, scales, view, *tail, statistics)
+        if not statistics:
+            return outputs[0], None
         if center:
             y, mean, var, mean_psi, var_psi = outputs
             return y, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi)

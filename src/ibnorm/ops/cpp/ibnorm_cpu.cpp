@@ -417,6 +417,18 @@ struct StatArrays {
   acc_t* rstd_psi;
 };
 
+// The rows of the one statistics tensor, (kStatRows, groups) in the accumulation dtype.
+enum StatRow : int64_t { kMean = 0, kVar, kRstd, kMeanPsi, kVarPsi, kRstdPsi, kStatRows };
+
+template <typename acc_t>
+StatArrays<acc_t> stat_arrays(const at::Tensor& stats, bool center) {
+  acc_t* base = stats.data_ptr<acc_t>();
+  const int64_t groups = stats.size(1);
+  auto row = [&](StatRow r) { return base + r * groups; };
+  return {center ? row(kMean) : nullptr, row(kVar), row(kRstd), center ? row(kMeanPsi) : nullptr, row(kVarPsi),
+          row(kRstdPsi)};
+}
+
 // One chunk's share of the γ, β and λ gradients (null: not needed).
 template <typename acc_t>
 struct GradSinks {
@@ -789,48 +801,54 @@ at::Tensor from_long_runs(const at::Tensor& t, at::IntArrayRef shape) {
   return t.view({shape[1], shape[0], shape[2]}).transpose(0, 1).contiguous();
 }
 
+// `values` (any floating dtype and shape, `numel` elements) into row `row` of the statistics.
+void copy_row(const at::Tensor& stats, StatRow row, const at::Tensor& values) {
+  const at::Tensor flat = values.contiguous();
+  const int64_t groups = stats.size(1);
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "ibnorm_stats", [&] {
+    using stat_t = scalar_t;
+    stat_t* out = stats.data_ptr<stat_t>() + row * groups;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, flat.scalar_type(), "ibnorm_given", [&] {
+      const scalar_t* in = flat.data_ptr<scalar_t>();
+      for (int64_t g = 0; g < groups; ++g) out[g] = static_cast<stat_t>(in[g]);
+    });
+  });
+}
+
 // Writes y into `y` (contiguous, as many elements as the input, of its dtype: the caller's tensor,
-// so that an output made here is not a view) and returns y, mean, var, rstd, mean_psi, var_psi,
-// rstd_psi (computed statistics flat over groups, in the accumulation dtype; means undefined
-// without centering; given statistics, which freeze the group, as given where already contiguous
-// and of the accumulation dtype).
-std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lam,
-                                const std::optional<at::Tensor>& given_mean,
-                                const std::optional<at::Tensor>& given_var,
-                                const std::optional<at::Tensor>& given_mean_psi,
-                                const std::optional<at::Tensor>& given_var_psi, int64_t grouping, int64_t family,
-                                double eps, bool center, bool standardized, const at::Tensor& y) {
+// so that an output made here is not a view) and returns the statistics: one (kStatRows, groups)
+// tensor in the accumulation dtype, rows mean, var, rstd, mean_psi, var_psi, rstd_psi (the mean
+// rows unused without centering). Given statistics, which freeze the group, are copied into it.
+at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& lam,
+                   const std::optional<at::Tensor>& given_mean, const std::optional<at::Tensor>& given_var,
+                   const std::optional<at::Tensor>& given_mean_psi, const std::optional<at::Tensor>& given_var_psi,
+                   int64_t grouping, int64_t family, double eps, bool center, bool standardized, const at::Tensor& y) {
   TORCH_CHECK(input.device().is_cpu(), "ibnorm_cpu: input must be on the CPU");
   TORCH_CHECK(y.is_contiguous() && y.numel() == input.numel() && y.scalar_type() == input.scalar_type(),
               "ibnorm_cpu: the output must be contiguous, with the input's size and dtype");
   if (short_runs(input, grouping)) {
-    const at::Tensor long_input = to_long_runs(input);
-    auto out = forward(long_input, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi, grouping,
-                       family, eps, center, standardized, at::empty_like(long_input));
+    const at::Tensor long_input = to_long_runs(input), long_y = at::empty_like(long_input);
+    at::Tensor stats = forward(long_input, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi,
+                               grouping, family, eps, center, standardized, long_y);
     const auto n = input.size(0), c = input.size(1), l = input.size(2);
-    y.view(input.sizes()).copy_(out[0].view({c, n, l}).transpose(0, 1));
-    out[0] = y;
-    return out;
+    y.view(input.sizes()).copy_(long_y.view({c, n, l}).transpose(0, 1));
+    return stats;
   }
   const at::Tensor x = input.contiguous();
   const Layout layout = make_layout(x, grouping);
   const Options options{eps, center, standardized, given_var.has_value()};
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
-  auto statistic = [&](const std::optional<at::Tensor>& given, bool present) {
-    if (!present) return at::Tensor();
-    if (options.frozen) {
-      TORCH_CHECK(given.has_value() && given->numel() == layout.groups,
-                  "ibnorm: the running statistics need one value per group (", layout.groups, "), got ",
-                  given.has_value() ? given->numel() : 0);
-      return flat_acc(*given, acc);
-    }
-    return at::empty({layout.groups}, at::TensorOptions().dtype(acc));
-  };
-  at::Tensor mean = statistic(given_mean, center), var = statistic(given_var, true);
-  at::Tensor mean_psi = statistic(given_mean_psi, center), var_psi = statistic(given_var_psi, true);
-  at::Tensor rstd = at::empty({layout.groups}, at::TensorOptions().dtype(acc));
-  at::Tensor rstd_psi = at::empty_like(rstd);
+  at::Tensor stats = at::empty({kStatRows, layout.groups}, at::TensorOptions().dtype(acc));
+  if (options.frozen) {
+    auto given = [&](const std::optional<at::Tensor>& t, StatRow row, const char* name) {
+      TORCH_CHECK(t.has_value() && t->numel() == layout.groups, "ibnorm: the running statistics need one value per ",
+                  "group (", layout.groups, "), got ", t.has_value() ? t->numel() : 0, " for ", name);
+      copy_row(stats, row, *t);
+    };
+    if (center) given(given_mean, kMean, "the mean"), given(given_mean_psi, kMeanPsi, "the mean of u");
+    given(given_var, kVar, "the variance"), given(given_var_psi, kVarPsi, "the variance of u");
+  }
   const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight"), b = affine_or(bias, layout, acc, 0.0, "bias");
   const double lam_value = lam.item<double>();
 
@@ -838,9 +856,7 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
     using Kernel = std::remove_pointer_t<decltype(tag)>;
     using acc_t = typename Kernel::acc_t;
     const Kernel kernel(layout, options, lam_value, w.data_ptr<acc_t>(), b.data_ptr<acc_t>());
-    const StatArrays<acc_t> st{data_or_null<acc_t>(mean),     data_or_null<acc_t>(var),
-                               data_or_null<acc_t>(rstd),     data_or_null<acc_t>(mean_psi),
-                               data_or_null<acc_t>(var_psi),  data_or_null<acc_t>(rstd_psi)};
+    const StatArrays<acc_t> st = stat_arrays<acc_t>(stats, center);
     const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
     auto* yp = y.data_ptr<typename Kernel::scalar_type>();
     if (options.frozen) {
@@ -861,23 +877,21 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
       for (int64_t g = begin; g < end; ++g) kernel.forward(g, xp, yp, st, u.data());
     });
   });
-  return {y, mean, var, rstd, mean_psi, var_psi, rstd_psi};
+  return stats;
 }
 
 // Returns g_x (x's dtype), g_γ and g_β (flat, accumulation dtype) and g_λ (0-dim), each
 // undefined when not requested (without g_x the second sweep is skipped).
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const std::optional<at::Tensor>& weight, const at::Tensor& lam,
-                                 const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
-                                 const std::optional<at::Tensor>& mean_psi, const at::Tensor& rstd_psi,
-                                 int64_t grouping, int64_t family, bool center, bool standardized, bool frozen,
-                                 bool need_input, bool need_weight, bool need_bias, bool need_lam) {
+                                 const at::Tensor& stats, int64_t grouping, int64_t family, bool center,
+                                 bool standardized, bool frozen, bool need_input, bool need_weight, bool need_bias,
+                                 bool need_lam) {
   TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), "ibnorm_cpu: tensors must be on the CPU");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "ibnorm_cpu: grad_output and input shapes differ");
   if (short_runs(input, grouping)) {
-    auto g = backward(to_long_runs(grad_output.to(input.scalar_type())), to_long_runs(input), weight, lam, mean, rstd,
-                      mean_psi, rstd_psi, grouping, family, center, standardized, frozen, need_input, need_weight,
-                      need_bias, need_lam);
+    auto g = backward(to_long_runs(grad_output.to(input.scalar_type())), to_long_runs(input), weight, lam, stats,
+                      grouping, family, center, standardized, frozen, need_input, need_weight, need_bias, need_lam);
     if (need_input) g[0] = from_long_runs(g[0], input.sizes());
     return g;
   }
@@ -887,10 +901,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   const Options options{0.0, center, standardized, frozen};
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   const at::TensorOptions acc_options = at::TensorOptions().dtype(acc);
-  TORCH_CHECK(!center || (mean.has_value() && mean_psi.has_value()), "ibnorm_cpu: centering needs both means");
-  const at::Tensor mu = center ? flat_acc(*mean, acc) : at::Tensor();
-  const at::Tensor mu_psi = center ? flat_acc(*mean_psi, acc) : at::Tensor();
-  const at::Tensor r1 = flat_acc(rstd, acc), r2 = flat_acc(rstd_psi, acc);
+  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == kStatRows &&
+                  stats.size(1) == layout.groups,
+              "ibnorm_cpu: the statistics must be (", int64_t(kStatRows), ", ", layout.groups, ") of ", acc);
   const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight");
   at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
   const int64_t chunks = chunk_count(layout);
@@ -903,8 +916,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
     using Kernel = std::remove_pointer_t<decltype(tag)>;
     using acc_t = typename Kernel::acc_t;
     const Kernel kernel(layout, options, lam_value, w.data_ptr<acc_t>(), nullptr);
-    const StatArrays<acc_t> st{data_or_null<acc_t>(mu), nullptr, data_or_null<acc_t>(r1),
-                               data_or_null<acc_t>(mu_psi), nullptr, data_or_null<acc_t>(r2)};
+    const StatArrays<acc_t> st = stat_arrays<acc_t>(stats, center);
     const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
     const auto* gyp = grad_y.data_ptr<typename Kernel::scalar_type>();
     auto* gxp = need_input ? grad_x.data_ptr<typename Kernel::scalar_type>() : nullptr;
@@ -952,30 +964,31 @@ std::vector<int64_t> statistics_shape(const std::vector<int64_t>& shape, int64_t
 
 constexpr const char* kRunningNames[] = {"running_mean", "running_var", "running_mean_psi", "running_var_psi"};
 
-// running ← running + factor·(scale·batch − running) per group, in double, for each buffer given
-// (the batch statistics are flat, in the accumulation dtype; a buffer may be any floating dtype).
-
-void update_running(const std::array<std::optional<at::Tensor>, 4>& buffers, const std::array<at::Tensor, 4>& batch,
+// running ← running + factor·(scale·batch − running) per group, in double, for each buffer given,
+// from the rows mean, var, mean_psi, var_psi of the batch statistics (the means only with
+// centering); a buffer may be any floating dtype.
+void update_running(const std::array<std::optional<at::Tensor>, 4>& buffers, const at::Tensor& stats, bool center,
                     double factor, const std::vector<double>& scale) {
   TORCH_CHECK(scale.size() == buffers.size(), "ibnorm_cpu: one running-statistics scale per buffer");
+  constexpr StatRow kRows[] = {kMean, kVar, kMeanPsi, kVarPsi};
+  const int64_t groups = stats.size(1);
   for (size_t i = 0; i < buffers.size(); ++i) {
-    if (!buffers[i].has_value() || !batch[i].defined()) continue;
+    const bool is_mean = kRows[i] == kMean || kRows[i] == kMeanPsi;
+    if (!buffers[i].has_value() || (is_mean && !center)) continue;
     const at::Tensor& buffer = *buffers[i];
-    const at::Tensor values = batch[i].contiguous();
-    TORCH_CHECK(buffer.device().is_cpu() && !buffer.requires_grad() && buffer.numel() == values.numel(),
+    TORCH_CHECK(buffer.device().is_cpu() && !buffer.requires_grad() && buffer.numel() == groups,
                 "ibnorm: ", kRunningNames[i], " must be a CPU tensor without grad with one value per group (",
-                values.numel(), "), got ", buffer.sizes(), " on ", buffer.device());
+                groups, "), got ", buffer.sizes(), " on ", buffer.device());
     at::Tensor running = buffer.contiguous();  // the buffer itself, or a copy written back below
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running.scalar_type(), "ibnorm_running", [&] {
-      scalar_t* r = running.data_ptr<scalar_t>();
-      auto lerp = [&](const auto* b) {
-        for (int64_t c = 0; c < running.numel(); ++c) {
+    AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "ibnorm_stats", [&] {
+      const scalar_t* batch = stats.data_ptr<scalar_t>() + kRows[i] * groups;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running.scalar_type(), "ibnorm_running", [&] {
+        scalar_t* r = running.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < groups; ++c) {
           const double old = static_cast<double>(r[c]);
-          r[c] = static_cast<scalar_t>(old + factor * (scale[i] * static_cast<double>(b[c]) - old));
+          r[c] = static_cast<scalar_t>(old + factor * (scale[i] * static_cast<double>(batch[c]) - old));
         }
-      };
-      if (values.scalar_type() == at::kDouble) lerp(values.data_ptr<double>());
-      else lerp(values.data_ptr<float>());
+      });
     });
     if (!running.is_same(buffer)) {
       buffer.copy_(running);
@@ -994,15 +1007,18 @@ std::optional<at::Tensor> given_or_none(const at::Tensor& t) {
 // IBNormFunction's contract (ibnorm/ops/function.py) as a C++ autograd node, so that a call
 // costs no Python beyond the one that makes it. apply(input, weight, bias, λ, the given statistics
 // (undefined: batch statistics), the running buffers (undefined: none), running factor and scales,
-// grouping shape, grouping, family, eps, center, standardized) → y in the input's shape, mean, var,
-// mean_psi, var_psi (statistics non-differentiable, shaped to broadcast against the grouping shape;
-// the given ones themselves when given); without centering (RMS) the means are left out: y, var, var_psi.
-// The input is viewed in the grouping shape, and γ, β may have any shape with one value per
-// affine position, inside the node: those views cost autograd nothing. The running buffers are
-// updated in place with the batch statistics (update_running above).
+// grouping shape, grouping, family, eps, center, standardized, statistics) → y in the input's shape
+// and, where `statistics` is true, mean, var, mean_psi, var_psi (non-differentiable, shaped to
+// broadcast against the grouping shape; the given ones themselves when given; without centering
+// (RMS) the means are left out: var, var_psi). The input is viewed in the grouping shape, and γ, β
+// may have any shape with one value per affine position, inside the node: those views cost
+// autograd nothing. The running buffers are updated in place with the batch statistics
+// (update_running above). Small layers are dominated by this node's fixed cost, so it saves one
+// statistics tensor and few entries, and makes the statistics' outputs only when asked.
 class IBNormNode : public torch::autograd::Function<IBNormNode> {
  public:
   using Optional = std::optional<at::Tensor>;
+  enum Config : size_t { kGrouping = 0, kFamily, kCenter, kStandardized, kFrozen, kConfigSize };
 
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& input, const Optional& weight, const Optional& bias,
@@ -1010,39 +1026,31 @@ class IBNormNode : public torch::autograd::Function<IBNormNode> {
       const Optional& given_var_psi, const Optional& running_mean, const Optional& running_var,
       const Optional& running_mean_psi, const Optional& running_var_psi, double running_factor,
       const std::vector<double>& running_scale, const std::vector<int64_t>& shape, int64_t grouping, int64_t family,
-      double eps, bool center, bool standardized) {
+      double eps, bool center, bool standardized, bool statistics) {
     const bool frozen = given_var.has_value();
     const std::vector<int64_t> stat_shape = statistics_shape(shape, grouping);
-    auto out = ::forward(input.reshape(shape), weight, bias, lam, given_mean, given_var, given_mean_psi,
-                         given_var_psi, grouping, family, eps, center, standardized,
-                         at::empty(input.sizes(), input.options()));
+    at::Tensor y = at::empty(input.sizes(), input.options());
+    const at::Tensor stats = ::forward(input.reshape(shape), weight, bias, lam, given_mean, given_var, given_mean_psi,
+                                       given_var_psi, grouping, family, eps, center, standardized, y);
     if (!frozen) {
-      update_running({running_mean, running_var, running_mean_psi, running_var_psi}, {out[1], out[2], out[4], out[5]},
-                     running_factor, running_scale);
+      update_running({running_mean, running_var, running_mean_psi, running_var_psi}, stats, center, running_factor,
+                     running_scale);
     }
-    auto shaped = [&](const at::Tensor& t) { return t.defined() ? t.view(stat_shape) : t; };
-    at::Tensor mean = shaped(out[1]), var = shaped(out[2]), rstd = shaped(out[3]);
-    at::Tensor mean_psi = shaped(out[4]), var_psi = shaped(out[5]), rstd_psi = shaped(out[6]);
-    if (frozen) {
-      auto value = [](const Optional& t) { return t.has_value() ? *t : at::Tensor(); };
-      mean = value(given_mean), var = value(given_var), mean_psi = value(given_mean_psi), var_psi = value(given_var_psi);
-    }
-    ctx->save_for_backward({input, weight.has_value() ? *weight : at::Tensor(), lam, mean, rstd, mean_psi, rstd_psi});
+    ctx->save_for_backward({input, weight.has_value() ? *weight : at::Tensor(), lam, stats});
     ctx->saved_data["shape"] = shape;
-    ctx->saved_data["grouping"] = grouping;
-    ctx->saved_data["family"] = family;
-    ctx->saved_data["center"] = center;
-    ctx->saved_data["standardized"] = standardized;
-    ctx->saved_data["frozen"] = frozen;
-    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["config"] = std::vector<int64_t>{grouping, family, center, standardized, frozen};
     if (bias.has_value()) ctx->saved_data["bias_shape"] = bias->sizes().vec();
     ctx->set_materialize_grads(false);  // the statistics get no gradient: no zeros made for them
-    torch::autograd::variable_list outputs{out[0]}, statistics;
-    for (const at::Tensor& t : {mean, var, mean_psi, var_psi}) {
-      if (t.defined()) statistics.push_back(t);  // an autograd node cannot return undefined tensors
-    }
-    ctx->mark_non_differentiable(statistics);
-    outputs.insert(outputs.end(), statistics.begin(), statistics.end());
+    torch::autograd::variable_list outputs{y};
+    if (!statistics) return outputs;
+    auto row = [&](StatRow r, const Optional& given) {
+      return frozen ? *given : stats.select(0, r).view(stat_shape);
+    };
+    if (center) outputs.push_back(row(kMean, given_mean));
+    outputs.push_back(row(kVar, given_var));
+    if (center) outputs.push_back(row(kMeanPsi, given_mean_psi));
+    outputs.push_back(row(kVarPsi, given_var_psi));
+    ctx->mark_non_differentiable(torch::autograd::variable_list(outputs.begin() + 1, outputs.end()));
     return outputs;
   }
 
@@ -1051,27 +1059,27 @@ class IBNormNode : public torch::autograd::Function<IBNormNode> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "ibnorm: the C++ kernels' backward is not differentiable (double backward, create_graph=True); "
                 "use ibnorm.use_backend('reference') for it");
-    torch::autograd::variable_list result(20);
+    torch::autograd::variable_list result(21);
     if (!grads[0].defined()) return result;  // y reached no loss
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &lam = saved[2];
+    const at::Tensor &input = saved[0], &weight = saved[1], &lam = saved[2], &stats = saved[3];
     const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+    const std::vector<int64_t> config = ctx->saved_data["config"].toIntVector();
     // needs_input_grad counts the tensor inputs only: x, then weight and bias where given, then λ
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto bias_shape = ctx->saved_data.find("bias_shape");
+    const bool has_bias = bias_shape != ctx->saved_data.end();
     const size_t bias_edge = weight.defined() ? 2 : 1, lam_edge = bias_edge + (has_bias ? 1 : 0);
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
     const bool need_bias = has_bias && ctx->needs_input_grad(bias_edge);
     const bool need_lam = ctx->needs_input_grad(lam_edge);
-    auto g = ::backward(grads[0].reshape(shape), input.reshape(shape), given_or_none(weight), lam,
-                        given_or_none(saved[3]), saved[4], given_or_none(saved[5]), saved[6],
-                        ctx->saved_data["grouping"].toInt(), ctx->saved_data["family"].toInt(),
-                        ctx->saved_data["center"].toBool(), ctx->saved_data["standardized"].toBool(),
-                        ctx->saved_data["frozen"].toBool(), need_input, need_weight, need_bias, need_lam);
+    auto g = ::backward(grads[0].reshape(shape), input.reshape(shape), given_or_none(weight), lam, stats,
+                        config[kGrouping], config[kFamily], config[kCenter], config[kStandardized], config[kFrozen],
+                        need_input, need_weight, need_bias, need_lam);
     // each gradient in its input's shape; γ's and λ's in their dtypes (β's: x's accumulation type)
     if (need_input) result[0] = g[0].view(input.sizes());
     if (need_weight) result[1] = g[1].view(weight.sizes()).to(weight.scalar_type());
-    if (need_bias) result[2] = g[2].view(ctx->saved_data["bias_shape"].toIntVector());
+    if (need_bias) result[2] = g[2].view(bias_shape->second.toIntVector());
     if (need_lam) result[3] = g[3].view(lam.sizes()).to(lam.scalar_type());
     return result;
   }
@@ -1087,14 +1095,15 @@ std::vector<at::Tensor> apply(const at::Tensor& input, const std::optional<at::T
                               const std::optional<at::Tensor>& running_mean_psi,
                               const std::optional<at::Tensor>& running_var_psi, double running_factor,
                               const std::vector<double>& running_scale, const std::vector<int64_t>& shape,
-                              int64_t grouping, int64_t family, double eps, bool center, bool standardized) {
+                              int64_t grouping, int64_t family, double eps, bool center, bool standardized,
+                              bool statistics) {
   return IBNormNode::apply(input, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi, running_mean,
                            running_var, running_mean_psi, running_var_psi, running_factor, running_scale, shape,
-                           grouping, family, eps, center, standardized);
+                           grouping, family, eps, center, standardized, statistics);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("apply", &apply, "IBNorm through a C++ autograd node: y, mean, var, mean_psi, var_psi");
+  m.def("apply", &apply, "IBNorm through a C++ autograd node: y and, where asked, mean, var, mean_psi, var_psi");
 }
