@@ -355,3 +355,68 @@ def test_a_float_lam_is_not_kept_from_a_fake_tensor_mode() -> None:
         dispatch._lam_tensor(*key)
     assert key not in dispatch._lam_tensors
     assert type(dispatch._lam_tensor(*key)) is torch.Tensor
+
+
+BACKENDS_HERE = ["eager", "reference"] + (["cpp"] if cpp.available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_an_eval_graph_keeps_the_statistics_it_ran_with(backend) -> None:
+    """A training step between an eval forward and its backward moves the running buffers (and
+    bumps their version, as torch's BatchNorm does); the backward still differentiates the
+    forward that ran, on every backend (torch's BatchNorm raises instead)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = ibnorm.IBBatchNorm2d(3, compression="S", lam=0.7).eval()
+    with torch.no_grad():
+        for name in ("running_mean", "running_mean_psi"):
+            getattr(layer, name).uniform_(-1, 1)
+        for name in ("running_var", "running_var_psi"):
+            getattr(layer, name).uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    frozen = copy.deepcopy(layer)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    grad = torch.randn(4, 3, 5, 5)
+    with ibnorm.use_backend(backend):
+        y = layer(x)
+        versions = [getattr(layer, n)._version for n in ("running_mean", "running_var_psi")]
+        layer.train()(x * 3 + 1)
+        y.backward(grad)
+    assert all(getattr(layer, n)._version > v for n, v in zip(("running_mean", "running_var_psi"), versions))
+    assert not torch.allclose(layer.running_mean_psi, frozen.running_mean_psi)
+    x_ref = x.detach().clone().requires_grad_()
+    with ibnorm.use_backend("reference"):
+        frozen(x_ref).backward(grad)
+    for got, want in ((x.grad, x_ref.grad), (layer.weight.grad, frozen.weight.grad), (layer.bias.grad, frozen.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("family", ["S", "custom"])
+@pytest.mark.parametrize("lam", [0.0, 0.8])
+def test_normalize_without_statistics_returns_none_and_the_same_y(backend, family, lam) -> None:
+    """``statistics=False`` (what the functional passes) gives y and its gradients as with
+    statistics, and None for them, on every route: torch's parent (λ = 0), the C++ node, its
+    fallback for a family it does not have, the Function and the reference."""
+    if family == "custom":
+        s = get_compression("S")
+        family = Compression("S_copy_for_statistics_test", s.psi, s.dpsi, s.dpsi_dlam)
+    compression = get_compression(family)
+    x = torch.randn(6, 10, dtype=torch.float64)
+    w, b = torch.rand(10, dtype=torch.float64) + 0.5, torch.randn(10, dtype=torch.float64)
+    results = []
+    for statistics in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+        with ibnorm.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y, stats = dispatch.normalize(
+                *inputs, lam, dims=(1,), dynamic_dims=(0,), eps=1e-5, family=compression, center=True,
+                placement="standardized", parent=lambda: torch.nn.functional.layer_norm(inputs[0], (10,), *inputs[1:]),
+                statistics=statistics,
+            )  # fmt: skip
+        assert (stats is None) == (not statistics or (lam == 0.0 and backend != "reference"))
+        y.backward(torch.arange(60, dtype=torch.float64).reshape(6, 10))
+        results.append([y.detach(), *(t.grad for t in inputs)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)

@@ -96,7 +96,7 @@ class CompileKey(NamedTuple):
 
 _compiled_cache: dict[KernelConfig, Bodies] = {}
 _lam_tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
-_cpp_cache: dict[tuple, Optional[Callable[..., tuple[Tensor, GroupStats]]]] = {}
+_cpp_cache: dict[tuple, Optional[Callable[..., tuple[Tensor, Optional[GroupStats]]]]] = {}
 _MISSING = object()
 _compile_failures: dict[CompileKey, str] = {}
 _warned: set[object] = set()
@@ -342,7 +342,7 @@ def _compiled_or_eager(key: CompileKey) -> Bodies:
 
 def _cpp_function(
     dims: tuple[int, ...], family: Compression, eps: float, center: bool, placement: str, dtype: torch.dtype
-) -> Optional[Callable[..., tuple[Tensor, GroupStats]]]:
+) -> Optional[Callable[..., tuple[Tensor, Optional[GroupStats]]]]:
     """The C++ autograd node for this configuration and dtype, or None for what the C++
     kernels do not take (a user-registered family: ``compiled`` serves it)."""
     cache_key = (dims, family, eps, center, placement, dtype)

@@ -137,13 +137,18 @@ def eager_bodies(cfg: KernelConfig) -> Bodies:
 class IBNormFunction(torch.autograd.Function):
     """``apply(x, weight, bias, lam, given_mean, given_var, given_mean_psi, given_var_psi,
     cfg, bodies)`` → ``(y, mean, var, mean_psi, var_psi)``; the statistics are returned
-    (non-differentiable) so batch grouping can update its running buffers."""
+    (non-differentiable) so batch grouping can update its running buffers. Given (frozen)
+    statistics are saved as copies: a backward after the buffers changed (a training step
+    between an eval forward and its backward) differentiates the forward that ran."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, mean, var, mean_psi, var_psi, cfg: KernelConfig, bodies: Bodies):
         forward, backward = bodies
         y, stats = forward(x, weight, bias, lam, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi))
-        ctx.save_for_backward(x, weight, lam, stats.mean, stats.rstd, stats.mean_psi, stats.rstd_psi)
+        means = (stats.mean, stats.mean_psi)
+        if var is not None:  # given means are the caller's (running buffers): keep the values this call used
+            means = tuple(None if t is None else t.clone() for t in means)
+        ctx.save_for_backward(x, weight, lam, means[0], stats.rstd, means[1], stats.rstd_psi)
         ctx.backward_body = backward
         ctx.bias_shape = None if bias is None else bias.shape
         outputs = (stats.mean, stats.var, stats.mean_psi, stats.var_psi)

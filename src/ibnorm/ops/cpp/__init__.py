@@ -1,8 +1,9 @@
 r"""Vectorized C++ CPU kernels, behind one C++ autograd node.
 
-:func:`function` returns a callable ``(x, weight, bias, lam, given, shape, running) → (y, statistics)`` with the
-contract of :class:`~ibnorm.ops.function.IBNormFunction` (the same math, DESIGN §1; the
-backward's derivation is in :mod:`ibnorm.ops.function`), in one C++ kernel per direction::
+:func:`function` returns a callable ``(x, weight, bias, lam, given, shape, running, statistics)
+→ (y, statistics)`` with the contract of :class:`~ibnorm.ops.function.IBNormFunction` (the same
+math, DESIGN §1; the backward's derivation is in :mod:`ibnorm.ops.function`), in one C++ kernel
+per direction::
 
     z = (x − μ)·rsqrt(σ² + eps)  (placement "standardized")   or   z = x − μ  ("centered")
     u = ψ_λ(z)      û = (u − m)·rsqrt(v + eps)      y = γ·û + β
@@ -89,11 +90,15 @@ def available() -> bool:
     return load() is not None
 
 
-def function(cfg: KernelConfig, dtype: Optional[torch.dtype] = None) -> Callable[..., tuple[Tensor, GroupStats]]:
+def function(
+    cfg: KernelConfig, dtype: Optional[torch.dtype] = None
+) -> Callable[..., tuple[Tensor, Optional[GroupStats]]]:
     """IBNorm for ``cfg`` as one C++ autograd node: ``call(x, weight, bias, lam, given, shape=None,
     running=None, statistics=True)`` returns y (in x's shape) and ``GroupStats(mean, var, mean_psi,
     var_psi)`` (non-differentiable, shaped to broadcast against the view; the given ones when given;
-    ``None`` with ``statistics=False``, which spares a small layer the outputs' cost), as
+    ``None`` with ``statistics=False``, which spares a small layer the outputs' cost; batch ones
+    are views of the tensor saved for backward, so changing them in place fails a later
+    backward; given ones are saved as copies, so the buffers may change before it), as
     ``IBNormFunction.apply`` does for x viewed as ``shape`` (default: x's own). γ, β and the given
     statistics may have any shape with the right number of elements; a
     :class:`~ibnorm._running_stats.RunningUpdate` is applied to its buffers in the kernel. Of

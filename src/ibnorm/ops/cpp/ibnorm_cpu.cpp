@@ -801,8 +801,11 @@ at::Tensor from_long_runs(const at::Tensor& t, at::IntArrayRef shape) {
   return t.view({shape[1], shape[0], shape[2]}).transpose(0, 1).contiguous();
 }
 
-// `values` (any floating dtype and shape, `numel` elements) into row `row` of the statistics.
+// `values` (a CPU tensor of any floating dtype and shape, `groups` elements) into row `row` of the statistics.
 void copy_row(const at::Tensor& stats, StatRow row, const at::Tensor& values) {
+  TORCH_CHECK(values.device().is_cpu() && values.is_floating_point(),
+              "ibnorm_cpu: the given statistics must be floating CPU tensors, got ", values.scalar_type(), " on ",
+              values.device());
   const at::Tensor flat = values.contiguous();
   const int64_t groups = stats.size(1);
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "ibnorm_stats", [&] {
@@ -846,8 +849,12 @@ at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& wei
                   "group (", layout.groups, "), got ", t.has_value() ? t->numel() : 0, " for ", name);
       copy_row(stats, row, *t);
     };
-    if (center) given(given_mean, kMean, "the mean"), given(given_mean_psi, kMeanPsi, "the mean of u");
-    given(given_var, kVar, "the variance"), given(given_var_psi, kVarPsi, "the variance of u");
+    if (center) {
+      given(given_mean, kMean, "the mean");
+      given(given_mean_psi, kMeanPsi, "the mean of u");
+    }
+    given(given_var, kVar, "the variance");
+    given(given_var_psi, kVarPsi, "the variance of u");
   }
   const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight"), b = affine_or(bias, layout, acc, 0.0, "bias");
   const double lam_value = lam.item<double>();
