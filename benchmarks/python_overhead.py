@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import types
 
 import torch
@@ -28,9 +27,8 @@ from ibnorm.ops import cpp
 
 def overhead(steps: dict, seconds: float) -> tuple[float, int]:
     """Median of IB step / parent step − 1 over interleaved pairs, and the number of pairs."""
-    samples = benchmark.paired_step_times(steps, repeats=1, min_seconds=seconds, warmup=10)
-    ratios = [b / a for a, b in zip(samples["parent"], samples["ibnorm"])]
-    return statistics.median(ratios) - 1, len(ratios)
+    samples = benchmark.interleaved_times(steps, repeats=1, min_seconds=seconds, warmup=10)
+    return benchmark.paired_ratio(samples, "ibnorm") - 1, len(samples["parent"])
 
 
 def direct_node_forward(layer: IBBatchNorm2d, module: types.ModuleType, lam: torch.Tensor) -> types.MethodType:

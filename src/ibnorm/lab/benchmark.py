@@ -62,6 +62,7 @@ CUDA_IMPLEMENTATIONS = ("parent", "ib_triton", "composite_compiled")
 # Elements of x moved per element by each mode: forward reads x, writes y; backward reads x, g_y, writes g_x.
 TRAFFIC = {"forward": 2, "backward": 3, "fwd_bwd": 5}
 MODES = tuple(TRAFFIC)
+MODES_TIMED = (*MODES, "inference")
 
 
 def _variant(compression: str, lam: float, placement: str) -> str:
@@ -81,32 +82,63 @@ def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression
     return nn.GroupNorm(32, shape[1], **kw), ib.IBGroupNorm(32, shape[1], **ibkw)
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def interleaved_times(
+    calls: dict[str, Callable[[], object]], repeats: int, min_seconds: float = 0.0, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, after ``warmup`` calls each: in rounds that call
+    every function once, the order rotating by one per round (two functions: alternating), so
+    that drift on a shared machine hits all alike; at least ``repeats`` rounds and, where given,
+    ``min_seconds`` of calls per function (a short call's median needs many samples)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    rounds = 0
+    while rounds < repeats or min(sum(v) for v in samples.values()) < min_seconds:
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - start)
+        rounds += 1
+    return samples
 
 
-def _time_modes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
-    def backward_only() -> None:
-        y.backward(grad, retain_graph=True)
+def paired_ratio(samples: dict[str, list[float]], name: str, base: str = "parent") -> float:
+    """The median over rounds of ``name``'s time / ``base``'s time in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
 
-    y = module(x)
-    times = {
-        "forward_s": _median_time(lambda: module(x), repeats),
-        "backward_s": _median_time(backward_only, repeats),
-        "fwd_bwd_s": _median_time(lambda: module(x).backward(grad), repeats),
+
+def _time_modes(
+    impls: dict[str, tuple[nn.Module, str]], x: torch.Tensor, grad: torch.Tensor, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per mode (forward, backward on a retained graph, forward+backward, inference), the
+    interleaved samples of every implementation: ``impls`` maps a name to its module and the
+    backend it runs on."""
+
+    def on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            with use_backend(backend):
+                return fn()
+
+        return call
+
+    graphs = {name: on(backend, lambda m=module: m(x))() for name, (module, backend) in impls.items()}
+    modes = {
+        "forward": {name: on(b, lambda m=m: m(x)) for name, (m, b) in impls.items()},
+        "backward": {name: on(b, lambda y=graphs[name]: y.backward(grad, retain_graph=True)) for name, (m, b) in impls.items()},
+        "fwd_bwd": {name: on(b, lambda m=m: m(x).backward(grad)) for name, (m, b) in impls.items()},
     }
-    module.eval()  # inference: batch grouping switches to its running statistics
+    samples = {mode: interleaved_times(calls, repeats) for mode, calls in modes.items()}
+    modules = {module for module, _ in impls.values()}
+    for module in modules:
+        module.eval()  # inference: batch grouping switches to its running statistics
     with torch.no_grad():
-        times["inference_s"] = _median_time(lambda: module(x), repeats)
-    module.train()
-    return times
+        samples["inference"] = interleaved_times({name: on(b, lambda m=m: m(x)) for name, (m, b) in impls.items()}, repeats)
+    for module in modules:
+        module.train()
+    return samples
 
 
 def _cases(
@@ -143,19 +175,16 @@ def kernel_benchmark(
         dtype = DTYPES[dtype_name]
         x, grad = _inputs(shape, dtype)
         parent, layer = _layers(grouping, shape, dtype, compression, lam, placement)
-        results = {}
+        impls = {impl: (parent, "eager") if backend is None else (layer, backend) for impl, backend in IMPLEMENTATIONS.items()}
+        first_call_s, saved_bytes = {}, {}
+        for impl, (module, backend) in impls.items():
+            with use_backend(backend):
+                start = time.perf_counter()  # the first call builds, loads or compiles, where anything does
+                module(x).backward(grad)
+                first_call_s[impl] = time.perf_counter() - start
+                saved_bytes[impl] = saved_tensor_bytes(lambda: module(x))
+        samples = _time_modes(impls, x, grad, repeats)
         for impl, backend in IMPLEMENTATIONS.items():
-            module = parent if backend is None else layer
-            with use_backend(backend or "eager"):
-                first_call_s = float("nan")
-                if backend in ("compiled", "cpp"):  # first call: compile (or build/load the extension)
-                    start = time.perf_counter()
-                    module(x).backward(grad)
-                    first_call_s = time.perf_counter() - start
-                timings = _time_modes(module, x, grad, repeats)
-                results[impl] = {**timings, "saved_bytes": saved_tensor_bytes(lambda: module(x)), "first_call_s": first_call_s}
-        for impl, r in results.items():
-            base = results["parent"]
             rows.append(
                 {
                     "grouping": grouping,
@@ -163,10 +192,11 @@ def kernel_benchmark(
                     "dtype": dtype_name,
                     "impl": impl,
                     "variant": _variant(compression, lam, placement),
-                    **{k: round(v, 6) for k, v in r.items() if k.endswith("_s")},
-                    "saved_bytes": r["saved_bytes"],
-                    **{f"ratio_{m}": round(r[f"{m}_s"] / base[f"{m}_s"], 3) for m in ("forward", "backward", "fwd_bwd", "inference")},
-                    "saved_bytes_ratio": round(r["saved_bytes"] / base["saved_bytes"], 3),
+                    **{f"{m}_s": round(statistics.median(samples[m][impl]), 6) for m in MODES_TIMED},
+                    "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
+                    "saved_bytes": saved_bytes[impl],
+                    **{f"ratio_{m}": round(paired_ratio(samples[m], impl), 3) for m in MODES_TIMED},
+                    "saved_bytes_ratio": round(saved_bytes[impl] / saved_bytes["parent"], 3),
                     "input_bytes": x.numel() * x.element_size(),
                 }
             )
@@ -325,24 +355,6 @@ def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
     return step
 
 
-def paired_step_times(
-    steps: dict[str, Callable[[], None]], repeats: int, min_seconds: float, warmup: int = 15
-) -> dict[str, list[float]]:
-    """Seconds of each call of each step function (``"parent"`` and ``"ibnorm"``), after
-    ``warmup`` calls each (compiles, allocator and thread-pool warm-up settle over the first
-    steps): interleaved pairs, so drift hits both arms alike, in alternating order; at least
-    ``repeats`` pairs and ``min_seconds`` per arm (a short step's median needs many samples)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {arm: [] for arm in steps}
-    while len(samples["parent"]) < repeats or min(sum(v) for v in samples.values()) < min_seconds:
-        order = list(steps) if len(samples["parent"]) % 2 == 0 else list(reversed(steps))
-        for arm in order:
-            samples[arm].append(_median_time(steps[arm], 1, warmup=0))
-    return samples
-
-
 def model_step_benchmark(
     models: Sequence[str] = MODELS,
     repeats: int = 10,
@@ -362,9 +374,9 @@ def model_step_benchmark(
         parent = build()
         converted, record = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
         steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
-        samples = paired_step_times(steps, repeats, min_seconds)
+        samples = interleaved_times(steps, repeats, min_seconds, warmup=15)  # warm-up: allocator, thread pool
         times = {arm: statistics.median(v) for arm, v in samples.items()}
-        ratio = statistics.median(b / a for a, b in zip(samples["parent"], samples["ibnorm"]))
+        ratio = paired_ratio(samples, "ibnorm")
         rows.append(
             {
                 "model": name,
