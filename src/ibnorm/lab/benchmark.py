@@ -11,7 +11,9 @@ in training), backward (repeated on one retained graph), forward+backward and in
 * ``ib_eager``: the IB layer's fused Function with uncompiled bodies;
 * ``composite``: the IB layer as plain ops differentiated by autograd (the reference);
 
-and records the median time, the ratio to the parent measured in the same run, the bytes
+timed in interleaved rounds (each implementation once per round, the order rotating, so drift
+on a shared machine hits all alike), and records the median time, the ratio to the parent (the
+median over rounds of the implementation's time over the parent's in that round), the bytes
 autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
 ``ib_cpp`` and ``ib_compiled``, the first call's time (which includes building, loading or
 compiling).
@@ -24,7 +26,8 @@ GB/s: the bytes a kernel must move (forward: read x, write y; backward: read x a
 write g_x) over the time.
 
 Model-step benchmark: one AdamW training step of tiny GPT-2, LLaMA and ResNet models built
-from ``transformers`` configs, with the parent norms vs converted to IBNorm.
+from ``transformers`` configs, with the parent norms vs converted to IBNorm, in interleaved
+pairs of steps (at least 5 s per arm); the overhead is the median of the pair ratios.
 
 Both time the library's default IBNorm (family, λ, placement) unless told otherwise.
 """
