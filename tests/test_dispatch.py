@@ -420,3 +420,45 @@ def test_normalize_without_statistics_returns_none_and_the_same_y(backend, famil
         results.append([y.detach(), *(t.grad for t in inputs)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ kernels are not built here")
+def test_a_cached_cpp_route_is_taken_only_where_the_full_decision_takes_it() -> None:
+    """normalize remembers configurations whose CPU calls went to the C++ node and sends later
+    calls there directly; the backend setting, an empty input, a tensor λ, another dtype and an
+    outer compiler still get the full decision."""
+    dispatch.reset()
+    layer = ibnorm.IBBatchNorm2d(3, compression="S", lam=0.5)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+
+    def node_name(y: Tensor) -> str:
+        """The names of the autograd nodes that made y (views included)."""
+        names, stack = [], [y.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None:
+                names.append(type(node).__name__ + node.name())
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        return " ".join(names)
+
+    with ibnorm.use_backend("auto"):
+        first = layer(x)
+        assert len(dispatch._cpp_routes) == 1 and "IBNormNode" in node_name(first)
+        assert "IBNormNode" in node_name(layer(x))  # the cached route
+        assert "IBNormNode" in node_name(layer(x.double()))  # float64: its own route, made now
+        assert len(dispatch._cpp_routes) == 2
+        layer.eval()
+        empty = torch.randn(4, 3, 0, 5, requires_grad=True)
+        assert layer(empty).shape == (4, 3, 0, 5)  # the kernels take no empty input: eager serves it
+        layer.train()
+    with ibnorm.use_backend("eager"):
+        assert "IBNormFunction" in node_name(layer(x)) and "IBNormNode" not in node_name(layer(x))
+    with ibnorm.use_backend("reference"):
+        assert not _runs_the_function(layer(x))
+    learnable = ibnorm.IBBatchNorm2d(3, compression="S", lam=0.5, learnable_lam=True)
+    with ibnorm.use_backend("auto"):
+        assert "IBNormNode" in node_name(learnable(x))  # a tensor λ: the full decision, the same node
+    compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
+    with ibnorm.use_backend("auto"):
+        y = compiled(x)
+    assert not _runs_the_function(y)  # inside torch.compile: the reference composite

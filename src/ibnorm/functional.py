@@ -48,6 +48,7 @@ from .ops import GroupStats, is_identity, normalize
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 
 Lam = Union[float, Tensor]
+_BATCH_STATISTICS = GroupStats()  # none given: each call reduces its own batch
 
 
 def _prepare(input: Tensor, compression: str | Compression, lam: Lam, placement: str) -> tuple[Compression, Lam, str]:
@@ -303,10 +304,10 @@ def _batch_norm(
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
-    given, running = GroupStats(), None
+    given, running = _BATCH_STATISTICS, None
     if not training:
         given = GroupStats(mean=running_mean, var=running_var, mean_psi=running_mean_psi, var_psi=running_var_psi)
-    elif any(t is not None for t in buffers):
+    elif not (running_mean is None and running_var is None and running_mean_psi is None and running_var_psi is None):
         running = _running_update(buffers, momentum, count, placement)
     y, _ = normalize(
         input,

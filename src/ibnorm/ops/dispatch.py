@@ -97,6 +97,10 @@ class CompileKey(NamedTuple):
 _compiled_cache: dict[KernelConfig, Bodies] = {}
 _lam_tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 _cpp_cache: dict[tuple, Optional[Callable[..., tuple[Tensor, Optional[GroupStats]]]]] = {}
+# (backend requested, dims, id(family), eps, center, placement, dtype) → (family, C++ node call, λ's
+# dtype): configurations for which a CPU call with a float λ > 0 went to the C++ node (see normalize)
+_cpp_routes: dict[tuple, tuple[Compression, Callable[..., tuple[Tensor, Optional[GroupStats]]], torch.dtype]] = {}
+_CPU = torch.device("cpu")
 _MISSING = object()
 _compile_failures: dict[CompileKey, str] = {}
 _warned: set[object] = set()
@@ -147,6 +151,7 @@ def reset() -> None:
     compiler or Triton in a running process)."""
     _compiled_cache.clear()
     _cpp_cache.clear()
+    _cpp_routes.clear()
     _lam_tensors.clear()
     _compile_failures.clear()
     _warned.clear()
@@ -437,6 +442,20 @@ def normalize(
     requested = get_backend()
     if parent is not None and is_identity(lam) and reduce_mean is None and requested != "reference":
         return parent(), None
+    # A configuration whose CPU calls with a float λ went to the C++ node goes there again without
+    # the full decision below, after the checks that vary per call: on small layers (a ResNet's
+    # 2×2 to 8×8 maps) that decision's Python costs as much as the kernels.
+    route_key = (requested, dims, id(family), eps, center, placement, input.dtype)
+    route = _cpp_routes.get(route_key) if type(lam) is float and reduce_mean is None else None
+    if (
+        route is not None
+        and route[0] is family
+        and input.is_cpu
+        and input.numel() > 0
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    ):
+        lam_tensor = _lam_tensor(lam, route[2], _CPU)
+        return route[1](input, weight, bias, lam_tensor, given, shape, running, statistics)
     shape = tuple(input.shape) if shape is None else shape
     backend = _implementation(input, lam, family, reduce_mean, requested)
     lam_tensor = lam
@@ -445,6 +464,8 @@ def normalize(
     if backend == "cpp":
         cpp_function = _cpp_function(dims, family, eps, center, placement, input.dtype)
         if cpp_function is not None:
+            if type(lam) is float and reduce_mean is None:
+                _cpp_routes[route_key] = (family, cpp_function, lam_tensor.dtype)
             return cpp_function(input, weight, bias, lam_tensor, given, shape, running, statistics)  # views in C++
         backend = "compiled"  # a family the C++ kernels do not have
     if backend != "reference":
