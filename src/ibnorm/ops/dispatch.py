@@ -10,7 +10,9 @@ environment variable ``IBNORM_BACKEND``; the function call wins over the variabl
     the vectorized C++ kernels of :mod:`ibnorm.ops.cpp` behind their own C++ autograd node,
     with :class:`IBNormFunction`'s contract (CPU; built once per machine on first use and
     cached). Where it cannot be built it warns once and ``compiled`` serves; families other
-    than S/L/T also use ``compiled``.
+    than S/L/T also use ``compiled``. A configuration whose calls with a float λ went to the C++
+    node is remembered (per backend setting and dtype): later such calls go straight there after
+    the checks that vary per call (a CPU input, not empty, no outer compiler or tracer).
 ``compiled``
     :class:`IBNormFunction` whose forward and backward bodies are compiled by
     ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA). The batch-like dims
@@ -446,7 +448,7 @@ def normalize(
     # the full decision below, after the checks that vary per call: on small layers (a ResNet's
     # 2×2 to 8×8 maps) that decision's Python costs as much as the kernels.
     route_key = (requested, dims, id(family), eps, center, placement, input.dtype)
-    route = _cpp_routes.get(route_key) if type(lam) is float and reduce_mean is None else None
+    route = _cpp_routes.get(route_key) if reduce_mean is None and not isinstance(lam, Tensor) else None
     if (
         route is not None
         and route[0] is family
@@ -454,7 +456,7 @@ def normalize(
         and input.numel() > 0
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     ):
-        lam_tensor = _lam_tensor(lam, route[2], _CPU)
+        lam_tensor = _lam_tensor(float(lam), route[2], _CPU)
         return route[1](input, weight, bias, lam_tensor, given, shape, running, statistics)
     shape = tuple(input.shape) if shape is None else shape
     backend = _implementation(input, lam, family, reduce_mean, requested)
@@ -464,7 +466,7 @@ def normalize(
     if backend == "cpp":
         cpp_function = _cpp_function(dims, family, eps, center, placement, input.dtype)
         if cpp_function is not None:
-            if type(lam) is float and reduce_mean is None:
+            if reduce_mean is None and not isinstance(lam, Tensor):
                 _cpp_routes[route_key] = (family, cpp_function, lam_tensor.dtype)
             return cpp_function(input, weight, bias, lam_tensor, given, shape, running, statistics)  # views in C++
         backend = "compiled"  # a family the C++ kernels do not have
