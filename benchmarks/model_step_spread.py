@@ -5,7 +5,9 @@ median of the pair ratios. On this shared 2-core machine that median is stable w
 but moves by several points from one process to the next (memory layout, thread placement), so
 one run cannot settle a target of a few percent. This script runs the same measurement in
 `--runs` fresh processes, one after another, and writes every run and their median, mean,
-standard error and range to `benchmarks/results/model_step_spread.csv`.
+standard error and range to `benchmarks/results/model_step_spread.csv`; with `--warm` each
+process first runs the batch-grouping kernel benchmark, as `ibnorm bench` does before its model
+step (`model_step_spread_warm.csv`).
 
 Run (CPU, nothing else running): HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/model_step_spread.py
 """
@@ -26,16 +28,17 @@ from ibnorm.lab.benchmark import MODELS
 
 ONE_RUN = (
     "import json, sys; from ibnorm.lab import benchmark; "
+    "sys.argv[3] == 'warm' and benchmark.kernel_benchmark(groupings=['batch'], dtypes=['float32'], repeats=3); "
     "row = benchmark.model_step_benchmark(models=[sys.argv[1]], min_seconds=float(sys.argv[2]))[0]; "
     "print(json.dumps(row))"
 )
 
 
-def one_run(model: str, seconds: float) -> dict:
-    """The model-step row of one fresh process."""
-    done = subprocess.run(
-        [sys.executable, "-c", ONE_RUN, model, str(seconds)], capture_output=True, text=True, check=True
-    )
+def one_run(model: str, seconds: float, warm: bool) -> dict:
+    """The model-step row of one fresh process (after a batch-grouping kernel benchmark in it
+    where ``warm``, as in ``ibnorm bench``)."""
+    command = [sys.executable, "-c", ONE_RUN, model, str(seconds), "warm" if warm else "fresh"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -44,11 +47,15 @@ def main() -> None:
     parser.add_argument("--model", default="resnet", choices=MODELS)
     parser.add_argument("--runs", type=int, default=8, help="fresh processes (default 8)")
     parser.add_argument("--seconds", type=float, default=4.0, help="at least this many seconds of steps per arm and run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model_step_spread.csv"))
+    parser.add_argument(
+        "--warm", action="store_true", help="run the batch kernel benchmark first in each process, as `ibnorm bench` does"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/model_step_spread[_warm].csv")
     args = parser.parse_args()
     if args.runs < 2:
         parser.error(f"--runs must be at least 2, got {args.runs}")
-    rows = [one_run(args.model, args.seconds) for _ in tqdm(range(args.runs), desc=f"{args.model} step, fresh processes")]
+    out = args.out or Path(f"benchmarks/results/model_step_spread{'_warm' if args.warm else ''}.csv")
+    rows = [one_run(args.model, args.seconds, args.warm) for _ in tqdm(range(args.runs), desc=f"{args.model} step, fresh processes")]
     overheads = [r["overhead_pct"] for r in rows]
     summary = {
         "median": statistics.median(overheads),
@@ -59,8 +66,8 @@ def main() -> None:
     }
     table = [{"run": k + 1, **r} for k, r in enumerate(rows)]
     table += [{"run": name, "model": args.model, "overhead_pct": round(v, 2)} for name, v in summary.items()]
-    atomic_write_csv(args.out, table)
-    print(", ".join(f"{k} {v:+.2f}%" for k, v in summary.items()) + f" over {args.runs} processes -> {args.out}")
+    atomic_write_csv(out, table)
+    print(", ".join(f"{k} {v:+.2f}%" for k, v in summary.items()) + f" over {args.runs} processes -> {out}")
 
 
 if __name__ == "__main__":
