@@ -5,9 +5,15 @@ median of the pair ratios. On this shared 2-core machine that median is stable w
 but moves by several points from one process to the next (memory layout, thread placement), so
 one run cannot settle a target of a few percent. This script runs the same measurement in
 `--runs` fresh processes, one after another, and writes every run and their median, mean,
-standard error and range to `benchmarks/results/model_step_spread.csv`; with `--warm` each
-process first runs the batch-grouping kernel benchmark, as `ibnorm bench` does before its model
-step (`model_step_spread_warm.csv`).
+standard error and range to `benchmarks/results/model_step_spread.csv`.
+
+The processes run with glibc's mmap threshold fixed at 256 MiB (`MALLOC_MMAP_THRESHOLD_`, and a
+trim threshold to match): with its dynamic default a fresh process maps and faults in the step's
+medium-size tensors anew at every step, which added about 10 ms to both arms' 20 ms ResNet step
+here and diluted the ratio (`--default-malloc` keeps glibc's default,
+`model_step_spread_default_malloc.csv`). With `--warm` each process first runs the
+batch-grouping kernel benchmark, as `ibnorm bench` does before its model step
+(`model_step_spread_warm.csv`).
 
 Run (CPU, nothing else running): HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/model_step_spread.py
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,11 +41,15 @@ ONE_RUN = (
 )
 
 
-def one_run(model: str, seconds: float, warm: bool) -> dict:
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def one_run(model: str, seconds: float, warm: bool, steady_malloc: bool) -> dict:
     """The model-step row of one fresh process (after a batch-grouping kernel benchmark in it
-    where ``warm``, as in ``ibnorm bench``)."""
+    where ``warm``, as in ``ibnorm bench``; with glibc's mmap threshold fixed where ``steady_malloc``)."""
     command = [sys.executable, "-c", ONE_RUN, model, str(seconds), "warm" if warm else "fresh"]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = {**os.environ, **STEADY_MALLOC} if steady_malloc else None
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -50,12 +61,17 @@ def main() -> None:
     parser.add_argument(
         "--warm", action="store_true", help="run the batch kernel benchmark first in each process, as `ibnorm bench` does"
     )
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/model_step_spread[_warm].csv")
     args = parser.parse_args()
     if args.runs < 2:
         parser.error(f"--runs must be at least 2, got {args.runs}")
     out = args.out or Path(f"benchmarks/results/model_step_spread{'_warm' if args.warm else ''}.csv")
-    rows = [one_run(args.model, args.seconds, args.warm) for _ in tqdm(range(args.runs), desc=f"{args.model} step, fresh processes")]
+    steady = not args.default_malloc
+    rows = [
+        one_run(args.model, args.seconds, args.warm, steady)
+        for _ in tqdm(range(args.runs), desc=f"{args.model} step, fresh processes")
+    ]
     overheads = [r["overhead_pct"] for r in rows]
     summary = {
         "median": statistics.median(overheads),
