@@ -7,13 +7,11 @@ one run cannot settle a target of a few percent. This script runs the same measu
 `--runs` fresh processes, one after another, and writes every run and their median, mean,
 standard error and range to `benchmarks/results/model_step_spread.csv`.
 
-The processes run with glibc's mmap threshold fixed at 256 MiB (`MALLOC_MMAP_THRESHOLD_`, and a
-trim threshold to match): with its dynamic default a fresh process maps and faults in the step's
-medium-size tensors anew at every step, which added about 10 ms to both arms' 20 ms ResNet step
-here and diluted the ratio (`--default-malloc` keeps glibc's default,
-`model_step_spread_default_malloc.csv`). With `--warm` each process first runs the
-batch-grouping kernel benchmark, as `ibnorm bench` does before its model step
-(`model_step_spread_warm.csv`).
+The processes fix glibc's mmap threshold at 256 MiB (`benchmark.steady_allocator`, as `ibnorm
+bench` does): with its dynamic default a fresh process maps and faults in the step's medium-size
+tensors anew at every step, which added about 10 ms to both arms' 20 ms ResNet step here and
+diluted the ratio (`--default-malloc` keeps glibc's default). With `--warm` each process first
+runs the batch-grouping kernel benchmark, as `ibnorm bench` does before its model step.
 
 Run (CPU, nothing else running): HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/model_step_spread.py
 """
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,21 +32,19 @@ from ibnorm.lab.benchmark import MODELS
 
 ONE_RUN = (
     "import json, sys; from ibnorm.lab import benchmark; "
+    "sys.argv[4] == 'steady' and benchmark.steady_allocator(); "
     "sys.argv[3] == 'warm' and benchmark.kernel_benchmark(groupings=['batch'], dtypes=['float32'], repeats=3); "
     "row = benchmark.model_step_benchmark(models=[sys.argv[1]], min_seconds=float(sys.argv[2]))[0]; "
     "print(json.dumps(row))"
 )
 
 
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
-
-
 def one_run(model: str, seconds: float, warm: bool, steady_malloc: bool) -> dict:
     """The model-step row of one fresh process (after a batch-grouping kernel benchmark in it
-    where ``warm``, as in ``ibnorm bench``; with glibc's mmap threshold fixed where ``steady_malloc``)."""
+    where ``warm``; with glibc's mmap threshold fixed, as ``ibnorm bench`` does, where ``steady_malloc``)."""
     command = [sys.executable, "-c", ONE_RUN, model, str(seconds), "warm" if warm else "fresh"]
-    env = {**os.environ, **STEADY_MALLOC} if steady_malloc else None
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    command.append("steady" if steady_malloc else "default")
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -35,3 +35,13 @@ def test_paired_ratio_is_the_median_of_the_rounds_ratios():
     samples = {"parent": [1.0, 2.0, 4.0], "ib": [1.5, 2.0, 20.0]}
     # ratios 1.5, 1.0, 5.0: the median 1.5 (the ratio of the medians, 2.0 / 2.0 = 1, would differ)
     assert paired_ratio(samples, "ib") == pytest.approx(1.5)
+
+
+def test_steady_allocator_fixes_glibcs_thresholds_or_says_it_cannot():
+    import ctypes
+    import platform
+
+    from ibnorm.lab.benchmark import steady_allocator
+
+    has_mallopt = platform.system() == "Linux" and hasattr(ctypes.CDLL(None), "mallopt")
+    assert steady_allocator() is has_mallopt

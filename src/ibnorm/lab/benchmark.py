@@ -35,6 +35,7 @@ Both time the library's default IBNorm (family, λ, placement) unless told other
 from __future__ import annotations
 
 import copy
+import ctypes
 import statistics
 import time
 from pathlib import Path
@@ -438,6 +439,25 @@ def format_table(rows: list[dict[str, object]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator(mmap_threshold: int = 256 * 2**20, trim_threshold: int = 2**30) -> bool:
+    """Fix glibc's mmap and trim thresholds for this process, so that freed tensors up to
+    ``mmap_threshold`` bytes are reused from the heap rather than mapped, faulted in and unmapped
+    anew at every call. With glibc's dynamic default a fresh process did that for a ResNet step's
+    medium-size tensors, which added about 10 ms to both arms of a 20 ms step and diluted the
+    overhead ratio; a process that had freed larger tensors first (after a kernel benchmark) did
+    not, so figures depended on what ran before. Returns False where the C library has no
+    ``mallopt`` (not glibc): the allocator is then left as it is."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
 def run_benchmarks(
     out: Path,
     *,
@@ -453,11 +473,14 @@ def run_benchmarks(
 ) -> None:
     """What ``ibnorm bench`` runs: the kernel benchmark (and on CPU the model-step benchmark
     of ``models``) into ``out`` as CSV and PNG, with tables on stdout. ``repeats`` defaults
-    to 10 on CPU and 50 on CUDA; ``quick`` uses small shapes and 3 repeats (a smoke test)."""
+    to 10 on CPU and 50 on CUDA; ``quick`` uses small shapes and 3 repeats (a smoke test).
+    On CPU the process's allocator is made steady first (:func:`steady_allocator`)."""
     repeats = 3 if quick else repeats or (50 if device == "cuda" else 10)
     shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]} if quick else {}
     if device == "cuda":
         return _run_cuda(out, repeats, groupings, dtypes, compression, lam, placement, shapes)
+    steady = steady_allocator()
+    print(f"allocator: {'glibc mmap threshold fixed at 256 MiB' if steady else 'left as it is (no glibc mallopt)'}")
     kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, placement, **shapes)
     atomic_write_csv(out / "kernels.csv", kernels)
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
