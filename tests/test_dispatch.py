@@ -277,17 +277,22 @@ def test_use_backend_restores_on_exit_and_on_exception():
         assert ibnorm.get_backend() == "eager"
 
 
-def _runs_the_function(y: Tensor) -> bool:
-    """Whether the fused path (IBNormFunction, or the C++ kernels' autograd node), not the
-    reference composite, computed ``y``."""
-    stack = [y.grad_fn]
+def _graph_names(y: Tensor) -> str:
+    """The class and node names of every autograd node that made ``y`` (views included)."""
+    names, stack = [], [y.grad_fn]
     while stack:
         node = stack.pop()
         if node is not None:
-            if "IBNormFunction" in type(node).__name__ or "IBNormNode" in node.name():
-                return True
+            names.append(type(node).__name__ + node.name())
             stack.extend(n for n, _ in node.next_functions)
-    return False
+    return " ".join(names)
+
+
+def _runs_the_function(y: Tensor) -> bool:
+    """Whether the fused path (IBNormFunction, or the C++ kernels' autograd node), not the
+    reference composite, computed ``y``."""
+    names = _graph_names(y)
+    return "IBNormFunction" in names or "IBNormNode" in names
 
 
 def test_set_backend_in_one_thread_leaves_the_others_alone():
@@ -431,33 +436,23 @@ def test_a_cached_cpp_route_is_taken_only_where_the_full_decision_takes_it() -> 
     layer = ibnorm.IBBatchNorm2d(3, compression="S", lam=0.5)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
 
-    def node_name(y: Tensor) -> str:
-        """The names of the autograd nodes that made y (views included)."""
-        names, stack = [], [y.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is not None:
-                names.append(type(node).__name__ + node.name())
-                stack.extend(next_node for next_node, _ in node.next_functions)
-        return " ".join(names)
-
     with ibnorm.use_backend("auto"):
         first = layer(x)
-        assert len(dispatch._cpp_routes) == 1 and "IBNormNode" in node_name(first)
-        assert "IBNormNode" in node_name(layer(x))  # the cached route
-        assert "IBNormNode" in node_name(layer(x.double()))  # float64: its own route, made now
+        assert len(dispatch._cpp_routes) == 1 and "IBNormNode" in _graph_names(first)
+        assert "IBNormNode" in _graph_names(layer(x))  # the cached route
+        assert "IBNormNode" in _graph_names(layer(x.double()))  # float64: its own route, made now
         assert len(dispatch._cpp_routes) == 2
         layer.eval()
         empty = torch.randn(4, 3, 0, 5, requires_grad=True)
         assert layer(empty).shape == (4, 3, 0, 5)  # the kernels take no empty input: eager serves it
         layer.train()
     with ibnorm.use_backend("eager"):
-        assert "IBNormFunction" in node_name(layer(x)) and "IBNormNode" not in node_name(layer(x))
+        assert "IBNormFunction" in _graph_names(layer(x)) and "IBNormNode" not in _graph_names(layer(x))
     with ibnorm.use_backend("reference"):
         assert not _runs_the_function(layer(x))
     learnable = ibnorm.IBBatchNorm2d(3, compression="S", lam=0.5, learnable_lam=True)
     with ibnorm.use_backend("auto"):
-        assert "IBNormNode" in node_name(learnable(x))  # a tensor λ: the full decision, the same node
+        assert "IBNormNode" in _graph_names(learnable(x))  # a tensor λ: the full decision, the same node
     compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
     with ibnorm.use_backend("auto"):
         y = compiled(x)

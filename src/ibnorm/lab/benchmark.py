@@ -128,9 +128,10 @@ def _time_modes(
 
         return call
 
-    graphs = {name: on(backend, lambda m=module: m(x))() for name, (module, backend) in impls.items()}
+    forward = {name: on(b, lambda m=m: m(x)) for name, (m, b) in impls.items()}
+    graphs = {name: call() for name, call in forward.items()}
     modes = {
-        "forward": {name: on(b, lambda m=m: m(x)) for name, (m, b) in impls.items()},
+        "forward": forward,
         "backward": {name: on(b, lambda y=graphs[name]: y.backward(grad, retain_graph=True)) for name, (m, b) in impls.items()},
         "fwd_bwd": {name: on(b, lambda m=m: m(x).backward(grad)) for name, (m, b) in impls.items()},
     }
@@ -139,7 +140,7 @@ def _time_modes(
     for module in modules:
         module.eval()  # inference: batch grouping switches to its running statistics
     with torch.no_grad():
-        samples["inference"] = interleaved_times({name: on(b, lambda m=m: m(x)) for name, (m, b) in impls.items()}, repeats)
+        samples["inference"] = interleaved_times(forward, repeats)  # the forward calls, now without autograd
     for module in modules:
         module.train()
     return samples
