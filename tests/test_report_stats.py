@@ -223,6 +223,39 @@ def test_roi_table_values(tmp_path):
     assert slow["extra_cost"] == pytest.approx(10 * 0.2 * 2) and slow["net_value"] == pytest.approx(-4.0)
 
 
+def test_roi_target_is_the_arms_curve_not_its_final_metric(tmp_path):
+    # LM curves score a fixed slice of the validation split, the final metric all of it:
+    # the target must be measured like the parent's curve (here the arm's final metric is
+    # 5 points higher than its curve ends, which would read as a large gain).
+    rows = ab_rows([0.0, 0.0, 0.0], base=80.0)
+    for r in rows:
+        if r["arm"] == "ib":
+            r["metrics"]["val_acc"] += 5.0
+            r["curve"] = [{**p, "val_acc": p["val_acc"] * 0.9} for p in r["curve"]]
+    got = {r["arm"]: r for r in roi_table(_results(tmp_path, rows))}["ib"]
+    assert got["val_mean"] == pytest.approx(0.9 * 81.0)
+    assert got["gain"] == pytest.approx(0.9 - 1) and not got["extrapolated"]
+
+
+def test_step_times_of_runs_on_several_devices_come_from_the_parents_device(tmp_path):
+    rows = ab_rows([0.0, 0.0, 0.0], step_time=0.010)
+    for r in rows[:3]:
+        r["device"] = "cpu (1 thread)"
+    for seed, r in enumerate(rows[3:]):
+        r["device"] = "cpu (1 thread)" if seed == 0 else "NVIDIA H100 80GB HBM3"
+        r["step_time_s"] = 0.012 if seed == 0 else 0.001
+    rows += [make_row("t", "gpu-only", s, 80.0 + s, step_time=0.001) for s in range(3)]
+    for r in rows[-3:]:
+        r["device"] = "NVIDIA H100 80GB HBM3"
+    table = {r["arm"]: r for r in roi_table(_results(tmp_path, rows))}
+    assert table["ib"]["time_overhead"] == pytest.approx(0.2)  # its one CPU run against the parent's
+    assert math.isnan(table["gpu-only"]["time_overhead"]) and math.isnan(table["gpu-only"]["net"])
+    assert "only those on cpu (1 thread) are timed" in table["ib"]["step_time_source"]
+    # a single device keeps every run, whatever its name
+    same = {r["arm"]: r for r in roi_table(_results(tmp_path, ab_rows([0.0] * 3, step_time=0.01)))}
+    assert same["ib"]["time_overhead"] == pytest.approx(0.0) and "devices" not in same["ib"]["step_time_source"]
+
+
 def test_roi_main_prints_a_table(tmp_path, capsys):
     _results(tmp_path, ab_rows([0.5, 0.6, 0.4]))
     main(["roi", str(tmp_path)])

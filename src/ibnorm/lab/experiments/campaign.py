@@ -32,6 +32,7 @@ from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
 from .._io import atomic_write_text
 from .arms import parse_arm
 from .compare import read_results, sweep_arms
+from .groups import run_device
 from .report import _table_md, at_a_glance, summarize, verdict, write_report
 from .tasks import get_task
 from .timing import measure_step_times, read_timing, write_timing
@@ -370,9 +371,12 @@ def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
         if not rows:
             md += ["Not run yet.", ""]
             continue
-        hours = sum(r["step_time_s"] * r["config"]["steps"] for r in rows if math.isfinite(r["step_time_s"])) / 3600
-        devices = sorted({r.get("device") or "cpu" for r in rows})
-        md += [f"{len(rows)} runs ({', '.join(devices)}); ≈ {hours:.2f} h of training steps (median step time × steps, summed).", ""]
+        hours: dict[str, float] = defaultdict(float)
+        for r in rows:
+            if math.isfinite(r["step_time_s"]):
+                hours[run_device(r)] += r["step_time_s"] * r["config"]["steps"] / 3600
+        spent = ", ".join(f"{h:.2f} h on {device}" for device, h in sorted(hours.items()))
+        md += [f"{len(rows)} runs; ≈ {spent} of training steps (median step time × steps, summed).", ""]
         if entry.argv[0] == "sweep":
             for split in ("val", "test"):
                 md += [*_sweep_table(rows, split), ""]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from statistics import median
 from typing import Any, Iterable, Mapping, Optional
@@ -19,6 +20,11 @@ TRAINING_TIMES = "step times: median of training steps (runs may have shared the
 
 def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def run_device(row: Mapping[str, Any]) -> str:
+    """The device a run trained on, as its row names it (older rows name none: CPU)."""
+    return row.get("device") or "cpu"
 
 
 def is_diverged(row: Mapping[str, Any]) -> bool:
@@ -50,9 +56,11 @@ class Group:
         pairs = ((r["seed"], (r.get("metrics") or {}).get(key)) for r in self.valid)
         return {seed: float(v) for seed, v in pairs if is_finite_number(v)}
 
-    def median(self, key: str) -> float:
-        """Median of a finite per-run number (step time, activation bytes) over all runs."""
-        xs = [r[key] for r in self.runs if is_finite_number(r.get(key))]
+    def median(self, key: str, device: Optional[str] = None) -> float:
+        """Median of a finite per-run number (step time, activation bytes) over all runs, or
+        over the runs trained on ``device`` (a row's ``device``; rows without one ran on CPU)."""
+        runs = self.runs if device is None else [r for r in self.runs if run_device(r) == device]
+        xs = [r[key] for r in runs if is_finite_number(r.get(key))]
         return median(xs) if xs else float("nan")
 
 
@@ -90,8 +98,17 @@ def parent_group(group: Group, groups: list[Group]) -> Optional[Group]:
 
 def step_times(groups: list[Group], timing: Mapping[str, Any]) -> tuple[dict[Group, float], str]:
     """Step seconds per group and where they come from: ``timing.json`` when its entry
-    for the task covers every arm at the groups' batch size, else the training medians."""
+    for the task covers every arm at the groups' batch size, else the training medians on
+    one device (NaN for a group with no run there)."""
     entry = timing.get(groups[0].task) if groups else None
     if entry and all(g.arm in entry["step_time_s"] and entry.get("batch_size") in (None, g.config.get("batch_size")) for g in groups):
         return {g: float(entry["step_time_s"][g.arm]) for g in groups}, QUIET_TIMES
-    return {g: g.median("step_time_s") for g in groups}, TRAINING_TIMES
+    devices = Counter(run_device(r) for g in groups for r in g.runs)
+    if len(devices) <= 1:
+        return {g: g.median("step_time_s") for g in groups}, TRAINING_TIMES
+    # Step times of different machines are not comparable: take them from the device the
+    # parent trained on most, and leave arms that never ran there without a time.
+    on_parent = Counter(run_device(r) for g in groups if g.arm == "parent" for r in g.runs)
+    device = (on_parent or devices).most_common(1)[0][0]
+    source = f"{TRAINING_TIMES}; the runs trained on {len(devices)} devices, so only those on {device} are timed"
+    return {g: g.median("step_time_s", device) for g in groups}, source

@@ -168,8 +168,8 @@ def verdict(row: Mapping[str, Any]) -> str:
     text = (
         f"{row['label']}: Δ {_fmt(row['diff'], signed=True)} {_unit(row['metric'])} {row['metric']} "
         f"(95% CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}]; p={_fmt_p(row['p'])}, Holm p={_fmt_p(row['p_holm'])}; "
-        f"n={row['pairs']}) for {_fmt(row['time_overhead_pct'], 0, signed=True)}% step time, "
-        f"{_fmt(row['memory_overhead_pct'], 0, signed=True)}% activation memory: {outcome(row)}"
+        f"n={row['pairs']}) for {_fmt_pct(row['time_overhead_pct'], 0)} step time, "
+        f"{_fmt_pct(row['memory_overhead_pct'], 0)} activation memory: {outcome(row)}"
     )
     return text + (f"; {broken}" if broken else "")
 
@@ -189,7 +189,7 @@ def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(
             f"**{task}**: {lead}; best challenger {best['label']} Δ {_fmt(best['diff'], signed=True)} "
             f"{_unit(best['metric'])} (95% CI [{_fmt(best['diff_low'])}, {_fmt(best['diff_high'])}], Holm p={_fmt_p(best['p_holm'])}, "
-            f"n={best['pairs']}): {outcome(best)}, at {_fmt(best['time_overhead_pct'], 0, signed=True)}% step time."
+            f"n={best['pairs']}): {outcome(best)}, at {_fmt_pct(best['time_overhead_pct'], 0)} step time."
         )
     return lines
 
@@ -198,6 +198,11 @@ def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
     if not is_finite_number(x):
         return "∞" if isinstance(x, float) and math.isinf(x) else "–"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _fmt_pct(x: Any, digits: int) -> str:
+    """A signed percentage, or "–" where there is none (e.g. no step time on the parent's device)."""
+    return f"{_fmt(x, digits, signed=True)}%" if is_finite_number(x) else "–"
 
 
 def _fmt_p(p: float) -> str:
@@ -215,8 +220,8 @@ def _table_md(table: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['lr']:.3g} | {r['n']} | {r['diverged']}/{r['runs']} | {_fmt(r['mean'])} ± {_fmt(r['std'])} "
             f"| [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['diff'], signed=True)} | [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}] "
-            f"| {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {_fmt(r['step_time_s'] * 1000, 2)} | {_fmt(r['time_overhead_pct'], 1, signed=True)}% "
-            f"| {_fmt(r['activation_bytes'] / 2**20, 2)} | {_fmt(r['memory_overhead_pct'], 1, signed=True)}% |"
+            f"| {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {_fmt(r['step_time_s'] * 1000, 2)} | {_fmt_pct(r['time_overhead_pct'], 1)} "
+            f"| {_fmt(r['activation_bytes'] / 2**20, 2)} | {_fmt_pct(r['memory_overhead_pct'], 1)} |"
         )
     return lines
 

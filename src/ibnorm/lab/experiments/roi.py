@@ -19,8 +19,8 @@ from .groups import Group, group_runs, parent_group, step_times
 from .timing import read_timing
 
 CAVEAT = (
-    "gain = s*/S − 1, where s* is the step at which the parent's mean validation curve first reaches the arm's final "
-    "validation value (linear interpolation) and S the parent's budget; net = (1 + gain)/(1 + time overhead) − 1. "
+    "gain = s*/S − 1, where s* is the step at which the parent's mean validation curve first reaches the last point of "
+    "the arm's mean validation curve (linear interpolation; both curves measured alike) and S the parent's budget; net = (1 + gain)/(1 + time overhead) − 1. "
     "Approximate: intermediate points of a cosine schedule are not what a shorter-budget run would reach."
 )
 EXTRAPOLATED = "* extrapolated past the parent's curve with a least-squares fit v = a + b·log(step) over its last half."
@@ -117,8 +117,11 @@ def roi_rows(
         times, source = step_times(groups, timing)
         for g in groups:
             key = g.runs[0]["metric"].replace("test_", "val_")
-            finals = list(g.values(key).values())
-            final = fmean(finals) if finals else float("nan")
+            # The target is read off the arm's own mean curve, not its final metric: the curve
+            # may be evaluated on a fixed slice of the validation split (eval_items) while the
+            # final metric covers all of it, and only equal measurements can be compared.
+            own_steps, own_values = _mean_curve(g, key)
+            final = own_values[-1] if own_steps else nan
             parent = parent_group(g, groups)
             if g.arm == "parent":
                 gain = EquivalentGain(0.0, False, float(g.config.get("steps", nan)))
@@ -134,7 +137,7 @@ def roi_rows(
                 "arm": g.label,
                 "steps": g.config.get("steps"),
                 "metric": key,
-                "n": len(finals),
+                "n": len(g.values(key)),
                 "runs": len(g.runs),
                 "val_mean": final,
                 "gain": gain.gain,
@@ -154,8 +157,8 @@ def roi_rows(
 
 
 def roi_table(out_dir: Path, gpu_hours: Optional[float] = None, price_per_hour: Optional[float] = None) -> list[dict[str, Any]]:
-    """Per task × arm (× budget) of ``out_dir/results.jsonl``: the final validation mean
-    over non-diverged seeds, the compute-equivalent gain against the parent of the same
+    """Per task × arm (× budget) of ``out_dir/results.jsonl``: the last point of the mean
+    validation curve over non-diverged seeds (``val_mean``), the compute-equivalent gain against the parent of the same
     budget, time and memory overheads (fractions; step times from ``timing.json`` when it
     covers the task) and net. With ``gpu_hours`` H and ``price_per_hour`` P also
     extra_cost = H·overhead·P, gain_value = H·gain·P and net_value = gain_value − extra_cost."""
@@ -180,7 +183,7 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "No final runs."
     money = "extra_cost" in rows[0]
-    head = "| task | arm | n | final val (mean) | compute-equivalent gain | time overhead | memory overhead | net |"
+    head = "| task | arm | n | final val (curve mean) | compute-equivalent gain | time overhead | memory overhead | net |"
     rule = "|---|---|---|---|---|---|---|---|"
     if money:
         head += " extra cost | value of gain | net money |"
