@@ -446,8 +446,22 @@ def test_the_build_name_follows_isa_torch_and_source() -> None:
     base = extension_name("AVX512", "2.14.1+cpu", b"int f();")
     assert base.startswith("ibnorm_cpu_avx512_2_14_1_cpu_") and base.isidentifier()
     assert extension_name("AVX512", "2.14.1+cpu", b"int f();") == base
-    others = {extension_name("AVX2", "2.14.1+cpu", b"int f();"), extension_name("AVX512", "2.13.0", b"int f();"), extension_name("AVX512", "2.14.1+cpu", b"int g();")}
-    assert base not in others and len(others) == 3
+    others = {
+        extension_name("AVX2", "2.14.1+cpu", b"int f();"),
+        extension_name("AVX512_BF16", "2.14.1+cpu", b"int f();"),
+        extension_name("AVX512", "2.13.0", b"int f();"),
+        extension_name("AVX512", "2.14.1+cpu", b"int g();"),
+    }
+    assert base not in others and len(others) == 4
+
+
+@pytest.mark.parametrize("capability,bf16,expected", [("AVX512", True, "AVX512_BF16"), ("AVX512", False, "AVX512"), ("AVX2", True, "AVX2"), ("DEFAULT", False, "DEFAULT")])
+def test_the_build_isa_adds_bf16_conversion_only_on_avx512(monkeypatch, capability: str, bf16: bool, expected: str) -> None:
+    from ibnorm.ops import cpp
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    assert cpp._isa() == expected
 
 
 @pytest.mark.parametrize("lam", [0.1, 1.0, 4.0])

@@ -267,11 +267,24 @@ inline Vectorized<acc_type<scalar_t>> load(const scalar_t* p, int64_t count) {
   }
 }
 
+// `count` lanes of v at p, rounded to nearest even where scalar_t is narrower.
 template <typename scalar_t>
 inline void store(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     v.store(p, count);
   } else {
+#if defined(IBNORM_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // Unlike ATen's conversion this flushes float denormals (below 1.2e-38) to zero.
+      const __m256i packed = (__m256i)_mm512_cvtneps_pbh(v);
+      if (count == Vectorized<float>::size()) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+      } else {
+        _mm256_mask_storeu_epi16(p, __mmask16((1u << count) - 1), packed);
+      }
+      return;
+    }
+#endif
     at::vec::convert<scalar_t>(v).store(p, count);
   }
 }
