@@ -792,11 +792,6 @@ at::Tensor affine_or(const std::optional<at::Tensor>& t, const Layout& layout, a
   return at::full({layout.affine_size}, fill, at::TensorOptions().dtype(acc));
 }
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 // Batch grouping with runs shorter than a vector (BatchNorm1d on (N, C), maps of 2×2 or 3×3):
 // (N, C, L) → (1, C, N·L) holds the same groups in one long run each, and the two copies cost
 // less than N runs of a few elements per channel.
@@ -926,9 +921,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
               "ibnorm_cpu: the statistics must be (", int64_t(kStatRows), ", ", layout.groups, ") of ", acc);
   const at::Tensor w = affine_or(weight, layout, acc, 1.0, "weight");
   at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_weight = need_weight ? at::empty({layout.affine_size}, acc_options) : at::Tensor();
+  at::Tensor grad_bias = need_bias ? at::empty({layout.affine_size}, acc_options) : at::Tensor();
   const int64_t chunks = chunk_count(layout);
-  at::Tensor weight_partials = need_weight ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
-  at::Tensor bias_partials = need_bias ? at::zeros({chunks, layout.affine_size}, acc_options) : at::Tensor();
   std::vector<double> lam_partials(chunks, 0.0);
   const double lam_value = lam.item<double>();
 
@@ -940,15 +935,27 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
     const auto* xp = x.data_ptr<typename Kernel::scalar_type>();
     const auto* gyp = grad_y.data_ptr<typename Kernel::scalar_type>();
     auto* gxp = need_input ? grad_x.data_ptr<typename Kernel::scalar_type>() : nullptr;
-    acc_t* wp = data_or_null<acc_t>(weight_partials);
-    acc_t* bp = data_or_null<acc_t>(bias_partials);
+    // Each chunk's share of g_γ and g_β, added in chunk order afterwards (a result that does not
+    // depend on timing); plain vectors, as two zeroed tensors and their sum cost a small layer more.
     const int64_t stride = layout.affine_size;
+    std::vector<acc_t> weight_partials(need_weight ? chunks * stride : 0), bias_partials(need_bias ? chunks * stride : 0);
+    acc_t* wp = need_weight ? weight_partials.data() : nullptr;
+    acc_t* bp = need_bias ? bias_partials.data() : nullptr;
     for_each_chunk(layout.groups, chunks, [&](int64_t k, int64_t begin, int64_t end) {
       std::vector<acc_t> u(layout.numel()), d(layout.numel());
       GradSinks<acc_t> sinks{wp ? wp + k * stride : nullptr, bp ? bp + k * stride : nullptr, need_lam};
       for (int64_t g = begin; g < end; ++g) kernel.backward(g, gyp, xp, gxp, st, u.data(), d.data(), sinks);
       lam_partials[k] = sinks.lam;
     });
+    auto total = [&](const std::vector<acc_t>& partials, at::Tensor& out) {
+      acc_t* o = out.data_ptr<acc_t>();
+      std::copy_n(partials.begin(), stride, o);
+      for (int64_t k = 1; k < chunks; ++k) {
+        for (int64_t i = 0; i < stride; ++i) o[i] += partials[k * stride + i];
+      }
+    };
+    if (need_weight) total(weight_partials, grad_weight);
+    if (need_bias) total(bias_partials, grad_bias);
   });
 
   at::Tensor grad_lam;
@@ -957,9 +964,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
     for (double part : lam_partials) total += part;
     grad_lam = at::scalar_tensor(total, acc_options);
   }
-  auto total = [&](const at::Tensor& partials) { return chunks == 1 ? partials.view(-1) : partials.sum(0); };
-  const at::Tensor grad_weight = need_weight ? total(weight_partials) : at::Tensor();
-  const at::Tensor grad_bias = need_bias ? total(bias_partials) : at::Tensor();
   return {grad_x, grad_weight, grad_bias, grad_lam};
 }
 
