@@ -202,3 +202,61 @@ def test_rows_name_the_commit_of_their_code():
     if subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("ibnorm is not running from a git checkout")
     assert re.fullmatch(r"[0-9a-f]{12}(\+modified)?", compare._versions()["ibnorm_commit"])
+
+
+@pytest.mark.parametrize("text,expected", [("0/1", (0, 1)), ("3/4", (3, 4))])
+def test_shards_parse(text, expected):
+    from ibnorm.lab.experiments.compare import Shard
+
+    assert Shard.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/2", "1", "a/b", "1/0", "0/2/3"])
+def test_bad_shards_are_refused(text):
+    from ibnorm.lab.experiments.compare import Shard
+
+    with pytest.raises(ValueError, match="shard must be K/N"):
+        Shard.parse(text)
+
+
+_SHARD_RUN = """
+import sys
+from ibnorm.lab.experiments import compare
+compare.TUNE_POLL_SECONDS = 0.1
+plans = compare.make_plans(["mnist1d-mlp"], ["parent", "ib-T"], seeds=2, steps=2, batch_size=8, eval_every=2, eval_items=64, tune_lr=3)
+compare.run_plans(plans, sys.argv[1], progress=False, shard=compare.Shard.parse(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_shards_run_at_once_make_the_runs_of_one_process(tmp_path):
+    """Two shards in two processes at once on one folder: together exactly the runs of an
+    unsharded command (none lost to a concurrent append, none twice), with the same tuned
+    rates; the shard whose final runs need the other's tuning waits for it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda out, shard: subprocess.Popen([sys.executable, "-c", _SHARD_RUN, str(out), shard], env=env)  # noqa: E731
+    assert run(tmp_path / "one", "0/1").wait(timeout=300) == 0
+    shards = [run(tmp_path / "two", f"{k}/2") for k in range(2)]
+    assert [p.wait(timeout=300) for p in shards] == [0, 0]
+    key = lambda r: (r["arm"], r["phase"], r["seed"], r["config"]["lr"], r["metrics"]["val_acc"])  # noqa: E731
+    sharded, reference = read_results(tmp_path / "two"), read_results(tmp_path / "one")
+    assert len(sharded) == 2 * 3 + 2 * 2 and sorted(map(key, sharded)) == sorted(map(key, reference))
+
+
+def test_merge_adds_only_the_runs_a_results_file_lacks(tmp_path):
+    from ibnorm.lab.experiments.compare import merge_results
+
+    def row(arm, seed, phase="final", value=1.0):
+        return {"task": "t", "arm": arm, "seed": seed, "phase": phase, "config_key": "k", "value": value}
+
+    assert merge_results(tmp_path, [row("parent", 0), row("ib", 0)]) == 2
+    incoming = [row("ib", 0, value=2.0), row("ib", 1), row("ib", 1), row("ib", 0, phase="tune")]
+    assert merge_results(tmp_path, incoming) == 2
+    got = read_results(tmp_path)
+    assert [(r["arm"], r["seed"], r["phase"], r["value"]) for r in got] == [
+        ("parent", 0, "final", 1.0), ("ib", 0, "final", 1.0), ("ib", 1, "final", 1.0), ("ib", 0, "tune", 1.0)
+    ]
+    assert merge_results(tmp_path, incoming) == 0

@@ -158,6 +158,24 @@ def test_campaign_resolves_best_arms_and_skips_entries_whose_sweep_is_unfinished
         C.run_campaign(calls.append, plan, only=["nope"])
 
 
+def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_analysis_to_an_unsharded_run(tmp_path, monkeypatch):
+    from ibnorm.lab.experiments.compare import Shard
+
+    plan = _plan(tmp_path, [{"name": "final-y", "stage": "final", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1"]}])
+    calls = []
+    monkeypatch.setattr(C, "_time_arms", lambda entry, argv, root: calls.append("timed"))
+    monkeypatch.setattr(C, "_models_present", lambda out: True)
+    assert C.run_campaign(calls.append, plan, progress=False, shard=Shard(1, 3)) == []
+    (argv,) = calls  # neither quiet timing nor `analyze`
+    assert argv[-2:] == ["--shard", "1/3"]
+    calls.clear()
+    C.run_campaign(calls.append, plan, progress=False)
+    assert calls[1:] == ["timed", ["analyze", str(tmp_path / "final-y"), "--no-progress"]]
+    calls.clear()
+    C.run_campaign(calls.append, plan, report_only=True, shard=Shard(1, 3))
+    assert calls == []  # nothing run yet: no report to rewrite, and --shard never goes with --report-only
+
+
 @pytest.mark.parametrize(
     "entries,message",
     [

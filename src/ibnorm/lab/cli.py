@@ -33,7 +33,7 @@ from .analysis_run import analyze_run, output_folder
 from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
 from .experiments.arms import default_arms
 from .experiments.campaign import DEFAULT_PLAN, load_plan, run_campaign
-from .experiments.compare import RESULTS, make_plans, run_plans, sweep_arms
+from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
 from .experiments.demo import run_demo
 from .experiments.report import write_report
 from .experiments.roi import format_roi, roi_table
@@ -80,6 +80,24 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST, FIRST+1, … (default 0)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl; train nothing")
+    _shard_argument(parser)
+
+
+def _shard_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=Shard(),
+        metavar="K/N",
+        help="run only shard K of N (0-based); the N shards may run at once, as separate processes",
+    )
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _train_and_report(
@@ -114,7 +132,9 @@ def _train_and_report(
         return
     _init_distributed()
     try:
-        run_plans(plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device)
+        run_plans(
+            plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device, shard=args.shard
+        )
     except FileNotFoundError as exc:  # data missing: found before any training starts
         _fail(parser, exc)
     except KeyboardInterrupt:
@@ -166,6 +186,13 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite every report; train nothing")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--device", default=None, help="train on this device, e.g. cuda (default: cpu)")
+    _shard_argument(parser)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        metavar="FOLDER",
+        help="first add the runs of FOLDER/<entry>.jsonl (as scripts/gpu_campaign.sh writes them) that an entry lacks",
+    )
 
 
 def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -177,7 +204,17 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
     unknown = sorted(set(args.only or ()) - set(names))
     if unknown:
         parser.error(f"--only names unknown plan entries {unknown}; the plan has {names}")
-    run_campaign(main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device)
+    if args.merge is not None:
+        if not args.merge.is_dir():
+            parser.error(f"--merge {args.merge} is not a folder")
+        for entry in load_plan(plan):
+            source = args.merge / f"{entry.name}.jsonl"
+            if source.exists():
+                added = merge_results(entry.out(Path(plan).parent), read_results_file(source))
+                print(f"[{entry.name}] merged {added} new runs from {source}")
+    run_campaign(
+        main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

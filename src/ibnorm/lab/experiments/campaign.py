@@ -31,7 +31,7 @@ from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
 
 from .._io import atomic_write_text
 from .arms import parse_arm
-from .compare import read_results, sweep_arms
+from .compare import Shard, read_results, sweep_arms
 from .groups import run_device
 from .report import _table_md, at_a_glance, summarize, verdict, write_report
 from .tasks import get_task
@@ -188,10 +188,13 @@ def run_campaign(
     report_only: bool = False,
     progress: bool = True,
     device: Optional[str] = None,
+    shard: Shard = Shard(),
 ) -> list[str]:
     """Run (resume) the plan's entries in order, or those named in ``only``, each through
     ``run_command(argv)`` (the ``ibnorm`` command line); returns the names of entries
-    skipped because the sweep they choose from is not finished."""
+    skipped because the sweep they choose from is not finished. With a ``shard`` of several,
+    each entry trains only that shard's runs, and the steps that need all of them (quiet
+    timing, analysis) wait for an unsharded run of the entry."""
     entries = all_entries = load_plan(plan)
     root = Path(plan).parent
     if only:
@@ -216,9 +219,11 @@ def run_campaign(
             argv.append("--no-progress")
         if device and not report_only:
             argv += ["--device", device]
+        if shard.count > 1 and not report_only:
+            argv += ["--shard", f"{shard.index}/{shard.count}"]
         print(f"[{entry.name}] ibnorm {shlex.join(argv)}", flush=True)
         run_command(argv)
-        if entry.stage == "final" and not report_only:
+        if entry.stage == "final" and not report_only and shard.count == 1:
             if not device:
                 _time_arms(entry, argv, root)
             if not (entry.out(root) / "analysis.md").exists() and _models_present(entry.out(root)):

@@ -4,7 +4,9 @@ Every finished run is one line of ``<out>/results.jsonl`` (task, arm, seed, phas
 metrics, curve, step time, activation bytes, config, versions), rewritten atomically after
 each run. Running the same command again skips finished runs and resumes an interrupted
 one from its checkpoint; an interrupt (Ctrl-C) leaves a valid results file. Arguments are
-all checked, and data loaded, before any training starts.
+all checked, and data loaded, before any training starts. A command's runs can be split
+into shards (``--shard K/N``) that run at once, as separate processes on one results folder:
+appends hold a lock on the folder, and an arm's final runs wait for its rate tuning.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import math
 import platform
 import re
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one process per results folder
+    fcntl = None
 
 from ibnorm import __version__
 from .._io import atomic_write_bytes, atomic_write_text
@@ -30,6 +38,27 @@ from .tasks import Task, get_task
 from .train import TrainConfig, train_run
 
 RESULTS = "results.jsonl"
+_LOCK = ".results.lock"
+TUNE_POLL_SECONDS = 10.0
+
+
+class Shard(NamedTuple):
+    """Shard ``index`` of ``count``: every ``count``-th run of a command, from the ``index``-th
+    (0-based), in the order all rate-tuning runs, then all final runs."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"K/N"`` with 0 ≤ K < N."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            index = count = -1
+        if not 0 <= index < count:
+            raise ValueError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), got {text!r}")
+        return cls(index, count)
 
 
 @dataclass(frozen=True)
@@ -117,15 +146,40 @@ def _config_key(cfg: TrainConfig, arm: Arm) -> str:
 
 
 def read_results(out: Path) -> list[dict[str, Any]]:
+    """The rows of ``out``/results.jsonl (none where it does not exist)."""
     path = Path(out) / RESULTS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_results_file(path) if path.exists() else []
 
 
-def _append_result(out: Path, row: dict[str, Any]) -> None:
-    rows = read_results(out) + [row]
-    atomic_write_text(Path(out) / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def read_results_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file, one JSON object per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_key(row: dict[str, Any]) -> tuple:
+    """What identifies a run in results.jsonl: task, arm, seed, phase and config key."""
+    return (row["task"], row["arm"], row["seed"], row["phase"], row["config_key"])
+
+
+def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
+    machine from the same starting file), holding the folder's lock so that shards appending at
+    once never drop each other's rows; returns how many were added."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / _LOCK, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = read_results(out)
+        known = {run_key(r) for r in existing}
+        added = []
+        for row in rows:
+            if run_key(row) not in known:
+                known.add(run_key(row))
+                added.append(row)
+        if added:
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing + added)
+            atomic_write_text(Path(out) / RESULTS, text)
+    return len(added)
 
 
 def _device_name(device: Optional[str]) -> str:
@@ -212,7 +266,7 @@ def _run_one(
         "versions": _versions(),
         **result,
     }
-    _append_result(out, row)
+    merge_results(out, [row])
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     done.add(key)
     return row
@@ -230,47 +284,65 @@ def run_plans(
     progress: bool = True,
     command: Optional[str] = None,
     device: Optional[str] = None,
+    shard: Shard = Shard(),
 ) -> list[dict]:
     """Run every plan (loading each task's data once), skipping runs already in results.
     ``command`` (the command line that asked for these runs) and the device that trained
-    (``device``, default CPU) are recorded in every row.
+    (``device``, default CPU) are recorded in every row; ``shard`` runs only its share.
 
     With ``tune_lr = K`` each arm first trains its first seed at K rates log-spaced over
     [lr/3, 3·lr] and keeps the rate with the best *validation* metric (a diverged trial
-    scores worst); the test split is never looked at."""
+    scores worst); the test split is never looked at. A shard whose final run needs a
+    tuning run of another shard waits for it to appear in the results."""
     from tqdm import tqdm
 
     out = Path(out)
     plans = list(plans)
     loaded = {plan.task.name: plan.task.load(data_dir) for plan in plans}  # fail on missing data before training
-    done = {(r["task"], r["arm"], r["seed"], r["phase"], r["config_key"]) for r in read_results(out)}
-    total = sum(len(p.arms) * (len(p.seeds) + p.tune_lr) for p in plans)
-    bar = tqdm(total=total, desc="runs", disable=not progress, dynamic_ncols=True)
-    for plan in plans:
+    done = {run_key(r) for r in read_results(out)}
+    tuning = [(plan, arm, lr) for plan in plans for arm in plan.arms for lr in _lr_grid(plan.config.lr, plan.tune_lr)]
+    finals = [(plan, arm, seed) for plan in plans for arm in plan.arms for seed in plan.seeds]
+    jobs = [("tune", *job) for job in tuning] + [("final", *job) for job in finals]
+    mine = jobs[shard.index :: shard.count]
+    bar = tqdm(total=len(mine), desc="runs", disable=not progress, dynamic_ncols=True)
+    for phase, plan, arm, value in mine:
         data = loaded[plan.task.name]
-        for arm in plan.arms:
-            cfg = plan.config
-            if plan.tune_lr:
-                scores = {}
-                for lr in _lr_grid(plan.config.lr, plan.tune_lr):
-                    trial = replace(plan.config, lr=lr)
-                    _run_one(out, plan.task, data, arm, plan.seeds[0], trial, "tune", done, progress, command, device)
-                    row = next(
-                        r
-                        for r in read_results(out)
-                        if (r["task"], r["arm"], r["phase"], r["config_key"]) == (plan.task.name, arm.name, "tune", _config_key(trial, arm))
-                    )
-                    val_metric = plan.task.metric.replace("test_", "val_")
-                    sign = 1 if plan.task.higher_is_better else -1
-                    score = row["metrics"].get(val_metric)
-                    scores[lr] = sign * score if score is not None and math.isfinite(score) else -math.inf
-                    bar.update(1)
-                cfg = replace(plan.config, lr=max(scores, key=scores.get))
-            for seed in plan.seeds:
-                _run_one(out, plan.task, data, arm, seed, cfg, "final", done, progress, command, device)
-                bar.update(1)
+        if phase == "tune":
+            trial = replace(plan.config, lr=value)
+            _run_one(out, plan.task, data, arm, plan.seeds[0], trial, "tune", done, progress, command, device)
+        else:
+            cfg = replace(plan.config, lr=_tuned_lr(out, plan, arm)) if plan.tune_lr else plan.config
+            _run_one(out, plan.task, data, arm, value, cfg, "final", done, progress, command, device)
+        bar.update(1)
     bar.close()
     return read_results(out)
+
+
+def _tuned_lr(out: Path, plan: Plan, arm: Arm) -> float:
+    """The rate of ``arm``'s tuning runs with the best validation metric, waiting (polling the
+    results) while some are missing: other shards are running them."""
+    grid = _lr_grid(plan.config.lr, plan.tune_lr)
+    keys = {_config_key(replace(plan.config, lr=lr), arm): lr for lr in grid}
+    val_metric = plan.task.metric.replace("test_", "val_")
+    sign = 1 if plan.task.higher_is_better else -1
+    waited = False
+    while True:
+        rows = {
+            r["config_key"]: r
+            for r in read_results(out)
+            if (r["task"], r["arm"], r["phase"]) == (plan.task.name, arm.name, "tune") and r["config_key"] in keys
+        }
+        if len(rows) == len(keys):
+            break
+        if not waited:
+            print(f"{plan.task.name} {arm.name}: waiting for {len(keys) - len(rows)} rate-tuning runs of other shards", flush=True)
+            waited = True
+        time.sleep(TUNE_POLL_SECONDS)
+    scores = {}
+    for key, lr in keys.items():
+        score = rows[key]["metrics"].get(val_metric)
+        scores[lr] = sign * score if score is not None and math.isfinite(score) else -math.inf
+    return max(grid, key=scores.get)  # the first of equal scores, in grid order
 
 
 def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = ("standardized",)) -> list[str]:
