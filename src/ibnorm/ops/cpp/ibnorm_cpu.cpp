@@ -324,6 +324,30 @@ inline void for_vectors(int64_t length, const F& f) {
   if (i < length) f(i, length - i);
 }
 
+// for_vectors for reductions: f(i, count, lane) with lane a compile-time 0..3 that picks one of
+// four accumulators, so that consecutive adds do not wait on each other (with one accumulator
+// each add waits out the last one's latency: 4 cycles a vector where the loads allow 1).
+template <typename acc_t, typename F>
+inline void for_vectors4(int64_t length, const F& f) {
+  constexpr int64_t kV = Vectorized<acc_t>::size();
+  using Lane0 = std::integral_constant<int, 0>;
+  int64_t i = 0;
+  for (; i + 4 * kV <= length; i += 4 * kV) {
+    f(i, kV, Lane0());
+    f(i + kV, kV, std::integral_constant<int, 1>());
+    f(i + 2 * kV, kV, std::integral_constant<int, 2>());
+    f(i + 3 * kV, kV, std::integral_constant<int, 3>());
+  }
+  for (; i + kV <= length; i += kV) f(i, kV, Lane0());
+  if (i < length) f(i, length - i, Lane0());
+}
+
+// The sum of four accumulators' lanes, in double.
+template <typename acc_t>
+inline double hsum4(const std::array<Vectorized<acc_t>, 4>& v) {
+  return hsum((v[0] + v[1]) + (v[2] + v[3]));
+}
+
 // Group sums are held in vector lanes across a group's runs and moved into double totals
 // every kFlushElements elements, so that the float32 partial sums stay short and a run of a
 // few vectors (a 7×7 feature map) costs no horizontal sum of its own.
@@ -704,23 +728,23 @@ class GroupKernel {
       auto block = [&](const auto& f) {
         for (int64_t s = first; s < end; ++s) {
           const scalar_t* xs = x + layout_.offset(g, s) + start;
-          for_vectors<acc_t>(count, [&](int64_t i, int64_t c) { f(load(xs + i, c), c); });
+          for_vectors4<acc_t>(count, [&](int64_t i, int64_t c, auto lane) { f(load(xs + i, c), c, lane); });
         }
       };
       const double n = double((end - first) * count);
       double mean = 0;
       if (opt_.center) {
-        Vec sum(0);  // the padding lanes load as 0
-        block([&](Vec v, int64_t) { sum += v; });
-        mean = hsum(sum) / n;
+        std::array<Vec, 4> sum{Vec(0), Vec(0), Vec(0), Vec(0)};  // the padding lanes load as 0
+        block([&](Vec v, int64_t, auto lane) { sum[lane] += v; });
+        mean = hsum4(sum) / n;
       }
       const Vec mu = splat(mean);
-      Vec squares(0);
-      block([&](Vec v, int64_t c) {
+      std::array<Vec, 4> squares{Vec(0), Vec(0), Vec(0), Vec(0)};
+      block([&](Vec v, int64_t c, auto lane) {
         const Vec dev = keep(v - mu, c);
-        squares = at::vec::fmadd(dev, dev, squares);
+        squares[lane] = at::vec::fmadd(dev, dev, squares[lane]);
       });
-      moments.merge(n, mean, hsum(squares));
+      moments.merge(n, mean, hsum4(squares));
     });
     return moments;
   }
