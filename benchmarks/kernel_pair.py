@@ -1,0 +1,56 @@
+"""One kernel case, the IB layer against its parent alone, sampled for longer.
+
+`ibnorm bench` interleaves five implementations per case (parent, cpp, compiled, eager, the
+composite) for a fixed number of rounds; the slow ones between two fast calls change what the
+fast ones find in cache, and a few rounds leave a median that moves by about ±0.1× between runs.
+This script alternates only the parent and the IB layer on the `cpp` backend, for at least
+`--seconds` of calls each per mode, and prints the paired ratios (median over rounds of IB time /
+parent time in the same round) for forward, forward+backward and inference (eval, no autograd).
+
+Run (CPU, nothing else running):
+  .venv/bin/python benchmarks/kernel_pair.py --grouping layer --shape 8192 1024 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import ibnorm
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
+from ibnorm.lab.benchmark import DTYPES, GROUPINGS, _inputs, _layers, interleaved_times, paired_ratio, steady_allocator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grouping", choices=GROUPINGS, default="layer")
+    parser.add_argument("--shape", type=int, nargs="+", default=[8192, 1024])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--seconds", type=float, default=1.5, help="at least this many seconds of calls per arm and mode")
+    args = parser.parse_args()
+    steady_allocator()
+    dtype = DTYPES[args.dtype]
+    x, grad = _inputs(args.shape, dtype)
+    parent, layer = _layers(args.grouping, args.shape, dtype, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
+    modes = {
+        "forward": {"parent": lambda: parent(x), "ib": lambda: layer(x)},
+        "fwd_bwd": {"parent": lambda: parent(x).backward(grad), "ib": lambda: layer(x).backward(grad)},
+    }
+    with ibnorm.use_backend("cpp"):
+        samples = {mode: interleaved_times(calls, 20, args.seconds) for mode, calls in modes.items()}
+        parent.eval(), layer.eval()
+        with torch.no_grad():
+            samples["inference"] = interleaved_times(modes["forward"], 20, args.seconds)
+    print(f"{args.grouping} {'x'.join(map(str, args.shape))} {args.dtype}, {torch.get_num_threads()} threads, cpp vs parent:")
+    for mode, times in samples.items():
+        medians = {arm: statistics.median(t) * 1e3 for arm, t in times.items()}
+        print(
+            f"  {mode:9s} parent {medians['parent']:8.3f} ms  ib {medians['ib']:8.3f} ms  "
+            f"ratio {paired_ratio(times, 'ib'):.3f} ({len(times['ib'])} rounds)"
+        )
+
+
+if __name__ == "__main__":
+    main()
