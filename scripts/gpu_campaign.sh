@@ -6,8 +6,9 @@
 # Each entry below runs as $WORKERS shards at once (`ibnorm results --shard K/N`, separate
 # processes on one results folder): a tiny LM leaves an H100 mostly idle, so shards multiply the
 # runs per minute. Every entry resumes from the results.jsonl in its folder; all shards are
-# stopped after $BUDGET seconds (SIGTERM: background jobs of a script ignore SIGINT), which
-# loses only the runs in progress, since results.jsonl is rewritten atomically after each run. Each entry's results file is then
+# stopped after $BUDGET seconds by SIGTERM (background jobs of a script ignore SIGINT), which the
+# CLI takes as Ctrl-C: finished runs are kept (results.jsonl is rewritten after each run), the
+# runs in progress are lost. Exit status 1 if a shard failed otherwise. Each entry's results file is then
 # copied to $OUT/<entry>.jsonl; back here, `ibnorm results --merge <that folder> --report-only`
 # adds the runs the local files lack and rewrites the reports. Rows record the GPU's name.
 set -uo pipefail
@@ -17,7 +18,7 @@ OUT=${OUT:-/tmp/ibnorm-gpu-out}
 BUDGET=${BUDGET:-480}
 WORKERS=${WORKERS:-4}  # per entry: 2 entries x 4 shards x 2 threads fill 16 cores
 ENTRIES=${ENTRIES:-"final-austen-llama final-austen-gpt2"}
-DEVICE=${DEVICE:-cuda}  # cpu: a rehearsal of this script on any machine
+DEVICE=${DEVICE:-cuda}  # cpu: a rehearsal on any machine (in a scratch clone: it trains into docs/results)
 
 DEVICE=$DEVICE python - <<'EOF' || { echo "gpu_campaign: missing requirements, nothing run"; exit 2; }
 import importlib, os, sys
@@ -32,18 +33,28 @@ test -f .data/janeaustenr/austen.txt || { echo "gpu_campaign: .data/janeaustenr/
 
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
+declare -A shard_of
 for entry in $ENTRIES; do
   for ((k = 0; k < WORKERS; k++)); do
-    timeout --kill-after=20 "$BUDGET" python -m ibnorm.lab.cli results --only "$entry" --device "$DEVICE" --no-progress \
+    timeout --kill-after=30 "$BUDGET" python -m ibnorm.lab.cli results --only "$entry" --device "$DEVICE" --no-progress \
       --shard "$k/$WORKERS" > "$LOGS/$entry-$k.log" 2>&1 &
+    shard_of[$!]="$entry-$k"
   done
 done
-wait
-tail -n 3 "$LOGS"/*.log > "$OUT/gpu_campaign_logs.txt"  # (few files come back: one log)
-cat "$OUT/gpu_campaign_logs.txt"
+status=0
+for pid in "${!shard_of[@]}"; do
+  wait "$pid"
+  code=$?
+  # 0: the shard's share is done; 124: stopped at the budget (finished runs kept)
+  echo "gpu_campaign: shard ${shard_of[$pid]} exited with $code" >> "$LOGS/exit_codes"
+  [ "$code" -eq 0 ] || [ "$code" -eq 124 ] || status=1
+done
+{ cat "$LOGS/exit_codes"; tail -n 20 "$LOGS"/*.log; } > "$OUT/gpu_campaign_logs.txt"  # one file: few come back
+cat "$LOGS/exit_codes"
 for entry in $ENTRIES; do
   if [ -f "docs/results/$entry/results.jsonl" ]; then
     cp "docs/results/$entry/results.jsonl" "$OUT/$entry.jsonl"
     echo "gpu_campaign: $entry: $(wc -l < "$OUT/$entry.jsonl") runs in $OUT/$entry.jsonl"
   fi
 done
+exit $status

@@ -147,3 +147,25 @@ def test_every_recorded_command_still_parses():
         parser.parse_args(shlex.split(command)[1:])
     for entry in json.loads((RESULTS_DIR / "plan.json").read_text())["entries"]:
         parser.parse_args([*entry["argv"], "--out", "x"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_like_ctrl_c(tmp_path):
+    """A background shard stopped by `timeout` gets SIGTERM: it exits as Ctrl-C does (status
+    130, the resume message), not killed mid-write."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1", "--steps", "1000000", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "ibnorm.lab.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "runs").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted: finished runs are in" in output

@@ -595,3 +595,22 @@ def test_empty_inputs_do_not_reach_the_kernels(kernels, training) -> None:
         else:
             assert layer(x).shape == x.shape
     assert ibnorm.ib_group_norm(torch.randn(2, 4, 0), 2).shape == (2, 4, 0)
+
+
+def test_a_failed_avx512_bf16_build_falls_back_to_the_avx512_build(monkeypatch, capsys) -> None:
+    from ibnorm.ops import cpp
+
+    built = []
+
+    def compile_for(isa: str):
+        built.append(isa)
+        if isa == "AVX512_BF16":
+            raise RuntimeError("Error building extension\nc++: error: unrecognized command-line option '-mavx512bf16'")
+        return "the AVX512 module"
+
+    monkeypatch.setattr(cpp, "_isa", lambda: "AVX512_BF16")
+    monkeypatch.setattr(cpp, "_compile", compile_for)
+    monkeypatch.delenv(cpp.BUILD_ENV, raising=False)
+    monkeypatch.setenv("CXX", sys.executable)  # any program on PATH passes the compiler check
+    assert cpp._build() == "the AVX512 module" and built == ["AVX512_BF16", "AVX512"]
+    assert "the AVX512_BF16 build failed (Error building extension; c++: error: unrecognized command-line option" in capsys.readouterr().err

@@ -260,3 +260,43 @@ def test_merge_adds_only_the_runs_a_results_file_lacks(tmp_path):
         ("parent", 0, "final", 1.0), ("ib", 0, "final", 1.0), ("ib", 1, "final", 1.0), ("ib", 0, "tune", 1.0)
     ]
     assert merge_results(tmp_path, incoming) == 0
+
+
+def _tune_rows(plan, arm, scores, seed):
+    from dataclasses import replace
+
+    from ibnorm.lab.experiments import compare
+
+    grid = compare._lr_grid(plan.config.lr, plan.tune_lr)
+    return [
+        {"task": plan.task.name, "arm": arm.name, "seed": seed, "phase": "tune", "config_key": compare._config_key(replace(plan.config, lr=lr), arm), "metrics": {"val_acc": v}}
+        for lr, v in zip(grid, scores)
+    ]
+
+
+def test_a_final_run_waits_for_the_tuning_of_its_first_seed_and_takes_the_first_best_rate(tmp_path, monkeypatch):
+    from ibnorm.lab.experiments import compare
+
+    (plan,) = make_plans(["mnist1d-mlp"], ["parent"], seeds=2, steps=2, tune_lr=3, first_seed=7)
+    arm = plan.arms[0]
+    grid = compare._lr_grid(plan.config.lr, plan.tune_lr)
+    stale = _tune_rows(plan, arm, [99.0, 1.0, 1.0], seed=0)  # another first seed's tuning: not this plan's
+    rows = _tune_rows(plan, arm, [50.0, 60.0, 60.0], seed=7)
+    later = [dict(rows[1], metrics={"val_acc": 0.0})]  # a second row of the same run: the first one counts
+    states = iter([stale + rows[:1], stale + rows[:2], stale + rows + later])
+    sleeps = []
+    monkeypatch.setattr(compare, "read_results", lambda out: next(states))
+    monkeypatch.setattr(compare.time, "sleep", sleeps.append)
+    assert compare._tuned_lr(tmp_path, plan, arm) == grid[1]  # 60 twice: the first in grid order
+    assert len(sleeps) == 2
+
+
+def test_a_final_run_gives_up_on_tuning_that_never_appears(tmp_path, monkeypatch):
+    from ibnorm.lab.experiments import compare
+
+    (plan,) = make_plans(["mnist1d-mlp"], ["parent"], seeds=1, steps=2, tune_lr=2)
+    monkeypatch.setattr(compare, "TUNE_WAIT_SECONDS", 0.0)
+    monkeypatch.setattr(compare.time, "sleep", lambda s: None)
+    with pytest.raises(RuntimeError, match="1 rate-tuning runs did not appear .* is every shard of this command running"):
+        monkeypatch.setattr(compare, "read_results", lambda out: _tune_rows(plan, plan.arms[0], [50.0], seed=0))
+        compare._tuned_lr(tmp_path, plan, plan.arms[0])

@@ -176,6 +176,30 @@ def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_analysis_to_a
     assert calls == []  # nothing run yet: no report to rewrite, and --shard never goes with --report-only
 
 
+def test_a_sharded_campaign_refuses_entries_whose_sweep_is_unfinished(tmp_path, capsys):
+    from ibnorm.lab.cli import main
+    from ibnorm.lab.experiments.compare import Shard
+
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "sweep-x", "argv": ["sweep", "--task", "mnist1d-mlp", *SWEEP_GRID]},
+            {"name": "final-x", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "best:centered", "--seeds", "5"], "best_from": "sweep-x"},
+        ],
+    )
+    calls = []
+    with pytest.raises(C.ShardsNotReady, match=r"not ready: \['final-x'\]"):
+        C.run_campaign(calls.append, plan, shard=Shard(0, 2))
+    assert calls == []  # refused before anything ran, the sweep included
+    with pytest.raises(SystemExit) as exc:
+        main(["results", "--plan", str(plan), "--shard", "1/2"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "a sharded campaign needs the sweeps its entries choose from finished first" in errors[0]
+    C.run_campaign(calls.append, plan, only=["sweep-x"], shard=Shard(1, 2), progress=False)  # the sweep alone may be sharded
+    assert calls and calls[0][-2:] == ["--shard", "1/2"]
+
+
 @pytest.mark.parametrize(
     "entries,message",
     [

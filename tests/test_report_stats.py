@@ -250,10 +250,14 @@ def test_step_times_of_runs_on_several_devices_come_from_the_parents_device(tmp_
     table = {r["arm"]: r for r in roi_table(_results(tmp_path, rows))}
     assert table["ib"]["time_overhead"] == pytest.approx(0.2)  # its one CPU run against the parent's
     assert math.isnan(table["gpu-only"]["time_overhead"]) and math.isnan(table["gpu-only"]["net"])
-    assert "only those on cpu (1 thread) are timed" in table["ib"]["step_time_source"]
-    # a single device keeps every run, whatever its name
-    same = {r["arm"]: r for r in roi_table(_results(tmp_path, ab_rows([0.0] * 3, step_time=0.01)))}
-    assert same["ib"]["time_overhead"] == pytest.approx(0.0) and "devices" not in same["ib"]["step_time_source"]
+    assert "only those on cpu are timed" in table["ib"]["step_time_source"]
+    # CPU runs are one device whatever their label says (thread counts, older spellings, none)
+    cpu = ab_rows([0.0] * 3, step_time=0.01)
+    labels = ["cpu (1 thread)", "cpu (1 threads)", None, "cpu (2 threads)", "cpu", "cpu (1 thread)"]
+    for r, label, step in zip(cpu, labels, [0.01, 0.01, 0.01, 0.012, 0.012, 0.02]):
+        r["device"], r["step_time_s"] = label, step
+    same = {r["arm"]: r for r in roi_table(_results(tmp_path, cpu))}
+    assert same["ib"]["time_overhead"] == pytest.approx(0.2) and "devices" not in same["ib"]["step_time_source"]
 
 
 def test_roi_main_prints_a_table(tmp_path, capsys):

@@ -13,14 +13,17 @@ is initialized from the environment (gloo on CPU, nccl on CUDA) and rank 0 write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +35,7 @@ from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEME
 from .analysis_run import analyze_run, output_folder
 from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
 from .experiments.arms import default_arms
-from .experiments.campaign import DEFAULT_PLAN, load_plan, run_campaign
+from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
 from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
 from .experiments.demo import run_demo
 from .experiments.report import write_report
@@ -132,9 +135,10 @@ def _train_and_report(
         return
     _init_distributed()
     try:
-        run_plans(
-            plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device, shard=args.shard
-        )
+        with _stop_on_sigterm():
+            run_plans(
+                plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device, shard=args.shard
+            )
     except FileNotFoundError as exc:  # data missing: found before any training starts
         _fail(parser, exc)
     except KeyboardInterrupt:
@@ -143,6 +147,24 @@ def _train_and_report(
     if _is_writer():
         report = write_report(args.out, title)
         print(f"report: {report} and {report.with_suffix('.html')}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Within: SIGTERM (``timeout``, a job scheduler, a script stopping its background shards,
+    which ignore SIGINT) stops training as Ctrl-C does, finished runs kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,13 +230,18 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
         if not args.merge.is_dir():
             parser.error(f"--merge {args.merge} is not a folder")
         for entry in load_plan(plan):
+            if args.only and entry.name not in args.only:
+                continue
             source = args.merge / f"{entry.name}.jsonl"
             if source.exists():
                 added = merge_results(entry.out(Path(plan).parent), read_results_file(source))
                 print(f"[{entry.name}] merged {added} new runs from {source}")
-    run_campaign(
-        main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard
-    )
+    try:
+        run_campaign(
+            main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard
+        )
+    except ShardsNotReady as exc:  # raised before anything runs
+        _fail(parser, exc)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

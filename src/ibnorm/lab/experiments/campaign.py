@@ -180,6 +180,10 @@ def resolve_arms(entry: Entry, root: Path, entries: Sequence[Entry]) -> list[str
     return argv[:start] + arms + argv[end:]
 
 
+class ShardsNotReady(ValueError):
+    """A sharded campaign was asked for entries whose sweep is not finished."""
+
+
 def run_campaign(
     run_command: Callable[[list[str]], None],
     plan: Path = DEFAULT_PLAN,
@@ -194,7 +198,9 @@ def run_campaign(
     ``run_command(argv)`` (the ``ibnorm`` command line); returns the names of entries
     skipped because the sweep they choose from is not finished. With a ``shard`` of several,
     each entry trains only that shard's runs, and the steps that need all of them (quiet
-    timing, analysis) wait for an unsharded run of the entry."""
+    timing, analysis) are left to an unsharded run of the entry; a sharded campaign refuses
+    entries whose sweep is not finished (shards that finished their share of the sweep at
+    different times would otherwise disagree on whether to run them, and wait for each other)."""
     entries = all_entries = load_plan(plan)
     root = Path(plan).parent
     if only:
@@ -202,6 +208,18 @@ def run_campaign(
         if unknown:
             raise ValueError(f"--only names unknown plan entries {unknown}; the plan has {[e.name for e in entries]}")
         entries = [e for e in entries if e.name in only]
+    if shard.count > 1 and not report_only:
+        unready = []
+        for entry in entries:
+            try:
+                resolve_arms(entry, root, all_entries)
+            except LookupError:
+                unready.append(entry.name)
+        if unready:
+            raise ShardsNotReady(
+                f"a sharded campaign needs the sweeps its entries choose from finished first; not ready: {unready} "
+                "(run the sweeps first, or leave these entries out with --only)"
+            )
     waiting = []
     for entry in entries:
         try:

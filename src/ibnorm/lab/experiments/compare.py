@@ -40,6 +40,7 @@ from .train import TrainConfig, train_run
 RESULTS = "results.jsonl"
 _LOCK = ".results.lock"
 TUNE_POLL_SECONDS = 10.0
+TUNE_WAIT_SECONDS = 6 * 3600.0  # a final run waits this long for other shards' tuning runs
 
 
 class Shard(NamedTuple):
@@ -319,30 +320,38 @@ def run_plans(
 
 
 def _tuned_lr(out: Path, plan: Plan, arm: Arm) -> float:
-    """The rate of ``arm``'s tuning runs with the best validation metric, waiting (polling the
-    results) while some are missing: other shards are running them."""
+    """The rate of ``arm``'s tuning runs (on the plan's first seed) with the best validation
+    metric, the first in grid order among equals; while some are missing, other shards are
+    running them: wait, polling the results, for at most TUNE_WAIT_SECONDS."""
     grid = _lr_grid(plan.config.lr, plan.tune_lr)
     keys = {_config_key(replace(plan.config, lr=lr), arm): lr for lr in grid}
+    wanted = {(plan.task.name, arm.name, plan.seeds[0], "tune", key) for key in keys}
+    start, last_note = time.monotonic(), None
+    while True:
+        rows: dict[str, dict[str, Any]] = {}
+        for r in read_results(out):
+            if run_key(r) in wanted:
+                rows.setdefault(r["config_key"], r)
+        missing = len(keys) - len(rows)
+        if not missing:
+            break
+        waited = time.monotonic() - start
+        if waited > TUNE_WAIT_SECONDS:
+            raise RuntimeError(
+                f"{plan.task.name} {arm.name}: {missing} rate-tuning runs did not appear in {out / RESULTS} within "
+                f"{TUNE_WAIT_SECONDS:.0f} s; is every shard of this command running?"
+            )
+        if last_note is None or time.monotonic() - last_note > 600:
+            print(f"{plan.task.name} {arm.name}: waiting for {missing} rate-tuning runs of other shards", flush=True)
+            last_note = time.monotonic()
+        time.sleep(TUNE_POLL_SECONDS)
     val_metric = plan.task.metric.replace("test_", "val_")
     sign = 1 if plan.task.higher_is_better else -1
-    waited = False
-    while True:
-        rows = {
-            r["config_key"]: r
-            for r in read_results(out)
-            if (r["task"], r["arm"], r["phase"]) == (plan.task.name, arm.name, "tune") and r["config_key"] in keys
-        }
-        if len(rows) == len(keys):
-            break
-        if not waited:
-            print(f"{plan.task.name} {arm.name}: waiting for {len(keys) - len(rows)} rate-tuning runs of other shards", flush=True)
-            waited = True
-        time.sleep(TUNE_POLL_SECONDS)
     scores = {}
     for key, lr in keys.items():
         score = rows[key]["metrics"].get(val_metric)
         scores[lr] = sign * score if score is not None and math.isfinite(score) else -math.inf
-    return max(grid, key=scores.get)  # the first of equal scores, in grid order
+    return max(grid, key=scores.get)
 
 
 def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = ("standardized",)) -> list[str]:

@@ -23,8 +23,10 @@ def is_finite_number(x: Any) -> bool:
 
 
 def run_device(row: Mapping[str, Any]) -> str:
-    """The device a run trained on, as its row names it (older rows name none: CPU)."""
-    return row.get("device") or "cpu"
+    """The kind of device a run trained on: "cpu" (whatever its thread count, and for older
+    rows that name none), else the accelerator's name as the row gives it."""
+    device = row.get("device") or "cpu"
+    return "cpu" if device.startswith("cpu") else device
 
 
 def is_diverged(row: Mapping[str, Any]) -> bool:

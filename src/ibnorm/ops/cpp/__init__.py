@@ -174,7 +174,8 @@ def _isa() -> str:
     """The instruction set to build for: ATen's CPU capability, refined to AVX512_BF16 where
     the processor also converts to bfloat16 in hardware."""
     isa = torch.backends.cpu.get_cpu_capability()
-    if isa == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # private in torch: may go
+    if isa == "AVX512" and bf16():
         return "AVX512_BF16"
     return isa
 
@@ -185,9 +186,20 @@ def _build() -> ModuleType:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler found: {compiler!r} is not on PATH (set $CXX)")
+    isa = _isa()
+    if isa != "AVX512_BF16":
+        return _compile(isa)
+    try:
+        return _compile(isa)
+    except Exception as exc:  # a compiler without -mavx512bf16: the plain AVX512 build serves
+        print(f"ibnorm: the AVX512_BF16 build failed ({_describe(exc)}); building for AVX512", file=sys.stderr)
+        return _compile("AVX512")
+
+
+def _compile(isa: str) -> ModuleType:
+    """Build (or load from the cache) the extension for ``isa``."""
     from torch.utils import cpp_extension
 
-    isa = _isa()
     name = extension_name(isa, torch.__version__, SOURCE.read_bytes())
     cache = os.environ.get(CACHE_ENV)
     directory = None
