@@ -111,9 +111,8 @@ class _IBNorm(NormBase):
     @property
     def lam(self) -> Union[float, Tensor]:
         """λ: a float, or the 0-dim tensor softplus(lam_raw) when learnable."""
-        if self.lam_raw is not None:
-            return F.softplus(self.lam_raw)
-        return self._fixed_lam
+        lam_raw = self._parameters["lam_raw"]  # not nn.Module's slower attribute lookup: read per call
+        return self._fixed_lam if lam_raw is None else F.softplus(lam_raw)
 
     @lam.setter
     def lam(self, value: float) -> None:
@@ -375,25 +374,31 @@ class _IBBatchNorm(_IBNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        # parameters and buffers read from their dicts, not through nn.Module's attribute lookup
+        # (about 0.5 µs each, a visible share of a call on a small feature map)
+        params, buffers = self._parameters, self._buffers
+        training = self.training
         # the weight of this batch in the running averages; nothing is updated outside training
-        factor = count_batch(self.momentum, self.num_batches_tracked) if self.training and self.track_running_stats else 0.0
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
+        factor = count_batch(self.momentum, buffers["num_batches_tracked"]) if training and self.track_running_stats else 0.0
+        running = (buffers["running_mean"], buffers["running_var"], buffers["running_mean_psi"], buffers["running_var_psi"])
+        use_batch_stats = training or running[0] is None
+        if training and not self.track_running_stats:
+            running = (None, None, None, None)
         # skips the functional's argument checks (made at construction, and by the compression, λ
         # and placement setters; a weight or buffer replaced later is checked by the kernels' sizes)
         return IBF._batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
+            running[0],
+            running[1],
+            params["weight"],
+            params["bias"],
             use_batch_stats,
             factor,
             self.eps,
             get_compression(self._compression),
             self.lam,
-            self.running_mean_psi if track else None,
-            self.running_var_psi if track else None,
+            running[2],
+            running[3],
             self._process_group() if use_batch_stats else None,
             self._placement,
         )
