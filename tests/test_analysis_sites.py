@@ -258,3 +258,38 @@ def test_analyze_run_reports_every_site(tmp_path):
     for site in SITES:
         assert f"| {site} | ib-L |" in md and f"({site}), measured against the parent" in md
     assert "too few seeds" in md and "per element" in md and "channel means" in md
+
+
+def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(tmp_path):
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
+
+    plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=3, batch_size=16, eval_every=3, eval_items=100)
+    results = run_plans(plans, tmp_path, progress=False)
+    models = {r["run_dir"]: tmp_path / r["run_dir"] / "final.pt" for r in results}
+    saved = {run: path.read_bytes() for run, path in models.items()}
+    settings = dict(max_examples=64, probe_epochs=5, sites=("norm_out",))
+    first = analyze_run(tmp_path, **settings)
+    assert {r["run_dir"] for r in first} == set(models) and all(r["analysis_settings"]["max_examples"] == 64 for r in first)
+
+    for path in models.values():
+        path.unlink()
+    # the same settings: every run's rows are kept, no model is needed
+    assert analyze_run(tmp_path, **settings) == first
+    # other settings: the rows do not apply, and without models nothing can be analysed
+    with pytest.raises(ValueError, match="--retrain-missing"):
+        analyze_run(tmp_path, **{**settings, "max_examples": 32})
+
+    kept_run = results[0]["run_dir"]
+    models[kept_run].write_bytes(saved[kept_run])
+    rows = analyze_run(tmp_path, **{**settings, "max_examples": 32})
+    assert {r["run_dir"] for r in rows} == {kept_run}
+    md = (tmp_path / "analysis.md").read_text()
+    assert "Not analysed (3 final runs whose model is not on this machine" in md
+
+    rows = analyze_run(tmp_path, **{**settings, "max_examples": 32}, retrain_missing=True)
+    assert {r["run_dir"] for r in rows} == set(models)
+    md = (tmp_path / "analysis.md").read_text()
+    assert "Not analysed" not in md and "3 runs were trained again for this analysis" in md
+    assert "against the recorded run: 0.000" in md  # CPU training repeats exactly
+    assert all(path.exists() for path in models.values())
+    assert [json.loads(line)["run_dir"] for line in (tmp_path / "analysis.jsonl").read_text().splitlines()] == [r["run_dir"] for r in rows]

@@ -164,13 +164,12 @@ def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_analysis_to_a
     plan = _plan(tmp_path, [{"name": "final-y", "stage": "final", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1"]}])
     calls = []
     monkeypatch.setattr(C, "_time_arms", lambda entry, argv, root: calls.append("timed"))
-    monkeypatch.setattr(C, "_models_present", lambda out: True)
     assert C.run_campaign(calls.append, plan, progress=False, shard=Shard(1, 3)) == []
     (argv,) = calls  # neither quiet timing nor `analyze`
     assert argv[-2:] == ["--shard", "1/3"]
     calls.clear()
     C.run_campaign(calls.append, plan, progress=False)
-    assert calls[1:] == ["timed", ["analyze", str(tmp_path / "final-y"), "--no-progress"]]
+    assert calls[1:] == ["timed", ["analyze", str(tmp_path / "final-y"), "--retrain-missing", "--no-progress"]]
     calls.clear()
     C.run_campaign(calls.append, plan, report_only=True, shard=Shard(1, 3))
     assert calls == []  # nothing run yet: no report to rewrite, and --shard never goes with --report-only

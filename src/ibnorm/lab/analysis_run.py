@@ -56,7 +56,7 @@ from ibnorm.analysis.stats import activation_stats, paired_difference
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
 from .experiments.arms import parse_arm
-from .experiments.compare import read_results
+from .experiments.compare import read_results, retrain_model
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
@@ -133,6 +133,7 @@ def analyze_run(
     probe_epochs: int = 100,
     sites: Sequence[str] = SITES,
     max_values: int = 100_000,
+    retrain_missing: bool = False,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Analyze the ``final`` runs of an ``ibnorm compare`` output folder (or one run folder
@@ -144,6 +145,14 @@ def analyze_run(
     ``sites`` (a subset of :data:`~ibnorm.analysis.capture.SITES`): ``norm_out`` is always
     analysed; the others add per-element kurtosis/sparsity rows of at most ``max_values``
     values per layer (at least ``2 × max_units``, so that every layer keeps two positions).
+
+    Incremental: the rows of a run already in ``analysis.jsonl`` with the same settings are
+    kept and the run is not analysed again (rows made elsewhere, e.g. on a GPU machine for
+    the runs trained there, can be merged into that file). A run with neither rows nor its
+    model (``final.pt``) on this machine is trained again with ``retrain_missing``
+    (:func:`~ibnorm.lab.experiments.compare.retrain_model`; the largest |Δ| of the retrained
+    metric against the recorded one is stated in ``analysis.md``), else left out and named
+    there.
     """
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
         raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
@@ -162,90 +171,141 @@ def analyze_run(
     if not runs:
         raise ValueError(f"no finished 'final' runs to analyze in {out / 'results.jsonl'} (tasks={tasks}, arms={arms})")
     runs.sort(key=lambda r: (r["task"], r["arm"] != "parent", r["arm"], r["seed"]))
+    settings = {
+        "max_examples": max_examples,
+        "seed": seed,
+        "max_units": max_units,
+        "n_bins": n_bins,
+        "noise_var": noise_var,
+        "probe_epochs": probe_epochs,
+        "sites": ["norm_out", *sorted(extra_sites)],
+        "max_values": max_values if extra_sites else None,
+    }
+    target = out if only_run is None else out / only_run
+    kept = previous_rows(target / ANALYSIS, settings)
+    missing = [r for r in runs if r["run_dir"] not in kept and not (out / r["run_dir"] / "final.pt").exists()]
+    if missing and not retrain_missing and len(missing) == len(runs):
+        raise ValueError(
+            f"no model on this machine for the {len(missing)} final run(s) of {out / 'results.jsonl'} (final.pt in each run "
+            "folder; models are not committed) and no earlier analysis rows: train them again with --retrain-missing"
+        )
     rows: list[dict[str, Any]] = []
-    unavailable: dict[str, dict[str, str]] = defaultdict(dict)
+    retrained: list[float] = []
     data_cache: dict[str, Any] = {}
     for i, run in enumerate(runs):
+        if run["run_dir"] in kept:
+            rows += kept[run["run_dir"]]
+            continue
+        if run in missing and not retrain_missing:
+            continue
         task = get_task(run["task"])
         if task.name not in data_cache:
             data_cache = {task.name: task.load(data_dir)}  # one task's data in memory at a time
         data = data_cache[task.name]
-        model = parse_arm(run["arm"], task.parent).apply(task.build(data))
-        _load_state(model, torch.load(out / run["run_dir"] / "final.pt", map_location="cpu", weights_only=True))
-        inputs, labels, spatial = probe_set(task, data, max_examples)
-        layer_rows = information_plane(
-            model,
-            inputs,
-            labels,
-            forward=task.logits,
-            spatial=spatial,
-            max_units=max_units,
-            max_examples=max_examples,
-            batch_size=250 if task.kind != "lm" else 8,
-            seed=seed,
-            n_bins=n_bins,
-            noise_var=noise_var,
-            relative_noise=True,
-            probe_epochs=probe_epochs,
-        )
-        types = _layer_types(model)
-        ident = {k: run[k] for k in ("task", "arm", "seed", "phase", "run_dir")}
-        for lr in layer_rows:
-            row = {
-                **ident,
-                "site": "norm_out",
-                "layer_type": types.get(lr["layer"], ""),
-                "spatial": spatial,
-                "n_bins": n_bins,
-                "units": "bits",
-                **lr,
-            }
-            rows.append({k: finite_or_none(v) for k, v in row.items()})
-        site_rows = []
-        if extra_sites:
-            found = find_sites(model, extra_sites)
-            for site, reason in found.unavailable.items():
-                unavailable[run["task"]].setdefault(site, reason)
-            present = [site for site in extra_sites if found.modules[site]]
-            acts = {}
-            if present:
-                acts = capture_activations(
-                    model,
-                    inputs,
-                    sites=present,
-                    forward=task.logits,
-                    batch_size=250 if task.kind != "lm" else 8,
-                    spatial="examples",
-                    max_units=max_units,
-                    max_examples=None,
-                    max_values=max_values,
-                    seed=seed,
-                )
-            depth: dict[str, int] = defaultdict(int)
-            for key, values in acts.items():
-                site, layer = split_site_key(key)
-                row = {
-                    **ident,
-                    "site": site,
-                    "layer": layer,
-                    "layer_index": depth[site],
-                    "layer_type": types.get(layer, ""),
-                    "spatial": "examples",
-                    "max_values": max_values,
-                    **activation_stats(values),
-                }
-                depth[site] += 1
-                site_rows.append({k: finite_or_none(v) for k, v in row.items()})
-        rows += site_rows
+        if run in missing:
+            if progress:
+                print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: training again (model not here)", flush=True)
+            retrained.append(retrain_model(out, run, data, progress=progress))
+        run_rows = _analyze_one(out, run, task, data, settings, extra_sites)
+        rows += run_rows
         if progress:
-            print(
-                f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {len(layer_rows)} layers"
-                + (f", {len(site_rows)} site rows" if extra_sites else ""),
-                flush=True,
-            )
-    target = out if only_run is None else out / only_run
+            sites_note = f", {sum(_site(r) != 'norm_out' for r in run_rows)} site rows" if extra_sites else ""
+            layers = sum(_site(r) == "norm_out" for r in run_rows)
+            print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {layers} layers{sites_note}", flush=True)
+    left_out = [] if retrain_missing else missing
     atomic_write_text(target / ANALYSIS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    _write_markdown(target, rows, noise_var, unavailable)
+    _write_markdown(target, rows, noise_var, left_out, retrained)
+    return rows
+
+
+def previous_rows(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Run folder → its rows in the analysis file at ``path`` that were made with ``settings``
+    (rows of other settings, or of a file written before settings were recorded, are dropped:
+    their runs are analysed again)."""
+    if not path.exists():
+        return {}
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("analysis_settings") == settings:
+                by_run[row["run_dir"]].append(row)
+    return dict(by_run)
+
+
+def _analyze_one(
+    out: Path, run: dict[str, Any], task: Any, data: Any, settings: dict[str, Any], extra_sites: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The rows of one final run: its norm outputs' statistics and information estimates, and
+    kurtosis/sparsity at ``extra_sites`` (the sites its model lacks are recorded in its norm_out
+    rows as ``unavailable_sites``)."""
+    model = parse_arm(run["arm"], task.parent).apply(task.build(data))
+    _load_state(model, torch.load(out / run["run_dir"] / "final.pt", map_location="cpu", weights_only=True))
+    inputs, labels, spatial = probe_set(task, data, settings["max_examples"])
+    batch_size = 250 if task.kind != "lm" else 8
+    layer_rows = information_plane(
+        model,
+        inputs,
+        labels,
+        forward=task.logits,
+        spatial=spatial,
+        max_units=settings["max_units"],
+        max_examples=settings["max_examples"],
+        batch_size=batch_size,
+        seed=settings["seed"],
+        n_bins=settings["n_bins"],
+        noise_var=settings["noise_var"],
+        relative_noise=True,
+        probe_epochs=settings["probe_epochs"],
+    )
+    types = _layer_types(model)
+    ident = {k: run[k] for k in ("task", "arm", "seed", "phase", "run_dir")}
+    found = find_sites(model, extra_sites) if extra_sites else None
+    unavailable = dict(found.unavailable) if found else {}
+    rows = []
+    for lr in layer_rows:
+        row = {
+            **ident,
+            "site": "norm_out",
+            "layer_type": types.get(lr["layer"], ""),
+            "spatial": spatial,
+            "units": "bits",
+            "unavailable_sites": unavailable,
+            "analysis_settings": settings,
+            **lr,
+        }
+        rows.append({k: finite_or_none(v) for k, v in row.items()})
+    present = [site for site in extra_sites if found.modules[site]] if found else []
+    if not present:
+        return rows
+    acts = capture_activations(
+        model,
+        inputs,
+        sites=present,
+        forward=task.logits,
+        batch_size=batch_size,
+        spatial="examples",
+        max_units=settings["max_units"],
+        max_examples=None,
+        max_values=settings["max_values"],
+        seed=settings["seed"],
+    )
+    depth: dict[str, int] = defaultdict(int)
+    for key, values in acts.items():
+        site, layer = split_site_key(key)
+        row = {
+            **ident,
+            "site": site,
+            "layer": layer,
+            "layer_index": depth[site],
+            "layer_type": types.get(layer, ""),
+            "spatial": "examples",
+            "max_values": settings["max_values"],
+            "analysis_settings": settings,
+            **activation_stats(values),
+        }
+        depth[site] += 1
+        rows.append({k: finite_or_none(v) for k, v in row.items()})
     return rows
 
 
@@ -447,9 +507,15 @@ def _site_markdown(entries: Sequence[dict[str, Any]], unavailable: dict[str, str
     return md + [""]
 
 
-def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float, unavailable: dict[str, dict[str, str]]) -> Path:
+def _write_markdown(
+    out: Path, rows: Sequence[dict[str, Any]], noise_var: float, left_out: Sequence[dict[str, Any]], retrained: Sequence[float]
+) -> Path:
     summary = summarize_analysis(rows)
     sites = site_comparison(rows)
+    unavailable: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        for site, reason in (r.get("unavailable_sites") or {}).items():
+            unavailable[r["task"]].setdefault(site, reason)
     md = [
         "# ibnorm representation analysis",
         "",
@@ -459,6 +525,16 @@ def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float,
         "linear-decoder lower bound (≤ H(Y)). Values are means over seeds.",
         "",
     ]
+    if left_out:
+        names = ", ".join(f"{r['arm']} seed {r['seed']}" for r in left_out)
+        md += [f"Not analysed ({len(left_out)} final runs whose model is not on this machine; `--retrain-missing` trains them again): {names}.", ""]
+    if retrained:
+        worst = max(retrained, key=lambda d: -1.0 if math.isnan(d) else d)
+        md += [
+            f"{len(retrained)} runs were trained again for this analysis (their models were not on this machine); the "
+            f"largest |Δ| of the task metric against the recorded run: {_fmt(worst)}.",
+            "",
+        ]
     for task, info in summary.items():
         md += [f"## {task}", "", "| arm | layer | " + " | ".join(h for _, h, _ in _REPORTED) + " |", "|---|---|" + "---|" * len(_REPORTED)]
         for arm, layers in info["arms"].items():

@@ -294,6 +294,11 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to measure: norm inputs/outputs, block outputs, activation outputs; 'all' (default) for every site",
     )
     parser.add_argument("--max-values", type=int, default=100_000, help="values kept per layer at the added sites")
+    parser.add_argument(
+        "--retrain-missing",
+        action="store_true",
+        help="train again the final runs whose model (final.pt) is not on this machine and that have no analysis rows",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -308,6 +313,7 @@ def _analyze(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
             data_dir=args.data_dir,
             sites=SITES if "all" in args.sites else args.sites,
             max_values=args.max_values,
+            retrain_missing=args.retrain_missing,
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as exc:

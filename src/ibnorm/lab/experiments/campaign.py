@@ -244,8 +244,9 @@ def run_campaign(
         if entry.stage == "final" and not report_only and shard.count == 1:
             if not device:
                 _time_arms(entry, argv, root)
-            if not (entry.out(root) / "analysis.md").exists() and _models_present(entry.out(root)):
-                run_command(["analyze", str(entry.out(root)), "--no-progress"])  # kurtosis, sparsity, MI
+            # kurtosis, sparsity, MI; incremental: runs analysed before are kept, and a run whose model
+            # is not on this machine (trained in another session's clone or on a GPU machine) is trained again
+            run_command(["analyze", str(entry.out(root)), "--retrain-missing", "--no-progress"])
     write_summary(plan)
     return waiting
 
@@ -268,13 +269,6 @@ def _option(argv: Sequence[str], flag: str) -> list[str]:
     start = argv.index(flag) + 1
     end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
     return list(argv[start:end])
-
-
-def _models_present(out: Path) -> bool:
-    """Whether every final run's trained model is on disk (models are not committed, so an
-    analysis is made in the session that trained them)."""
-    finals = [r for r in read_results(out) if r["phase"] == "final"]
-    return bool(finals) and all((out / r["run_dir"] / "final.pt").exists() for r in finals)
 
 
 def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:

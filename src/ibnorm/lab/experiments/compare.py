@@ -273,6 +273,26 @@ def _run_one(
     return row
 
 
+def retrain_model(out: Path, row: dict[str, Any], data: Any, *, progress: bool = False) -> float:
+    """Train the run of ``row`` (a finished run of ``<out>/results.jsonl``) again, with its task,
+    arm, seed and configuration, and save its model as ``final.pt`` in its run folder: for an
+    analysis of a run whose model is not on this machine (models are not committed, and runs
+    trained elsewhere bring none). The results file is not touched. Returns |retrained −
+    recorded| of the task's metric (0 where training is deterministic and the code unchanged;
+    NaN where either is not finite)."""
+    task = get_task(row["task"])
+    arm = parse_arm(row["arm"], task.parent)
+    run_dir = Path(out) / row["run_dir"]
+    result = train_run(task, data, arm, row["seed"], TrainConfig(**row["config"]), run_dir, progress=progress)
+    buffer = io.BytesIO()
+    torch.save(result.pop("model").state_dict(), buffer)
+    atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    new, old = result["metrics"].get(task.metric), row["metrics"].get(task.metric)
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (new, old))
+    return abs(new - old) if finite else float("nan")
+
+
 def _lr_grid(base: float, k: int) -> list[float]:
     """k rates log-spaced over [base/3, base*3]."""
     return [base * 3 ** (-1 + 2 * i / (k - 1)) for i in range(k)]
