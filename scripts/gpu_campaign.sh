@@ -8,14 +8,18 @@
 # runs per minute. Every entry resumes from the results.jsonl in its folder; all shards are
 # stopped after $BUDGET seconds by SIGTERM (background jobs of a script ignore SIGINT), which the
 # CLI takes as Ctrl-C: finished runs are kept (results.jsonl is rewritten after each run), the
-# runs in progress are lost. Exit status 1 if a shard failed otherwise. Each entry's results file is then
-# copied to $OUT/<entry>.jsonl; back here, `ibnorm results --merge <that folder> --report-only`
-# adds the runs the local files lack and rewrites the reports. Rows record the GPU's name.
+# runs in progress are lost. Exit status 1 if a shard failed otherwise. The last $ANALYZE of the
+# $BUDGET seconds analyse the final runs trained here (`ibnorm analyze`: kurtosis, sparsity, MI; their
+# models do not come back, so the analysis is made where they are; it resumes, run by run). Each
+# entry's results file is then copied to $OUT/<entry>.jsonl and its analysis rows to
+# $OUT/<entry>.analysis.jsonl; back here, `ibnorm results --merge <that folder> --report-only` adds the
+# runs and analysis rows the local files lack and rewrites the reports. Rows record the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/ibnorm-gpu-out}
 BUDGET=${BUDGET:-480}
+ANALYZE=${ANALYZE:-120}  # of BUDGET, for the analysis after training
 WORKERS=${WORKERS:-4}  # per entry: 2 entries x 4 shards x 2 threads fill 16 cores
 ENTRIES=${ENTRIES:-"final-austen-llama final-austen-gpt2"}
 DEVICE=${DEVICE:-cuda}  # cpu: a rehearsal on any machine (in a scratch clone: it trains into docs/results)
@@ -36,7 +40,7 @@ mkdir -p "$OUT"
 declare -A shard_of
 for entry in $ENTRIES; do
   for ((k = 0; k < WORKERS; k++)); do
-    timeout --kill-after=30 "$BUDGET" python -m ibnorm.lab.cli results --only "$entry" --device "$DEVICE" --no-progress \
+    timeout --kill-after=30 "$((BUDGET - ANALYZE))" python -m ibnorm.lab.cli results --only "$entry" --device "$DEVICE" --no-progress \
       --shard "$k/$WORKERS" > "$LOGS/$entry-$k.log" 2>&1 &
     shard_of[$!]="$entry-$k"
   done
@@ -49,12 +53,22 @@ for pid in "${!shard_of[@]}"; do
   echo "gpu_campaign: shard ${shard_of[$pid]} exited with $code" >> "$LOGS/exit_codes"
   [ "$code" -eq 0 ] || [ "$code" -eq 124 ] || status=1
 done
-{ cat "$LOGS/exit_codes"; tail -n 20 "$LOGS"/*.log; } > "$OUT/gpu_campaign_logs.txt"  # one file: few come back
 cat "$LOGS/exit_codes"
+for entry in $ENTRIES; do  # no --retrain-missing: runs trained elsewhere are analysed where their models are
+  [ -f "docs/results/$entry/results.jsonl" ] &&
+    OMP_NUM_THREADS=8 timeout --kill-after=10 "$ANALYZE" python -m ibnorm.lab.cli analyze "docs/results/$entry" --no-progress \
+      > "$LOGS/$entry-analyze.log" 2>&1 &
+done
+wait
+{ cat "$LOGS/exit_codes"; tail -n 20 "$LOGS"/*.log; } > "$OUT/gpu_campaign_logs.txt"  # one file: few come back
 for entry in $ENTRIES; do
   if [ -f "docs/results/$entry/results.jsonl" ]; then
     cp "docs/results/$entry/results.jsonl" "$OUT/$entry.jsonl"
     echo "gpu_campaign: $entry: $(wc -l < "$OUT/$entry.jsonl") runs in $OUT/$entry.jsonl"
+  fi
+  if [ -f "docs/results/$entry/analysis.jsonl" ]; then
+    cp "docs/results/$entry/analysis.jsonl" "$OUT/$entry.analysis.jsonl"
+    echo "gpu_campaign: $entry: $(wc -l < "$OUT/$entry.analysis.jsonl") analysis rows in $OUT/$entry.analysis.jsonl"
   fi
 done
 exit $status

@@ -293,3 +293,11 @@ def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(
     assert "against the recorded run: 0.000" in md  # CPU training repeats exactly
     assert all(path.exists() for path in models.values())
     assert [json.loads(line)["run_dir"] for line in (tmp_path / "analysis.jsonl").read_text().splitlines()] == [r["run_dir"] for r in rows]
+
+    # rows made elsewhere (a GPU machine) join a file that lacks their runs, once
+    from ibnorm.lab.analysis_run import merge_analysis_rows
+
+    (tmp_path / "analysis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["run_dir"] == kept_run))
+    assert merge_analysis_rows(tmp_path, rows) == len(rows) - sum(r["run_dir"] == kept_run for r in rows)
+    assert merge_analysis_rows(tmp_path, rows) == 0
+    assert analyze_run(tmp_path, **{**settings, "max_examples": 32}) == rows  # all kept, nothing analysed again

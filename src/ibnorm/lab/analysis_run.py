@@ -60,7 +60,7 @@ from .experiments.compare import read_results, retrain_model
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
-__all__ = ["analyze_run", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
+__all__ = ["analyze_run", "merge_analysis_rows", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
 
 ANALYSIS = "analysis.jsonl"
 
@@ -189,14 +189,17 @@ def analyze_run(
             f"no model on this machine for the {len(missing)} final run(s) of {out / 'results.jsonl'} (final.pt in each run "
             "folder; models are not committed) and no earlier analysis rows: train them again with --retrain-missing"
         )
-    rows: list[dict[str, Any]] = []
+    analysed: dict[str, list[dict[str, Any]]] = dict(kept)
     retrained: list[float] = []
     data_cache: dict[str, Any] = {}
+
+    def write_rows() -> list[dict[str, Any]]:  # after every run, so that a killed analysis resumes
+        rows = [row for r in runs for row in analysed.get(r["run_dir"], ())]
+        atomic_write_text(target / ANALYSIS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        return rows
+
     for i, run in enumerate(runs):
-        if run["run_dir"] in kept:
-            rows += kept[run["run_dir"]]
-            continue
-        if run in missing and not retrain_missing:
+        if run["run_dir"] in kept or (run in missing and not retrain_missing):
             continue
         task = get_task(run["task"])
         if task.name not in data_cache:
@@ -207,28 +210,55 @@ def analyze_run(
                 print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: training again (model not here)", flush=True)
             retrained.append(retrain_model(out, run, data, progress=progress))
         run_rows = _analyze_one(out, run, task, data, settings, extra_sites)
-        rows += run_rows
+        analysed[run["run_dir"]] = run_rows
+        write_rows()
         if progress:
             sites_note = f", {sum(_site(r) != 'norm_out' for r in run_rows)} site rows" if extra_sites else ""
             layers = sum(_site(r) == "norm_out" for r in run_rows)
             print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {layers} layers{sites_note}", flush=True)
-    left_out = [] if retrain_missing else missing
-    atomic_write_text(target / ANALYSIS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    _write_markdown(target, rows, noise_var, left_out, retrained)
+    rows = write_rows()
+    _write_markdown(target, rows, noise_var, [] if retrain_missing else missing, retrained)
     return rows
+
+
+def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
+    """Add to ``out``'s analysis.jsonl the rows of the runs it has none for with the same
+    settings (e.g. rows made on a GPU machine for the runs trained there, whose models stay
+    there); returns how many rows were added. ``analysis.md`` follows at the next analysis."""
+    path = Path(out) / ANALYSIS
+    existing = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    known = {(r["run_dir"], json.dumps(r.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)) for r in existing}
+    added = [r for r in rows if (r["run_dir"], json.dumps(r.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)) not in known]
+    if added:
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing + added))
+    return len(added)
+
+
+# What `ibnorm analyze` (and `make results`) used before rows recorded their settings: rows
+# without ``analysis_settings`` were made with these.
+LEGACY_SETTINGS = {
+    "max_examples": 2000,
+    "seed": 0,
+    "max_units": 256,
+    "n_bins": 30,
+    "noise_var": 0.2,
+    "probe_epochs": 100,
+    "sites": ["norm_out", "act_out", "block_out", "norm_in"],
+    "max_values": 100_000,
+}
 
 
 def previous_rows(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Run folder → its rows in the analysis file at ``path`` that were made with ``settings``
-    (rows of other settings, or of a file written before settings were recorded, are dropped:
-    their runs are analysed again)."""
+    (rows of other settings are dropped: their runs are analysed again; rows written before
+    settings were recorded count as :data:`LEGACY_SETTINGS`)."""
     if not path.exists():
         return {}
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            if row.get("analysis_settings") == settings:
+            if row.get("analysis_settings", LEGACY_SETTINGS) == settings:
                 by_run[row["run_dir"]].append(row)
     return dict(by_run)
 

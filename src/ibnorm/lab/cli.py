@@ -32,7 +32,7 @@ from ibnorm._validation import check_lam
 from ibnorm.analysis.capture import SITES
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, get_compression
 
-from .analysis_run import analyze_run, output_folder
+from .analysis_run import ANALYSIS, analyze_run, merge_analysis_rows, output_folder
 from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
 from .experiments.arms import default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
@@ -213,7 +213,8 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
         "--merge",
         type=Path,
         metavar="FOLDER",
-        help="first add the runs of FOLDER/<entry>.jsonl (as scripts/gpu_campaign.sh writes them) that an entry lacks",
+        help="first add the runs of FOLDER/<entry>.jsonl and the analysis rows of FOLDER/<entry>.analysis.jsonl "
+        "(as scripts/gpu_campaign.sh writes them) that an entry lacks",
     )
 
 
@@ -236,6 +237,10 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
             if source.exists():
                 added = merge_results(entry.out(Path(plan).parent), read_results_file(source))
                 print(f"[{entry.name}] merged {added} new runs from {source}")
+            source = args.merge / f"{entry.name}.{ANALYSIS}"
+            if source.exists():
+                added = merge_analysis_rows(entry.out(Path(plan).parent), read_results_file(source))
+                print(f"[{entry.name}] merged {added} analysis rows from {source}")
     try:
         run_campaign(
             main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard
