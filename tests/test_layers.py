@@ -419,3 +419,40 @@ BAD_INPUTS = [
 def test_bad_input_raises_documented_error(case, call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+class _Double(nn.Module):
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return 2 * value
+
+
+@pytest.mark.parametrize("tool", ["parametrize", "prune", "parametrize lam"])
+def test_batch_layer_sees_tensors_that_torch_tools_moved_out_of_its_dicts(tool):
+    # the batch layers read weight, bias, buffers and λ from the module's dicts for speed; tools that
+    # turn them into computed attributes must still be honoured
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(0)
+    layer = ibnorm.IBBatchNorm2d(4, lam=0.5, learnable_lam=True)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(layer)
+    if tool == "parametrize":
+        parametrize.register_parametrization(layer, "weight", _Double())
+        with torch.no_grad():
+            reference.weight.mul_(2)
+    elif tool == "prune":
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+        assert "weight" not in layer._parameters and int((layer.weight == 0).sum()) == 2
+        with torch.no_grad():
+            reference.weight.copy_(layer.weight)
+    else:
+        parametrize.register_parametrization(layer, "lam_raw", _Double())
+        with torch.no_grad():
+            reference.lam_raw.mul_(2)
+    x = torch.randn(8, 4, 3, 3)
+    for train in (True, False):
+        layer.train(train)
+        reference.train(train)
+        torch.testing.assert_close(layer(x), reference(x))
