@@ -6,7 +6,7 @@
 # Each entry below runs as $WORKERS shards at once (`ibnorm results --shard K/N`, separate
 # processes on one results folder): a tiny LM leaves an H100 mostly idle, so shards multiply the
 # runs per minute. Every entry resumes from the results.jsonl in its folder; all shards are
-# stopped after $BUDGET seconds by SIGTERM (background jobs of a script ignore SIGINT), which the
+# stopped after $BUDGET − $ANALYZE seconds by SIGTERM (background jobs of a script ignore SIGINT), which the
 # CLI takes as Ctrl-C: finished runs are kept (results.jsonl is rewritten after each run), the
 # runs in progress are lost. Exit status 1 if a shard failed otherwise. The last $ANALYZE of the
 # $BUDGET seconds analyse the final runs trained here (`ibnorm analyze`: kurtosis, sparsity, MI; their
@@ -35,6 +35,9 @@ print("gpu_campaign:", torch.cuda.get_device_name() if cuda else "CPU", "torch",
 EOF
 test -f .data/janeaustenr/austen.txt || { echo "gpu_campaign: .data/janeaustenr/austen.txt missing: run 'make data' and load the text once, then carry .data/janeaustenr"; exit 2; }
 
+[ "$ANALYZE" -ge 0 ] && [ "$BUDGET" -gt "$ANALYZE" ] ||
+  { echo "gpu_campaign: need 0 <= ANALYZE < BUDGET (seconds), got ANALYZE=$ANALYZE BUDGET=$BUDGET"; exit 2; }
+
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 declare -A shard_of
@@ -53,13 +56,21 @@ for pid in "${!shard_of[@]}"; do
   echo "gpu_campaign: shard ${shard_of[$pid]} exited with $code" >> "$LOGS/exit_codes"
   [ "$code" -eq 0 ] || [ "$code" -eq 124 ] || status=1
 done
-cat "$LOGS/exit_codes"
+declare -A analysis_of
 for entry in $ENTRIES; do  # no --retrain-missing: runs trained elsewhere are analysed where their models are
-  [ -f "docs/results/$entry/results.jsonl" ] &&
+  if [ "$ANALYZE" -gt 0 ] && [ -f "docs/results/$entry/results.jsonl" ]; then
     OMP_NUM_THREADS=8 timeout --kill-after=10 "$ANALYZE" python -m ibnorm.lab.cli analyze "docs/results/$entry" --no-progress \
       > "$LOGS/$entry-analyze.log" 2>&1 &
+    analysis_of[$!]="$entry"
+  fi
 done
-wait
+for pid in "${!analysis_of[@]}"; do
+  wait "$pid"
+  # 0: done; 124: stopped at the budget (the rows of the runs analysed so far are kept); 2: no run
+  # of the entry has its model here
+  echo "gpu_campaign: analysis of ${analysis_of[$pid]} exited with $?" >> "$LOGS/exit_codes"
+done
+cat "$LOGS/exit_codes"
 { cat "$LOGS/exit_codes"; tail -n 20 "$LOGS"/*.log; } > "$OUT/gpu_campaign_logs.txt"  # one file: few come back
 for entry in $ENTRIES; do
   if [ -f "docs/results/$entry/results.jsonl" ]; then

@@ -260,7 +260,9 @@ def test_analyze_run_reports_every_site(tmp_path):
     assert "too few seeds" in md and "per element" in md and "channel means" in md
 
 
-def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(tmp_path):
+def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(tmp_path, capsys):
+    from ibnorm.lab.analysis_run import merge_analysis_rows
+    from ibnorm.lab.cli import main
     from ibnorm.lab.experiments.compare import make_plans, run_plans
 
     plans = make_plans(["mnist1d-mlp"], ["parent", "ib-L"], seeds=2, steps=3, batch_size=16, eval_every=3, eval_items=100)
@@ -271,33 +273,46 @@ def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(
     first = analyze_run(tmp_path, **settings)
     assert {r["run_dir"] for r in first} == set(models) and all(r["analysis_settings"]["max_examples"] == 64 for r in first)
 
+    def stored():
+        return [json.loads(line) for line in (tmp_path / "analysis.jsonl").read_text().splitlines()]
+
     for path in models.values():
         path.unlink()
     # the same settings: every run's rows are kept, no model is needed
-    assert analyze_run(tmp_path, **settings) == first
+    assert analyze_run(tmp_path, **settings) == first and stored() == first
     # other settings: the rows do not apply, and without models nothing can be analysed
-    with pytest.raises(ValueError, match="--retrain-missing"):
+    with pytest.raises(ValueError, match="retrain_missing=True"):
         analyze_run(tmp_path, **{**settings, "max_examples": 32})
 
     kept_run = results[0]["run_dir"]
     models[kept_run].write_bytes(saved[kept_run])
     rows = analyze_run(tmp_path, **{**settings, "max_examples": 32})
     assert {r["run_dir"] for r in rows} == {kept_run}
+    assert stored() == first + rows  # the 64-example rows stay: no earlier row is dropped
     md = (tmp_path / "analysis.md").read_text()
-    assert "Not analysed (3 final runs whose model is not on this machine" in md
+    assert "Not analysed (3 final runs with neither their model on this machine nor rows with these settings" in md
 
-    rows = analyze_run(tmp_path, **{**settings, "max_examples": 32}, retrain_missing=True)
-    assert {r["run_dir"] for r in rows} == set(models)
+    main(["analyze", str(tmp_path), "--max-examples", "32", "--sites", "norm_out", "--retrain-missing", "--no-progress"])
+    assert "analysis: " in capsys.readouterr().out
+    rows = [r for r in stored() if r["analysis_settings"]["max_examples"] == 32 and r["analysis_settings"]["probe_epochs"] == 100]
+    assert {r["run_dir"] for r in rows} == set(models) and all(path.exists() for path in models.values())
+    retrained = {r["run_dir"]: r["retrained"] for r in rows if "retrained" in r}
+    assert set(retrained) == set(models) - {kept_run}
+    for record in retrained.values():  # one CPU process, same threads and code: the same run again
+        assert record["abs_delta"] == 0 and record["recorded"] == record["retrained"] and record["metric"] == "test_acc"
     md = (tmp_path / "analysis.md").read_text()
-    assert "Not analysed" not in md and "3 runs were trained again for this analysis" in md
-    assert "against the recorded run: 0.000" in md  # CPU training repeats exactly
-    assert all(path.exists() for path in models.values())
-    assert [json.loads(line)["run_dir"] for line in (tmp_path / "analysis.jsonl").read_text().splitlines()] == [r["run_dir"] for r in rows]
+    assert "Not analysed" not in md and "3 runs were analysed from models trained again" in md and "recorded run: 0.000" in md
 
-    # rows made elsewhere (a GPU machine) join a file that lacks their runs, once
-    from ibnorm.lab.analysis_run import merge_analysis_rows
-
-    (tmp_path / "analysis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["run_dir"] == kept_run))
-    assert merge_analysis_rows(tmp_path, rows) == len(rows) - sum(r["run_dir"] == kept_run for r in rows)
+    # rows made elsewhere (a GPU machine) join a file that lacks their runs, once; rows of the run's
+    # own model replace rows of a retrained one, not the other way round
+    mine = [r for r in rows if r["run_dir"] == kept_run]
+    (tmp_path / "analysis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    assert merge_analysis_rows(tmp_path, rows) == len(rows) - len(mine)
     assert merge_analysis_rows(tmp_path, rows) == 0
-    assert analyze_run(tmp_path, **{**settings, "max_examples": 32}) == rows  # all kept, nothing analysed again
+    other = next(iter(retrained))
+    original = [{k: v for k, v in r.items() if k != "retrained"} for r in rows if r["run_dir"] == other]
+    assert merge_analysis_rows(tmp_path, original) == len(original)
+    assert merge_analysis_rows(tmp_path, [r for r in rows if r["run_dir"] == other]) == 0
+    assert sum("retrained" in r for r in stored()) == sum("retrained" in r for r in rows) - len(original)
+    with pytest.raises(ValueError, match="no final run"):
+        merge_analysis_rows(tmp_path, [dict(mine[0], run_dir="runs/elsewhere")])

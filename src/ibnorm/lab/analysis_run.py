@@ -56,7 +56,7 @@ from ibnorm.analysis.stats import activation_stats, paired_difference
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
 from .experiments.arms import parse_arm
-from .experiments.compare import read_results, retrain_model
+from .experiments.compare import RETRAINED, read_results, retrain_model
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
@@ -146,13 +146,16 @@ def analyze_run(
     analysed; the others add per-element kurtosis/sparsity rows of at most ``max_values``
     values per layer (at least ``2 × max_units``, so that every layer keeps two positions).
 
-    Incremental: the rows of a run already in ``analysis.jsonl`` with the same settings are
-    kept and the run is not analysed again (rows made elsewhere, e.g. on a GPU machine for
-    the runs trained there, can be merged into that file). A run with neither rows nor its
-    model (``final.pt``) on this machine is trained again with ``retrain_missing``
-    (:func:`~ibnorm.lab.experiments.compare.retrain_model`; the largest |Δ| of the retrained
-    metric against the recorded one is stated in ``analysis.md``), else left out and named
-    there.
+    Incremental: a run with rows of the same settings in ``analysis.jsonl`` is not analysed
+    again (rows made elsewhere, e.g. on a GPU machine for the runs trained there, join that
+    file with :func:`merge_analysis_rows`); new rows are appended after every run, and no
+    earlier row is dropped (other settings, runs outside ``tasks``/``arms``), while the
+    returned rows and ``analysis.md`` cover this call's runs and settings. A run with neither
+    rows nor its model (``final.pt``) here is trained again with ``retrain_missing``
+    (:func:`~ibnorm.lab.experiments.compare.retrain_model`: its rows carry ``retrained``, the
+    recorded and retrained metric, and ``analysis.md`` states the largest |Δ|), else left out
+    and named there. Rows written before settings were recorded count as made with
+    :data:`LEGACY_SETTINGS` (the defaults then, which `make results` used).
     """
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
         raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
@@ -182,55 +185,90 @@ def analyze_run(
         "max_values": max_values if extra_sites else None,
     }
     target = out if only_run is None else out / only_run
-    kept = previous_rows(target / ANALYSIS, settings)
-    missing = [r for r in runs if r["run_dir"] not in kept and not (out / r["run_dir"] / "final.pt").exists()]
+    earlier = _read_rows(target / ANALYSIS)
+    kept = _rows_by_run(earlier, settings)
+    missing = {r["run_dir"] for r in runs if r["run_dir"] not in kept and not (out / r["run_dir"] / "final.pt").exists()}
     if missing and not retrain_missing and len(missing) == len(runs):
         raise ValueError(
             f"no model on this machine for the {len(missing)} final run(s) of {out / 'results.jsonl'} (final.pt in each run "
-            "folder; models are not committed) and no earlier analysis rows: train them again with --retrain-missing"
+            "folder; models are not committed) and no analysis rows with these settings: analyse where the models are, "
+            "or train them again (--retrain-missing, retrain_missing=True)"
         )
-    analysed: dict[str, list[dict[str, Any]]] = dict(kept)
-    retrained: list[float] = []
+    new_rows: list[dict[str, Any]] = []
     data_cache: dict[str, Any] = {}
-
-    def write_rows() -> list[dict[str, Any]]:  # after every run, so that a killed analysis resumes
-        rows = [row for r in runs for row in analysed.get(r["run_dir"], ())]
-        atomic_write_text(target / ANALYSIS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-        return rows
-
     for i, run in enumerate(runs):
-        if run["run_dir"] in kept or (run in missing and not retrain_missing):
+        if run["run_dir"] in kept or (run["run_dir"] in missing and not retrain_missing):
             continue
         task = get_task(run["task"])
         if task.name not in data_cache:
             data_cache = {task.name: task.load(data_dir)}  # one task's data in memory at a time
         data = data_cache[task.name]
-        if run in missing:
+        if run["run_dir"] in missing:
             if progress:
                 print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: training again (model not here)", flush=True)
-            retrained.append(retrain_model(out, run, data, progress=progress))
+            retrain_model(out, run, data, progress=progress)
         run_rows = _analyze_one(out, run, task, data, settings, extra_sites)
-        analysed[run["run_dir"]] = run_rows
-        write_rows()
+        new_rows += run_rows
+        # every earlier row stays (rows of other settings, of runs outside this call, or made elsewhere
+        # cannot always be made again); written after every run, so that a killed analysis resumes
+        atomic_write_text(target / ANALYSIS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in earlier + new_rows))
         if progress:
             sites_note = f", {sum(_site(r) != 'norm_out' for r in run_rows)} site rows" if extra_sites else ""
             layers = sum(_site(r) == "norm_out" for r in run_rows)
             print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {layers} layers{sites_note}", flush=True)
-    rows = write_rows()
-    _write_markdown(target, rows, noise_var, [] if retrain_missing else missing, retrained)
+    analysed = {**kept, **_rows_by_run(new_rows, settings)}
+    rows = [row for r in runs for row in analysed.get(r["run_dir"], ())]
+    left_out = [r for r in runs if r["run_dir"] not in analysed]
+    _write_markdown(target, rows, noise_var, left_out)
     return rows
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _settings_key(row: dict[str, Any]) -> str:
+    return json.dumps(row.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)
+
+
+def _rows_by_run(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Run folder → its rows made with ``settings`` (rows written before settings were recorded
+    count as :data:`LEGACY_SETTINGS`)."""
+    wanted = json.dumps(settings, sort_keys=True)
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if _settings_key(row) == wanted:
+            by_run[row["run_dir"]].append(row)
+    return dict(by_run)
+
+
 def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
-    """Add to ``out``'s analysis.jsonl the rows of the runs it has none for with the same
-    settings (e.g. rows made on a GPU machine for the runs trained there, whose models stay
-    there); returns how many rows were added. ``analysis.md`` follows at the next analysis."""
+    """Add to ``out``'s analysis.jsonl the rows of final runs of its results.jsonl that it has
+    none for with the same settings, or has only from a model trained again (rows made where
+    the run was trained, e.g. on a GPU machine whose models stay there, replace those); returns
+    how many rows were added. Rows of runs the results file lacks are refused. ``analysis.md``
+    follows at the next analysis."""
+    finals = {r["run_dir"] for r in read_results(out) if r["phase"] == "final"}
+    for row in rows:
+        if not isinstance(row, dict) or not {"run_dir", "task", "arm", "seed", "site"} <= row.keys():
+            raise ValueError(f"analysis rows need run_dir, task, arm, seed and site; got {str(row)[:120]}")
+        if row["run_dir"] not in finals:
+            raise ValueError(f"analysis rows for run {row['run_dir']!r}, which is no final run of {Path(out) / 'results.jsonl'}")
     path = Path(out) / ANALYSIS
-    existing = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    known = {(r["run_dir"], json.dumps(r.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)) for r in existing}
-    added = [r for r in rows if (r["run_dir"], json.dumps(r.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)) not in known]
-    if added:
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing + added))
+    existing = _read_rows(path)
+    incoming: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        incoming[(row["run_dir"], _settings_key(row))].append(row)
+    present: dict[tuple[str, str], bool] = {}  # (run, settings) → whether its rows come from a retrained model
+    for row in existing:
+        key = (row["run_dir"], _settings_key(row))
+        present[key] = present.get(key, True) and "retrained" in row
+    replace = {k for k, group in incoming.items() if k not in present or (present[k] and not any("retrained" in r for r in group))}
+    if not replace:
+        return 0
+    kept = [r for r in existing if (r["run_dir"], _settings_key(r)) not in replace]
+    added = [r for k in replace for r in incoming[k]]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept + added))
     return len(added)
 
 
@@ -246,21 +284,6 @@ LEGACY_SETTINGS = {
     "sites": ["norm_out", "act_out", "block_out", "norm_in"],
     "max_values": 100_000,
 }
-
-
-def previous_rows(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Run folder → its rows in the analysis file at ``path`` that were made with ``settings``
-    (rows of other settings are dropped: their runs are analysed again; rows written before
-    settings were recorded count as :data:`LEGACY_SETTINGS`)."""
-    if not path.exists():
-        return {}
-    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("analysis_settings", LEGACY_SETTINGS) == settings:
-                by_run[row["run_dir"]].append(row)
-    return dict(by_run)
 
 
 def _analyze_one(
@@ -290,6 +313,9 @@ def _analyze_one(
     )
     types = _layer_types(model)
     ident = {k: run[k] for k in ("task", "arm", "seed", "phase", "run_dir")}
+    marker = out / run["run_dir"] / RETRAINED
+    if marker.exists():  # this model was trained again here (retrain_model), not the run's own
+        ident["retrained"] = json.loads(marker.read_text())
     found = find_sites(model, extra_sites) if extra_sites else None
     unavailable = dict(found.unavailable) if found else {}
     rows = []
@@ -537,9 +563,7 @@ def _site_markdown(entries: Sequence[dict[str, Any]], unavailable: dict[str, str
     return md + [""]
 
 
-def _write_markdown(
-    out: Path, rows: Sequence[dict[str, Any]], noise_var: float, left_out: Sequence[dict[str, Any]], retrained: Sequence[float]
-) -> Path:
+def _write_markdown(out: Path, rows: Sequence[dict[str, Any]], noise_var: float, left_out: Sequence[dict[str, Any]]) -> Path:
     summary = summarize_analysis(rows)
     sites = site_comparison(rows)
     unavailable: dict[str, dict[str, str]] = defaultdict(dict)
@@ -556,13 +580,18 @@ def _write_markdown(
         "",
     ]
     if left_out:
-        names = ", ".join(f"{r['arm']} seed {r['seed']}" for r in left_out)
-        md += [f"Not analysed ({len(left_out)} final runs whose model is not on this machine; `--retrain-missing` trains them again): {names}.", ""]
+        names = ", ".join(f"{r['task']} {r['arm']} seed {r['seed']}" for r in left_out)
+        md += [f"Not analysed ({len(left_out)} final runs with neither their model on this machine nor rows with these settings; `--retrain-missing` trains them again): {names}.", ""]
+    retrained = {r["run_dir"]: r["retrained"] for r in rows if "retrained" in r}
     if retrained:
-        worst = max(retrained, key=lambda d: -1.0 if math.isnan(d) else d)
+        deltas = [v["abs_delta"] for v in retrained.values() if v.get("abs_delta") is not None]
+        unmatched = len(retrained) - len(deltas)
         md += [
-            f"{len(retrained)} runs were trained again for this analysis (their models were not on this machine); the "
-            f"largest |Δ| of the task metric against the recorded run: {_fmt(worst)}.",
+            f"{len(retrained)} runs were analysed from models trained again with their recorded task, arm, seed and "
+            "configuration (their own models were not on the machine that analysed them); largest |Δ| of the task metric "
+            f"against the recorded run: {_fmt(max(deltas)) if deltas else '–'}"
+            + (f"; {unmatched} with a non-finite metric in one of the two (diverged)" if unmatched else "")
+            + ".",
             "",
         ]
     for task, info in summary.items():

@@ -239,7 +239,10 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
                 print(f"[{entry.name}] merged {added} new runs from {source}")
             source = args.merge / f"{entry.name}.{ANALYSIS}"
             if source.exists():
-                added = merge_analysis_rows(entry.out(Path(plan).parent), read_results_file(source))
+                try:
+                    added = merge_analysis_rows(entry.out(Path(plan).parent), read_results_file(source))
+                except ValueError as exc:
+                    _fail(parser, f"--merge {source}: {exc}")
                 print(f"[{entry.name}] merged {added} analysis rows from {source}")
     try:
         run_campaign(

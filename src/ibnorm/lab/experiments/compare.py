@@ -273,24 +273,44 @@ def _run_one(
     return row
 
 
-def retrain_model(out: Path, row: dict[str, Any], data: Any, *, progress: bool = False) -> float:
-    """Train the run of ``row`` (a finished run of ``<out>/results.jsonl``) again, with its task,
-    arm, seed and configuration, and save its model as ``final.pt`` in its run folder: for an
-    analysis of a run whose model is not on this machine (models are not committed, and runs
-    trained elsewhere bring none). The results file is not touched. Returns |retrained −
-    recorded| of the task's metric (0 where training is deterministic and the code unchanged;
-    NaN where either is not finite)."""
+RETRAINED = "retrained.json"
+
+
+def retrain_model(out: Path, row: dict[str, Any], data: Any, *, progress: bool = False) -> dict[str, Any]:
+    """Train the run of ``row`` (a finished run of ``<out>/results.jsonl``) again on the CPU, with
+    its task, arm, seed and configuration, and save its model as ``final.pt`` in its run folder:
+    for an analysis of a run whose model is not on this machine (models are not committed, and
+    runs trained elsewhere bring none). The results file is not touched. The run folder gets
+    ``retrained.json`` first (written before the model, so that the model never appears without
+    it), returned too: the task metric as recorded and as retrained and their |Δ| (None where
+    either is not finite), and the recorded device, process count and code commit. The same
+    model comes back only where training is deterministic and those match (one CPU process, the
+    same thread count and code); elsewhere it is another draw of the same protocol."""
     task = get_task(row["task"])
     arm = parse_arm(row["arm"], task.parent)
     run_dir = Path(out) / row["run_dir"]
     result = train_run(task, data, arm, row["seed"], TrainConfig(**row["config"]), run_dir, progress=progress)
+    def finite(value: Any) -> Optional[float]:
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    old, new = finite(row["metrics"].get(task.metric)), finite(result["metrics"].get(task.metric))
+    record = {
+        "metric": task.metric,
+        "recorded": old,
+        "retrained": new,
+        "abs_delta": None if old is None or new is None else abs(new - old),
+        "recorded_device": row.get("device"),
+        "recorded_world_size": row.get("world_size"),
+        "recorded_commit": (row.get("versions") or {}).get("ibnorm_commit"),
+        "device": _device_name(None),
+        "commit": _versions().get("ibnorm_commit"),
+    }
+    atomic_write_text(run_dir / RETRAINED, json.dumps(record, sort_keys=True) + "\n")
     buffer = io.BytesIO()
     torch.save(result.pop("model").state_dict(), buffer)
     atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    new, old = result["metrics"].get(task.metric), row["metrics"].get(task.metric)
-    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (new, old))
-    return abs(new - old) if finite else float("nan")
+    return record
 
 
 def _lr_grid(base: float, k: int) -> list[float]:
