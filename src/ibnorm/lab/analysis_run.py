@@ -56,7 +56,7 @@ from ibnorm.analysis.stats import activation_stats, paired_difference
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
 from .experiments.arms import parse_arm
-from .experiments.compare import RETRAINED, read_results, retrain_model
+from .experiments.compare import RETRAINED, read_results, read_results_file, retrain_model
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
@@ -185,7 +185,7 @@ def analyze_run(
         "max_values": max_values if extra_sites else None,
     }
     target = out if only_run is None else out / only_run
-    earlier = _read_rows(target / ANALYSIS)
+    earlier = (read_results_file(target / ANALYSIS) if (target / ANALYSIS).exists() else [])
     kept = _rows_by_run(earlier, settings)
     missing = {r["run_dir"] for r in runs if r["run_dir"] not in kept and not (out / r["run_dir"] / "final.pt").exists()}
     if missing and not retrain_missing and len(missing) == len(runs):
@@ -223,10 +223,6 @@ def analyze_run(
     return rows
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _settings_key(row: dict[str, Any]) -> str:
     return json.dumps(row.get("analysis_settings", LEGACY_SETTINGS), sort_keys=True)
 
@@ -255,7 +251,7 @@ def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
         if row["run_dir"] not in finals:
             raise ValueError(f"analysis rows for run {row['run_dir']!r}, which is no final run of {Path(out) / 'results.jsonl'}")
     path = Path(out) / ANALYSIS
-    existing = _read_rows(path)
+    existing = read_results_file(path) if path.exists() else []
     incoming: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         incoming[(row["run_dir"], _settings_key(row))].append(row)

@@ -34,6 +34,7 @@ except ImportError:  # not POSIX: one process per results folder
 from ibnorm import __version__
 from .._io import atomic_write_bytes, atomic_write_text
 from .arms import Arm, ib_spec, parse_arm
+from .probe import finite_or_none
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
 
@@ -246,9 +247,7 @@ def _run_one(
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    buffer = io.BytesIO()
-    torch.save(result.pop("model").state_dict(), buffer)
-    atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
+    _save_final_model(run_dir, result.pop("model"))
     row = {
         "task": task.name,
         "arm": arm.name,
@@ -268,7 +267,7 @@ def _run_one(
         **result,
     }
     merge_results(out, [row])
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # only once the row is in: until then the run resumes
     done.add(key)
     return row
 
@@ -290,10 +289,7 @@ def retrain_model(out: Path, row: dict[str, Any], data: Any, *, progress: bool =
     arm = parse_arm(row["arm"], task.parent)
     run_dir = Path(out) / row["run_dir"]
     result = train_run(task, data, arm, row["seed"], TrainConfig(**row["config"]), run_dir, progress=progress)
-    def finite(value: Any) -> Optional[float]:
-        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-    old, new = finite(row["metrics"].get(task.metric)), finite(result["metrics"].get(task.metric))
+    old, new = finite_or_none(row["metrics"].get(task.metric)), finite_or_none(result["metrics"].get(task.metric))
     record = {
         "metric": task.metric,
         "recorded": old,
@@ -306,11 +302,16 @@ def retrain_model(out: Path, row: dict[str, Any], data: Any, *, progress: bool =
         "commit": _versions().get("ibnorm_commit"),
     }
     atomic_write_text(run_dir / RETRAINED, json.dumps(record, sort_keys=True) + "\n")
-    buffer = io.BytesIO()
-    torch.save(result.pop("model").state_dict(), buffer)
-    atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
+    _save_final_model(run_dir, result.pop("model"))
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+def _save_final_model(run_dir: Path, model: torch.nn.Module) -> None:
+    """The trained model's state as ``final.pt`` in its run folder, written atomically."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(run_dir / "final.pt", buffer.getvalue())
 
 
 def _lr_grid(base: float, k: int) -> list[float]:
