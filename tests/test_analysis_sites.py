@@ -316,3 +316,31 @@ def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(
     assert sum("retrained" in r for r in stored()) == sum("retrained" in r for r in rows) - len(original)
     with pytest.raises(ValueError, match="no final run"):
         merge_analysis_rows(tmp_path, [dict(mine[0], run_dir="runs/elsewhere")])
+
+
+def test_compare_analyze_finals_analyses_each_final_run_while_its_model_is_here(tmp_path, capsys, monkeypatch):
+    import ibnorm.lab.cli as cli
+    from ibnorm.lab.cli import main
+    from ibnorm.lab.experiments.compare import read_results
+
+    # smaller probes for speed, in the hook's analyses and `ibnorm analyze`'s alike; every other setting is each path's own
+    monkeypatch.setattr(cli, "analyze_run", lambda *a, **k: analyze_run(*a, **{**k, "max_examples": 64, "probe_epochs": 5}))
+
+    argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "ib-L", "--seeds", "1", "--steps", "3"]
+    argv += ["--eval-every", "3", "--tune-lr", "2", "--out", str(tmp_path), "--no-progress", "--analyze-finals"]
+    main(argv)
+    finals = {r["run_dir"] for r in read_results(tmp_path) if r["phase"] == "final"}
+    stored = [json.loads(line) for line in (tmp_path / "analysis.jsonl").read_text().splitlines()]
+    assert len(finals) == 2 and {r["run_dir"] for r in stored} == finals  # the tuning runs are not analysed
+    assert {r["site"] for r in stored} == set(SITES)  # `ibnorm analyze`'s defaults: every site
+    for run in finals:
+        (tmp_path / run / "final.pt").unlink()
+    # the same rows (same settings) serve `ibnorm analyze` (the campaign's closing step) without the models
+    main(["analyze", str(tmp_path), "--no-progress"])
+    assert "Not analysed" not in (tmp_path / "analysis.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--shard", "0/2"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--analyze-finals needs one process" in errors[0]

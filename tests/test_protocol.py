@@ -166,9 +166,10 @@ def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_analysis_to_a
     monkeypatch.setattr(C, "_time_arms", lambda entry, argv, root: calls.append("timed"))
     assert C.run_campaign(calls.append, plan, progress=False, shard=Shard(1, 3)) == []
     (argv,) = calls  # neither quiet timing nor `analyze`
-    assert argv[-2:] == ["--shard", "1/3"]
+    assert argv[-2:] == ["--shard", "1/3"] and "--analyze-finals" not in argv
     calls.clear()
     C.run_campaign(calls.append, plan, progress=False)
+    assert calls[0][-1] == "--analyze-finals"  # each final run analysed while its model is here
     assert calls[1:] == ["timed", ["analyze", str(tmp_path / "final-y"), "--retrain-missing", "--no-progress"]]
     calls.clear()
     C.run_campaign(calls.append, plan, report_only=True, shard=Shard(1, 3))

@@ -23,7 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -112,7 +112,10 @@ def _train_and_report(
     command: str,
     tune_lr: int = 0,
     analyze: int = 0,
+    analyze_finals: bool = False,
 ) -> None:
+    if analyze_finals and args.shard.count > 1:
+        _fail(parser, ValueError("--analyze-finals needs one process (no --shard): shards would write one analysis.jsonl at once"))
     try:
         plans = make_plans(
             tasks,
@@ -137,7 +140,14 @@ def _train_and_report(
     try:
         with _stop_on_sigterm():
             run_plans(
-                plans, args.out, args.data_dir, progress=not args.no_progress, command=command, device=args.device, shard=args.shard
+                plans,
+                args.out,
+                args.data_dir,
+                progress=not args.no_progress,
+                command=command,
+                device=args.device,
+                shard=args.shard,
+                after_final=_analysis_of_finals(args) if analyze_finals else None,
             )
     except FileNotFoundError as exc:  # data missing: found before any training starts
         _fail(parser, exc)
@@ -147,6 +157,17 @@ def _train_and_report(
     if _is_writer():
         report = write_report(args.out, title)
         print(f"report: {report} and {report.with_suffix('.html')}")
+
+
+def _analysis_of_finals(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """After each final run: ``ibnorm analyze OUT --tasks TASK`` (its defaults; incremental, so
+    only the runs not analysed yet), while the model is on this machine."""
+
+    def analyze(row: dict[str, Any]) -> None:
+        data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+        main(["analyze", str(args.out), "--tasks", row["task"], "--no-progress", *data_dir])
+
+    return analyze
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -174,6 +195,11 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--analyze", type=int, default=0, metavar="K", help="information-plane snapshot every K steps (at evaluations)"
     )
+    parser.add_argument(
+        "--analyze-finals",
+        action="store_true",
+        help="run `ibnorm analyze` (its defaults) after each final run, while its model is on this machine",
+    )
     _experiment_arguments(parser)
 
 
@@ -185,7 +211,8 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
         except ValueError as exc:
             _fail(parser, exc)
     title = f"ibnorm compare: {', '.join(args.tasks)}"
-    _train_and_report(parser, args, args.tasks, arms, title, "ibnorm " + shlex.join(argv), args.tune_lr, args.analyze)
+    command = "ibnorm " + shlex.join(argv)
+    _train_and_report(parser, args, args.tasks, arms, title, command, args.tune_lr, args.analyze, args.analyze_finals)
 
 
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:

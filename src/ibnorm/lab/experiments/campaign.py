@@ -239,13 +239,16 @@ def run_campaign(
             argv += ["--device", device]
         if shard.count > 1 and not report_only:
             argv += ["--shard", f"{shard.index}/{shard.count}"]
+        elif entry.stage == "final" and not report_only:
+            # analysed while its model is here: models are not committed, and a later session's machine lacks them
+            argv.append("--analyze-finals")
         print(f"[{entry.name}] ibnorm {shlex.join(argv)}", flush=True)
         run_command(argv)
         if entry.stage == "final" and not report_only and shard.count == 1:
             if not device:
                 _time_arms(entry, argv, root)
-            # kurtosis, sparsity, MI; incremental: runs analysed before are kept, and a run whose model
-            # is not on this machine (trained in another session's clone or on a GPU machine) is trained again
+            # kurtosis, sparsity, MI of the runs not analysed yet: those whose model is not on this machine
+            # (trained before --analyze-finals, or on a GPU machine without its rows) are trained again
             run_command(["analyze", str(entry.out(root)), "--retrain-missing", "--no-progress"])
     write_summary(plan)
     return waiting

@@ -22,7 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -327,10 +327,13 @@ def run_plans(
     command: Optional[str] = None,
     device: Optional[str] = None,
     shard: Shard = Shard(),
+    after_final: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> list[dict]:
     """Run every plan (loading each task's data once), skipping runs already in results.
     ``command`` (the command line that asked for these runs) and the device that trained
     (``device``, default CPU) are recorded in every row; ``shard`` runs only its share.
+    ``after_final(row)`` is called (by the writing process) after each final run this call
+    trains, once its row and model are saved: e.g. to analyse the model while it is here.
 
     With ``tune_lr = K`` each arm first trains its first seed at K rates log-spaced over
     [lr/3, 3·lr] and keeps the rate with the best *validation* metric (a diverged trial
@@ -354,7 +357,9 @@ def run_plans(
             _run_one(out, plan.task, data, arm, plan.seeds[0], trial, "tune", done, progress, command, device)
         else:
             cfg = replace(plan.config, lr=_tuned_lr(out, plan, arm)) if plan.tune_lr else plan.config
-            _run_one(out, plan.task, data, arm, value, cfg, "final", done, progress, command, device)
+            row = _run_one(out, plan.task, data, arm, value, cfg, "final", done, progress, command, device)
+            if row is not None and after_final is not None:
+                after_final(row)
         bar.update(1)
     bar.close()
     return read_results(out)
