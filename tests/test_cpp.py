@@ -464,7 +464,7 @@ def test_the_build_isa_adds_bf16_conversion_only_on_avx512(monkeypatch, capabili
     assert cpp._isa() == expected
 
 
-@pytest.mark.parametrize("lam", [0.1, 1.0, 4.0])
+@pytest.mark.parametrize("lam", [1e-7, 0.1, 1.0, 4.0, 1e7])  # outside [2⁻²⁰, 2²⁰]: ψ not in λ units
 @pytest.mark.parametrize("family", FAMILIES)
 def test_psi_to_a_few_ulp_over_a_wide_range(kernels, family: str, lam: float) -> None:
     """ψ alone, through the frozen (eval) path with statistics that make every other step the

@@ -56,34 +56,54 @@ using at::vec::Vectorized;
 // the exact result; other types and ISAs divide exactly. With kFull false (bfloat16 and float16
 // inputs, whose outputs keep 8 or 11 bits) the estimate is used as it is.
 
+// Whether V has the ISA's reciprocal and rsqrt estimates (float on AVX-512 or AVX2).
+template <typename V>
+constexpr bool kHasEstimates =
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    std::is_same_v<V, Vectorized<float>>;
+#else
+    false;
+#endif
+
+// The estimates alone (only where kHasEstimates<V>).
+template <typename V>
+inline V reciprocal_estimate(V a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return V(_mm512_rcp14_ps(a));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return V(_mm256_rcp_ps(a));
+#else
+  return a;
+#endif
+}
+
+template <typename V>
+inline V reciprocal_sqrt_estimate(V a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return V(_mm512_rsqrt14_ps(a));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return V(_mm256_rsqrt_ps(a));
+#else
+  return a;
+#endif
+}
+
 template <bool kFull = true, typename V>
 inline V reciprocal(V a) {
-  if constexpr (std::is_same_v<V, Vectorized<float>>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    const V r(_mm512_rcp14_ps(a));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const V r(_mm256_rcp_ps(a));
-#endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kHasEstimates<V>) {
+    const V r = reciprocal_estimate(a);
     if constexpr (!kFull) return r;
     return at::vec::fmadd(r, at::vec::fnmadd(a, r, V(1)), r);  // r + r·(1 − a·r)
-#endif
   }
   return V(1) / a;
 }
 
 template <bool kFull = true, typename V>
 inline V reciprocal_sqrt(V a) {
-  if constexpr (std::is_same_v<V, Vectorized<float>>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    const V r(_mm512_rsqrt14_ps(a));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const V r(_mm256_rsqrt_ps(a));
-#endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kHasEstimates<V>) {
+    const V r = reciprocal_sqrt_estimate(a);
     if constexpr (!kFull) return r;
     return r * at::vec::fnmadd(V(0.5f) * a * r, r, V(1.5f));  // r·(3/2 − a·r²/2)
-#endif
   }
   return V(1) / a.sqrt();
 }
@@ -155,8 +175,9 @@ inline V tanh_fast(V u) {
 }
 
 // ------------------------------------------------------------------ compression families
-// Each family is ψ_λ(z) = f(λz)/λ. eval gives ψ and ψ' = f'(λz) for λ > 0; dlam gives ∂ψ/∂λ
-// from z, ψ and ψ', finite for every λ ≥ 0 (λ = 0 passes ψ = z, ψ' = 1). Where the direct form
+// Each family is ψ_λ(z) = f(λz)/λ. eval gives ψ and ψ' = f'(λz) for λ > 0; value gives f(w) alone
+// (for callers that fold λ into their own scales); dlam gives ∂ψ/∂λ from z, ψ and ψ', finite for
+// every λ ≥ 0 (λ = 0 passes ψ = z, ψ' = 1). Where the direct form
 // (z·ψ' − ψ)/λ cancels, a Taylor series takes over, as in ibnorm/compression.py: below a cutoff
 // that depends on the precision, where the series' truncation error is below it.
 
@@ -175,6 +196,22 @@ struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
     psi = V(2) * z * reciprocal<kFull>(at::vec::fmadd(a, dpsi, one));  // s = a / sqrt(a)
   }
 
+  // f(w) = 2w·p, p = 1/(1 + s), s = sqrt(1 + t), t = |w|. From the estimates of 1/s and 1/(1 + s),
+  // one Newton step on h(p) = t·p² + 2p − 1 (whose root is p) with h'(p) = 2(t·p + 1) = 2s, so
+  // that the step needs only the estimate of 1/s at hand: 2p_next = 2p − h/s.
+  template <bool kFull, typename V>
+  static V value(V w) {
+    const V t = w.abs(), a = t + V(1);
+    if constexpr (kHasEstimates<V>) {
+      const V r = reciprocal_sqrt_estimate(a);
+      const V p = reciprocal_estimate(at::vec::fmadd(a, r, V(1)));
+      if constexpr (!kFull) return (w + w) * p;
+      const V h = at::vec::fmadd(t * p, p, at::vec::fmadd(V(2), p, V(-1)));
+      return w * at::vec::fnmadd(h, r, p + p);
+    }
+    return (w + w) / (V(1) + a.sqrt());
+  }
+
   // −z|z| / (s·(s + 1)²) = −z|z|·ψ'·(ψ' / (1 + ψ'))²: no cancellation at any λ.
   template <bool kFull, typename V>
   static V dlam(V z, V /*lam*/, V /*inv_lam*/, V /*psi*/, V dpsi) {
@@ -189,6 +226,11 @@ struct Logarithmic {  // ψ = sign(z)·log1p(t) / λ,  ψ' = 1 / (1 + t),  t = �
     const V t = lam * z.abs();
     psi = (log1p_nonnegative<kFull>(t) * inv_lam).copysign(z);
     dpsi = reciprocal<kFull>(V(1) + t);
+  }
+
+  template <bool kFull, typename V>
+  static V value(V w) {
+    return log1p_nonnegative<kFull>(w.abs()).copysign(w);
   }
 
   // z|z|·g(t), g(t) = (1/(1 + t) − log1p(t)/t)/t = −1/2 + 2t/3 − 3t²/4 + 4t³/5 − 5t⁴/6 + …
@@ -209,6 +251,11 @@ struct Tanh {  // ψ = tanh(u) / λ,  ψ' = 1 − tanh²(u),  u = λz
     dpsi = V(1) - th * th;
   }
 
+  template <bool kFull, typename V>
+  static V value(V w) {
+    return tanh_fast<kFull>(w);
+  }
+
   // z²·h(u), h(u) = (1 − tanh²u − tanh(u)/u)/u = −2u/3 + 8u³/15 − 34u⁵/105 + …
   template <bool kFull, typename V>
   static V dlam(V z, V lam, V inv_lam, V psi, V dpsi) {
@@ -226,7 +273,7 @@ class Psi {
 
  public:
   explicit Psi(double lam)
-      : identity_(lam == 0.0), lam_(acc_t(lam)), inv_lam_(acc_t(identity_ ? 0.0 : 1.0 / lam)) {}
+      : lam_scalar_(lam), identity_(lam == 0.0), lam_(acc_t(lam)), inv_lam_(acc_t(identity_ ? 0.0 : 1.0 / lam)) {}
 
   void operator()(Vec z, Vec& psi, Vec& dpsi) const {
     if (identity_) {
@@ -240,7 +287,25 @@ class Psi {
   // ∂ψ/∂λ at z, given ψ(z) and ψ'(z) from operator().
   Vec dlam(Vec z, Vec psi, Vec dpsi) const { return Family::template dlam<kFull>(z, lam_, inv_lam_, psi, dpsi); }
 
+  // k with ψ(z) = f(k·z)/k: λ where λ ∈ [2⁻²⁰, 2²⁰], else 1. Outside, λz and the statistics'
+  // factors 1/k, 1/k² could leave float's range, and a negative λ (a tensor λ is not
+  // range-checked) gets ψ's continuation in λ, as the other backends compute it (f(λz)/λ is even
+  // in λ): there ψ is evaluated directly.
+  double scale() const { return in_units() ? lam_scalar_ : 1.0; }
+
+  // scale()·ψ(z) from w = scale()·z.
+  Vec scaled(Vec w) const {
+    if (identity_) return w;
+    if (in_units()) return Family::template value<kFull>(w);
+    Vec psi, dpsi;
+    Family::template eval<kFull>(w, lam_, inv_lam_, psi, dpsi);
+    return psi;
+  }
+
  private:
+  bool in_units() const { return lam_scalar_ >= 0x1p-20 && lam_scalar_ <= 0x1p20; }
+
+  double lam_scalar_;
   bool identity_;
   Vec lam_;
   Vec inv_lam_;
@@ -504,7 +569,7 @@ class GroupKernel {
   GroupKernel(const Layout& layout, const Options& options, double lam, const acc_t* weight, const acc_t* bias)
       : layout_(layout), opt_(options), psi_(lam), weight_(weight), bias_(bias) {}
 
-  // y for group g with batch statistics (computed here, then y); `u` (numel) caches ψ.
+  // y for group g with batch statistics (computed here, then y); `u` (numel) caches k·ψ (see write_run).
   void forward(int64_t g, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st, acc_t* u) const {
     const int64_t len = layout_.length, n = layout_.numel();
     const Moments moments = input_moments(g, x);
@@ -512,11 +577,12 @@ class GroupKernel {
     st.var[g] = acc_t(moments.variance());
     const double rstd = 1.0 / std::sqrt(double(st.var[g]) + opt_.eps);
     st.rstd[g] = acc_t(rstd);
-    const Vec s1 = splat(opt_.standardized ? rstd : 1.0), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
+    const double k = psi_.scale();
+    const Vec w_scale = splat(k * (opt_.standardized ? rstd : 1.0)), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
 
-    // u = ψ(z) into the cache with Σu and Σu² in the same sweep: u is ψ of a centered input
-    // (or, for RMS, only Σu² is used), so its mean is small against its spread and the
-    // one-pass variance does not cancel.
+    // k·u = f(k·z) into the cache with its sum and sum of squares in the same sweep: u is ψ of a
+    // centered input (or, for RMS, only Σu² is used), so its mean is small against its spread and
+    // the one-pass variance does not cancel.
     double sum = 0, squares = 0;
     Vec acc_u(0), acc_uu(0);
     auto flush = [&] {
@@ -529,18 +595,16 @@ class GroupKernel {
       const scalar_t* xs = x + layout_.offset(g, s);
       acc_t* us = u + s * len;
       for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
-        Vec value, slope;
-        psi_((load(xs + i, c) - m1) * s1, value, slope);
-        value = keep(value, c);
+        const Vec value = keep(psi_.scaled((load(xs + i, c) - m1) * w_scale), c);
         value.store(us + i, c);
         acc_u += value;
         acc_uu = at::vec::fmadd(value, value, acc_uu);
       }, flush);
     }
     flush();
-    const double mean_psi = opt_.center ? sum / n : 0.0;
-    if (opt_.center) st.mean_psi[g] = acc_t(mean_psi);
-    st.var_psi[g] = acc_t(std::max(squares / n - mean_psi * mean_psi, 0.0));
+    const double mean_scaled = opt_.center ? sum / n : 0.0;
+    if (opt_.center) st.mean_psi[g] = acc_t(mean_scaled / k);
+    st.var_psi[g] = acc_t(std::max(squares / n - mean_scaled * mean_scaled, 0.0) / (k * k));
     st.rstd_psi[g] = acc_t(1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps));
     for (int64_t s = 0; s < layout_.segments; ++s) write_run<true>(g, s, x, y, st, u + s * len);
   }
@@ -551,23 +615,25 @@ class GroupKernel {
     st.rstd_psi[g] = acc_t(1.0 / std::sqrt(double(st.var_psi[g]) + opt_.eps));
   }
 
-  // y of run s of group g: û = (u − m)·r₂ and y = γ·û + β, with u from the cache `us` (kCached), or
-  // ψ of x (frozen statistics, where runs need no reduction and can go in memory order).
+  // y of run s of group g: û = (u − m)·r₂ and y = γ·û + β. ψ runs in λ's units: k·u = f(k·z)
+  // (k = λ, or 1 at λ = 0) with the 1/k folded into r₂, so it costs no multiply by λ or 1/λ.
+  // k·u comes from the cache `us` (kCached) or from x (frozen statistics, where runs need no
+  // reduction and can go in memory order), with k·z = x·α + β in one multiply-add as
+  // BatchNorm's eval does.
   template <bool kCached>
   void write_run(int64_t g, int64_t s, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st,
                  const acc_t* us) const {
     const int64_t len = layout_.length, offset = layout_.offset(g, s), channel = layout_.channel(g, s);
     const double rstd_psi = st.rstd_psi[g];
-    const Vec s1 = splat(opt_.standardized ? double(st.rstd[g]) : 1.0);
-    const Vec m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
-    const Vec a2 = splat(rstd_psi), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
+    const double k = psi_.scale();
+    const double x_scale = k * (opt_.standardized ? double(st.rstd[g]) : 1.0);
+    const Vec w_scale = splat(x_scale), w_shift = splat(-(opt_.center ? double(st.mean[g]) : 0.0) * x_scale);
+    const Vec a2 = splat(rstd_psi / k), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
     const scalar_t* xs = x + offset;
     scalar_t* ys = y + offset;
-    auto u_at = [&](int64_t i, int64_t c) {
+    auto u_at = [&](int64_t i, int64_t c) {  // k·u
       if constexpr (kCached) return Vec::loadu(us + i, c);
-      Vec value, slope;
-      psi_((load(xs + i, c) - m1) * s1, value, slope);
-      return value;
+      return psi_.scaled(at::vec::fmadd(load(xs + i, c), w_scale, w_shift));
     };
     if constexpr (kPerElement) {
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
