@@ -590,11 +590,17 @@ class GroupKernel {
       squares += hsum(acc_uu);
       acc_u = acc_uu = Vec(0);
     };
+    // A group's ψ sweep reads only L1 and is the costly one, while the next group's moments sweep
+    // waits on memory: where groups are contiguous (rows, group grouping), this sweep fetches the
+    // next group, so that memory and ψ overlap.
+    const bool contiguous = (layout_.segments == 1 || layout_.segment_stride == len) && layout_.group_stride == n;
+    const scalar_t* next = contiguous && g + 1 < layout_.groups ? x + layout_.offset(g + 1, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const scalar_t* xs = x + layout_.offset(g, s);
       acc_t* us = u + s * len;
       for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
+        if (next) __builtin_prefetch(next + s * len + i, 0, 2);
         const Vec value = keep(psi_.scaled((load(xs + i, c) - m1) * w_scale), c);
         value.store(us + i, c);
         acc_u += value;
