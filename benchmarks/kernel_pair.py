@@ -1,11 +1,11 @@
-"""One kernel case, the IB layer against its parent alone, sampled for longer.
+"""One kernel case, the IB layer against its parent alone, for A/B of two source trees.
 
-`ibnorm bench` interleaves five implementations per case (parent, cpp, compiled, eager, the
-composite) for a fixed number of rounds; the slow ones between two fast calls change what the
-fast ones find in cache, and a few rounds leave a median that moves by about ±0.1× between runs.
-This script alternates only the parent and the IB layer on the `cpp` backend, for at least
-`--seconds` of calls each per mode, and prints the paired ratios (median over rounds of IB time /
-parent time in the same round) for forward, forward+backward and inference (eval, no autograd).
+`ibnorm bench` times every case and implementation (each in a phase of its own against the
+parent). This script times only the `cpp` backend against the parent, for one case at any
+shape, for at least `--seconds` of calls per arm and mode, and prints the paired ratios (median
+over rounds of IB time / parent time in the same round) for forward, forward+backward and
+inference (eval, no autograd). Run in fresh processes that alternate between two checkouts
+(`PYTHONPATH=<tree>/src`), it compares kernel versions under the same machine conditions.
 
 Run (CPU, nothing else running):
   .venv/bin/python benchmarks/kernel_pair.py --grouping layer --shape 8192 1024 --dtype float32

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ibnorm.lab.benchmark import interleaved_times, paired_ratio
+from ibnorm.lab.benchmark import interleaved_times, paired_phases, paired_ratio
 
 
 def test_rounds_rotate_the_order_and_time_every_call():
@@ -29,6 +29,20 @@ def test_two_functions_alternate_and_min_seconds_adds_rounds():
     assert order[:4] == ["p", "i", "i", "p"]
     assert sum(samples["parent"]) >= 0.01 and len(samples["parent"]) == len(samples["ibnorm"]) >= 2
     assert len(samples["parent"]) <= 11  # each parent call sleeps 1 ms: 10 rounds reach 0.01 s
+
+
+def test_each_implementation_alternates_with_the_parent_in_a_phase_of_its_own():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("parent", "a", "b")}
+    samples, ratios = paired_phases(calls, repeats=2)
+    # per phase: two warm-up calls each, then rounds alternating the order; "a" never meets "b"
+    phase = lambda x: ["parent", "parent", x, x, "parent", x, x, "parent"]  # noqa: E731
+    assert order == phase("a") + phase("b")
+    assert {name: len(v) for name, v in samples.items()} == {"parent": 4, "a": 2, "b": 2}
+    for k, name in enumerate(("a", "b")):  # each ratio from its own phase's rounds
+        own = {"parent": samples["parent"][2 * k : 2 * k + 2], name: samples[name]}
+        assert ratios[name] == paired_ratio(own, name)
+    assert ratios["parent"] == 1.0
 
 
 def test_paired_ratio_is_the_median_of_the_rounds_ratios():

@@ -104,6 +104,8 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
         (["bench", "--lam", "-1"], "lam must be"),
         (["bench", "--placement", "middle"], "invalid choice: 'middle'"),
         (["bench", "--repeats", "0"], "--repeats must be a positive int"),
+        (["bench", "--seconds", "-1"], "--seconds must be a finite number >= 0"),
+        (["bench", "--seconds", "nan"], "--seconds must be a finite number >= 0"),
         (["nope"], "invalid choice: 'nope'"),
     ],
 )

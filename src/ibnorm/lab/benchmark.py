@@ -11,9 +11,11 @@ in training), backward (repeated on one retained graph), forward+backward and in
 * ``ib_eager``: the IB layer's fused Function with uncompiled bodies;
 * ``composite``: the IB layer as plain ops differentiated by autograd (the reference);
 
-timed in interleaved rounds (each implementation once per round, the order rotating, so drift
-on a shared machine hits all alike), and records the median time, the ratio to the parent (the
-median over rounds of the implementation's time over the parent's in that round), the bytes
+each timed against the parent in a phase of its own, the two alternating call by call (so that
+drift on a shared machine hits both alike, and a slow implementation never runs between the
+parent and a fast one), for at least ``repeats`` rounds and ``min_seconds`` of calls each; it
+records the median time, the ratio to the parent (the median over the phase's rounds of the
+implementation's time over the parent's in that round), the bytes
 autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
 ``ib_cpp`` and ``ib_compiled``, the first call's time (which includes building, loading or
 compiling).
@@ -67,6 +69,9 @@ CUDA_IMPLEMENTATIONS = ("parent", "ib_triton", "composite_compiled")
 TRAFFIC = {"forward": 2, "backward": 3, "fwd_bwd": 5}
 MODES = tuple(TRAFFIC)
 MODES_TIMED = (*MODES, "inference")
+# CPU kernel phases: at least this many seconds of calls per implementation and mode (a call of
+# a few hundred µs needs hundreds of samples for its median to settle).
+DEFAULT_MIN_SECONDS = 0.3
 
 
 def _variant(compression: str, lam: float, placement: str) -> str:
@@ -114,12 +119,32 @@ def paired_ratio(samples: dict[str, list[float]], name: str, base: str = "parent
     return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
 
 
+def paired_phases(
+    calls: dict[str, Callable[[], object]], repeats: int, min_seconds: float = 0.0, base: str = "parent"
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each implementation timed in its own phase alternating with ``base`` alone
+    (:func:`interleaved_times` of the pair): the samples of every implementation (``base``'s from
+    all phases) and each one's :func:`paired_ratio` from its phase. A slow implementation called
+    between two fast ones changes what they find in cache and in the allocator, so rounds of all
+    implementations together put the slow ones' footprint into the fast ones' ratios."""
+    samples: dict[str, list[float]] = {base: []}
+    ratios: dict[str, float] = {base: 1.0}
+    for name, call in calls.items():
+        if name == base:
+            continue
+        pair = interleaved_times({base: calls[base], name: call}, repeats, min_seconds)
+        samples[base] += pair[base]
+        samples[name] = pair[name]
+        ratios[name] = paired_ratio(pair, name, base)
+    return samples, ratios
+
+
 def _time_modes(
-    impls: dict[str, tuple[nn.Module, str]], x: torch.Tensor, grad: torch.Tensor, repeats: int
-) -> dict[str, dict[str, list[float]]]:
+    impls: dict[str, tuple[nn.Module, str]], x: torch.Tensor, grad: torch.Tensor, repeats: int, min_seconds: float
+) -> dict[str, tuple[dict[str, list[float]], dict[str, float]]]:
     """Per mode (forward, backward on a retained graph, forward+backward, inference), the
-    interleaved samples of every implementation: ``impls`` maps a name to its module and the
-    backend it runs on."""
+    :func:`paired_phases` of every implementation against the parent: ``impls`` maps a name to
+    its module and the backend it runs on."""
 
     def on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
         def call() -> object:
@@ -135,15 +160,15 @@ def _time_modes(
         "backward": {name: on(b, lambda y=graphs[name]: y.backward(grad, retain_graph=True)) for name, (m, b) in impls.items()},
         "fwd_bwd": {name: on(b, lambda m=m: m(x).backward(grad)) for name, (m, b) in impls.items()},
     }
-    samples = {mode: interleaved_times(calls, repeats) for mode, calls in modes.items()}
+    timed = {mode: paired_phases(calls, repeats, min_seconds) for mode, calls in modes.items()}
     modules = {module for module, _ in impls.values()}
     for module in modules:
         module.eval()  # inference: batch grouping switches to its running statistics
     with torch.no_grad():
-        samples["inference"] = interleaved_times(forward, repeats)  # the forward calls, now without autograd
+        timed["inference"] = paired_phases(forward, repeats, min_seconds)  # the forward calls, now without autograd
     for module in modules:
         module.train()
-    return samples
+    return timed
 
 
 def _cases(
@@ -173,6 +198,7 @@ def kernel_benchmark(
     placement: str = DEFAULT_PLACEMENT,
     row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
+    min_seconds: float = 0.0,
 ) -> list[dict[str, object]]:
     cases = _cases(groupings, dtypes, row_shapes, image_shapes)
     rows: list[dict[str, object]] = []
@@ -188,7 +214,7 @@ def kernel_benchmark(
                 module(x).backward(grad)
                 first_call_s[impl] = time.perf_counter() - start
                 saved_bytes[impl] = saved_tensor_bytes(lambda: module(x))
-        samples = _time_modes(impls, x, grad, repeats)
+        timed = _time_modes(impls, x, grad, repeats, min_seconds)
         for impl, backend in IMPLEMENTATIONS.items():
             rows.append(
                 {
@@ -197,10 +223,10 @@ def kernel_benchmark(
                     "dtype": dtype_name,
                     "impl": impl,
                     "variant": _variant(compression, lam, placement),
-                    **{f"{m}_s": round(statistics.median(samples[m][impl]), 6) for m in MODES_TIMED},
+                    **{f"{m}_s": round(statistics.median(timed[m][0][impl]), 6) for m in MODES_TIMED},
                     "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
                     "saved_bytes": saved_bytes[impl],
-                    **{f"ratio_{m}": round(paired_ratio(samples[m], impl), 3) for m in MODES_TIMED},
+                    **{f"ratio_{m}": round(timed[m][1][impl], 3) for m in MODES_TIMED},
                     "saved_bytes_ratio": round(saved_bytes[impl] / saved_bytes["parent"], 3),
                     "input_bytes": x.numel() * x.element_size(),
                 }
@@ -471,10 +497,13 @@ def run_benchmarks(
     placement: str = DEFAULT_PLACEMENT,
     quick: bool = False,
     device: str = "cpu",
+    min_seconds: Optional[float] = None,
 ) -> None:
     """What ``ibnorm bench`` runs: the kernel benchmark (and on CPU the model-step benchmark
     of ``models``) into ``out`` as CSV and PNG, with tables on stdout. ``repeats`` defaults
-    to 10 on CPU and 50 on CUDA; ``quick`` uses small shapes and 3 repeats (a smoke test).
+    to 10 on CPU and 50 on CUDA; on CPU each implementation and mode also gets at least
+    ``min_seconds`` of calls against the parent (default 0.3 s); ``quick`` uses small shapes,
+    3 repeats and no minimum (a smoke test).
     On CPU the process's allocator is made steady first (:func:`steady_allocator`)."""
     repeats = 3 if quick else repeats or (50 if device == "cuda" else 10)
     shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]} if quick else {}
@@ -482,7 +511,8 @@ def run_benchmarks(
         return _run_cuda(out, repeats, groupings, dtypes, compression, lam, placement, shapes)
     steady = steady_allocator()
     print(f"allocator: {'glibc mmap threshold fixed at 256 MiB' if steady else 'left as it is (no glibc mallopt)'}")
-    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, placement, **shapes)
+    min_seconds = 0.0 if quick else (DEFAULT_MIN_SECONDS if min_seconds is None else min_seconds)
+    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, placement, **shapes, min_seconds=min_seconds)
     atomic_write_csv(out / "kernels.csv", kernels)
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
                "ratio_inference", "saved_bytes_ratio", "first_call_s"]

@@ -33,7 +33,7 @@ from ibnorm.analysis.capture import SITES
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, get_compression
 
 from .analysis_run import ANALYSIS, analyze_run, merge_analysis_rows, output_folder
-from .benchmark import DTYPES, GROUPINGS, MODELS, run_benchmarks
+from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, MODELS, run_benchmarks
 from .experiments.arms import default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
 from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
@@ -367,7 +367,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help=f"default: the library's, {DEFAULT_COMPRESSION}")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"default: the library's, {DEFAULT_LAM}")
     parser.add_argument("--placement", default=DEFAULT_PLACEMENT, choices=PLACEMENTS, help=f"default: the library's, {DEFAULT_PLACEMENT}")
-    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (a smoke test)")
+    parser.add_argument(
+        "--seconds", type=float, default=None,
+        help=f"CPU: at least this many seconds of calls per implementation and mode, each against the parent "
+        f"(default {DEFAULT_MIN_SECONDS})",
+    )
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no --seconds minimum (a smoke test)")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="cuda: Triton kernels vs the parent and torch.compile of the composite, at GPU sizes, "
@@ -383,6 +388,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         _fail(parser, exc)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be a positive int, got {args.repeats}")
+    if args.seconds is not None and not (args.seconds >= 0 and math.isfinite(args.seconds)):
+        parser.error(f"--seconds must be a finite number >= 0, got {args.seconds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     run_benchmarks(
@@ -396,6 +403,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         placement=args.placement,
         quick=args.quick,
         device=args.device,
+        min_seconds=args.seconds,
     )
 
 
