@@ -580,6 +580,22 @@ def test_frozen_statistics_in_memory_order(kernels, shape) -> None:
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", ["S", "T"])
+def test_frozen_statistics_keep_precision_far_from_zero(kernels, family, placement) -> None:
+    """Eval statistics with |running_mean| ≫ σ: x − μ is exact near μ, so y stays within float32
+    rounding of the float64 reference (x·α − μ·α in one multiply-add would lose |μ|/σ·2⁻²⁴)."""
+    view = VIEWS["batch_eval"]
+    x, w, b, given, _ = _inputs(view, torch.float32, offset=1e4)
+    given = given._replace(mean=given.mean + 1e4)
+    as_float = GroupStats(**{name: t.float() for name, t in given._asdict().items() if t is not None})  # as buffers are
+    given = GroupStats(**{name: t.double() for name, t in as_float._asdict().items() if t is not None})
+    lam = torch.tensor(0.7)
+    y, _ = _run(_config(view, family, placement), x, w, b, lam, as_float)
+    want, _ = _reference(x.double(), w.double(), b.double(), lam.double(), given, view, family, placement)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_empty_inputs_do_not_reach_the_kernels(kernels, training) -> None:
     """A map with no positions: torch's BatchNorm returns an empty output in eval and raises in

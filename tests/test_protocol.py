@@ -206,6 +206,7 @@ def test_a_sharded_campaign_refuses_entries_whose_sweep_is_unfinished(tmp_path, 
         ([{"name": "a", "argv": ["train"]}], "must start with 'compare' or 'sweep'"),
         ([{"name": "a", "argv": ["sweep", "--out", "x"]}], "leave --out out"),
         ([{"name": "a", "argv": ["sweep", "--task", "t", "--seeds", "3"]}], "a sweep must state"),
+        ([{"name": "a", "stage": "final", "argv": ["sweep", "--task", "t", "--seeds", "3", "--lams", "0", "--families", "S", "--placements", "centered"]}], "a 'final' entry must be a compare"),
         ([{"name": "a", "argv": ["compare"]}, {"name": "a", "argv": ["compare"]}], "unique"),
     ],
 )

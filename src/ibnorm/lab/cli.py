@@ -116,6 +116,9 @@ def _train_and_report(
 ) -> None:
     if analyze_finals and args.shard.count > 1:
         _fail(parser, ValueError("--analyze-finals needs one process (no --shard): shards would write one analysis.jsonl at once"))
+    if analyze_finals and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # rank 0 would analyse while the other ranks wait in the next run's collectives, past their timeout
+        _fail(parser, ValueError("--analyze-finals needs one process (not torchrun): run `ibnorm analyze OUT` after training"))
     try:
         plans = make_plans(
             tasks,
@@ -160,12 +163,22 @@ def _train_and_report(
 
 
 def _analysis_of_finals(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
-    """After each final run: ``ibnorm analyze OUT --tasks TASK`` (its defaults; incremental, so
-    only the runs not analysed yet), while the model is on this machine."""
+    """After each final run: ``ibnorm analyze OUT`` (its defaults; incremental, so only the runs
+    not analysed yet), while the model is on this machine. A failed analysis is one warning
+    line, and training goes on: the run's row is saved, and a later ``ibnorm analyze OUT``
+    (``--retrain-missing`` where the model is gone) fills the gap."""
 
     def analyze(row: dict[str, Any]) -> None:
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
-        main(["analyze", str(args.out), "--tasks", row["task"], "--no-progress", *data_dir])
+        try:
+            main(["analyze", str(args.out), "--no-progress", *data_dir])
+        except (Exception, SystemExit) as exc:  # SystemExit: analyze's own one-line errors (exit 2)
+            reason = f"exit {exc.code}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            print(
+                f"ibnorm compare: warning: --analyze-finals: the analysis after {row['run_dir']} failed ({reason}); "
+                f"training goes on; run `ibnorm analyze {args.out}` later",
+                file=sys.stderr,
+            )
 
     return analyze
 

@@ -70,6 +70,9 @@ def load_plan(path: Path) -> list[Entry]:
             raise ValueError(f"plan entry {item.get('name')!r}: argv must start with 'compare' or 'sweep', got {argv[:1]}")
         if "--out" in argv:
             raise ValueError(f"plan entry {item['name']!r}: leave --out out; the entry's folder is docs/results/<name>")
+        if item.get("stage") == "final" and argv[0] != "compare":
+            # final entries get quiet timing and `analyze`, which read compare folders
+            raise ValueError(f"plan entry {item['name']!r}: a 'final' entry must be a compare, got {argv[0]!r}")
         if argv[0] == "sweep":
             missing = [flag for flag in SWEEP_FLAGS if flag not in argv]
             if missing:

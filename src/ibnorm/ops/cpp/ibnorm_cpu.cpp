@@ -591,16 +591,19 @@ class GroupKernel {
       acc_u = acc_uu = Vec(0);
     };
     // A group's ψ sweep reads only L1 and is the costly one, while the next group's moments sweep
-    // waits on memory: where groups are contiguous (rows, group grouping), this sweep fetches the
-    // next group, so that memory and ψ overlap.
-    const bool contiguous = (layout_.segments == 1 || layout_.segment_stride == len) && layout_.group_stride == n;
+    // waits on memory, and so do the stores of y (each line is read before it is written): where
+    // groups are contiguous (rows, group grouping), this sweep fetches the next group's x and this
+    // group's y, so that memory and ψ overlap.
+    const bool contiguous = is_contiguous();
     const scalar_t* next = contiguous && g + 1 < layout_.groups ? x + layout_.offset(g + 1, 0) : nullptr;
+    scalar_t* own_y = contiguous ? y + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const scalar_t* xs = x + layout_.offset(g, s);
       acc_t* us = u + s * len;
       for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
         if (next) __builtin_prefetch(next + s * len + i, 0, 2);
+        if (own_y) __builtin_prefetch(own_y + s * len + i, 1, 3);
         const Vec value = keep(psi_.scaled((load(xs + i, c) - m1) * w_scale), c);
         value.store(us + i, c);
         acc_u += value;
@@ -624,8 +627,8 @@ class GroupKernel {
   // y of run s of group g: û = (u − m)·r₂ and y = γ·û + β. ψ runs in λ's units: k·u = f(k·z)
   // (k = λ, or 1 at λ = 0) with the 1/k folded into r₂, so it costs no multiply by λ or 1/λ.
   // k·u comes from the cache `us` (kCached) or from x (frozen statistics, where runs need no
-  // reduction and can go in memory order), with k·z = x·α + β in one multiply-add as
-  // BatchNorm's eval does.
+  // reduction and can go in memory order), with k·z = (x − μ)·(k·r₁): x − μ is exact where x is
+  // near μ, which the one multiply-add x·α − μ·α (BatchNorm's eval) is not once |μ| ≫ σ.
   template <bool kCached>
   void write_run(int64_t g, int64_t s, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st,
                  const acc_t* us) const {
@@ -633,13 +636,13 @@ class GroupKernel {
     const double rstd_psi = st.rstd_psi[g];
     const double k = psi_.scale();
     const double x_scale = k * (opt_.standardized ? double(st.rstd[g]) : 1.0);
-    const Vec w_scale = splat(x_scale), w_shift = splat(-(opt_.center ? double(st.mean[g]) : 0.0) * x_scale);
+    const Vec w_scale = splat(x_scale), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
     const Vec a2 = splat(rstd_psi / k), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
     const scalar_t* xs = x + offset;
     scalar_t* ys = y + offset;
     auto u_at = [&](int64_t i, int64_t c) {  // k·u
       if constexpr (kCached) return Vec::loadu(us + i, c);
-      return psi_.scaled(at::vec::fmadd(load(xs + i, c), w_scale, w_shift));
+      return psi_.scaled((load(xs + i, c) - m1) * w_scale);
     };
     if constexpr (kPerElement) {
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
@@ -696,6 +699,10 @@ class GroupKernel {
       }
       flush_affine();
     };
+    // As in the forward, where groups are contiguous: sweep 1 fetches this group's g_x for writing,
+    // sweep 2 the next group's x and g_y, so that the memory-bound parts overlap the computing ones.
+    const bool contiguous = is_contiguous();
+    scalar_t* own_gx = contiguous && grad_x != nullptr ? grad_x + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s);
@@ -705,6 +712,7 @@ class GroupKernel {
       // Lanes past the end load g_y = 0 and are masked where a sum carries no g_y.
       for_vectors_flushed<acc_t>(len, pending, [&](int64_t i, int64_t c) {
         using at::vec::fmadd;
+        if (own_gx) __builtin_prefetch(own_gx + s * len + i, 1, 3);
         Vec value, slope;
         const Vec z = (load(xs + i, c) - m1) * s1;
         psi_(z, value, slope);
@@ -756,6 +764,9 @@ class GroupKernel {
     const double gx_slope = project && standardized ? -scale * total(kGDZ) * inv_n : 0.0;
 
     // Sweep 2: g_x.
+    const bool has_next = contiguous && g + 1 < layout_.groups;
+    const scalar_t* next_x = has_next ? x + layout_.offset(g + 1, 0) : nullptr;
+    const scalar_t* next_gy = has_next ? grad_y + layout_.offset(g + 1, 0) : nullptr;
     const Vec gu_scale = splat(rstd_psi), gu_shift = splat(shift), gu_slope = splat(slope);
     const Vec gx_scale = splat(scale), gx_shift_v = splat(gx_shift), gx_slope_v = splat(gx_slope);
     for (int64_t s = 0; s < layout_.segments; ++s) {
@@ -765,6 +776,10 @@ class GroupKernel {
       const acc_t *us = u + s * len, *ds = d + s * len;
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         using at::vec::fmadd;
+        if (next_x) {
+          __builtin_prefetch(next_x + s * len + i, 0, 2);
+          __builtin_prefetch(next_gy + s * len + i, 0, 2);
+        }
         const Vec g_u_hat = load(gs + i, c) * affine(weight_, channel, i, c);
         const Vec g_u = fmadd(g_u_hat, gu_scale, fmadd(Vec::loadu(us + i, c), gu_slope, gu_shift));
         Vec g_x = fmadd(g_u * Vec::loadu(ds + i, c), gx_scale, gx_shift_v);
@@ -776,6 +791,11 @@ class GroupKernel {
 
  private:
   static Vec splat(double value) { return Vec(acc_t(value)); }
+
+  // Whether each group is one contiguous block and the next group follows it (rows, group grouping).
+  bool is_contiguous() const {
+    return (layout_.segments == 1 || layout_.segment_stride == layout_.length) && layout_.group_stride == layout_.numel();
+  }
 
   // f(first, end, start, count) for group g's blocks of at most kFlushElements elements: runs
   // [first, end) restricted to [start, start + count) — whole short runs, or pieces of a long one.
