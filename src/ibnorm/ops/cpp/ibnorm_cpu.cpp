@@ -628,7 +628,9 @@ class GroupKernel {
   // (k = λ, or 1 at λ = 0) with the 1/k folded into r₂, so it costs no multiply by λ or 1/λ.
   // k·u comes from the cache `us` (kCached) or from x (frozen statistics, where runs need no
   // reduction and can go in memory order), with k·z = (x − μ)·(k·r₁): x − μ is exact where x is
-  // near μ, which the one multiply-add x·α − μ·α (BatchNorm's eval) is not once |μ| ≫ σ.
+  // near μ, which the one multiply-add x·α − μ·α (BatchNorm's eval) is not once |μ| ≫ σ. For
+  // bfloat16 and float16 inputs the multiply-add serves: its error, |μ·α|·2⁻²⁴, stays far below
+  // the input's own rounding near μ, |μ·α|·2⁻⁹ or 2⁻¹².
   template <bool kCached>
   void write_run(int64_t g, int64_t s, const scalar_t* x, scalar_t* y, const StatArrays<acc_t>& st,
                  const acc_t* us) const {
@@ -636,13 +638,15 @@ class GroupKernel {
     const double rstd_psi = st.rstd_psi[g];
     const double k = psi_.scale();
     const double x_scale = k * (opt_.standardized ? double(st.rstd[g]) : 1.0);
-    const Vec w_scale = splat(x_scale), m1 = splat(opt_.center ? double(st.mean[g]) : 0.0);
+    const double mean = opt_.center ? double(st.mean[g]) : 0.0;
+    const Vec w_scale = splat(x_scale), m1 = splat(mean), w_shift = splat(-mean * x_scale);
     const Vec a2 = splat(rstd_psi / k), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
     const scalar_t* xs = x + offset;
     scalar_t* ys = y + offset;
     auto u_at = [&](int64_t i, int64_t c) {  // k·u
       if constexpr (kCached) return Vec::loadu(us + i, c);
-      return psi_.scaled((load(xs + i, c) - m1) * w_scale);
+      if constexpr (kFullPrecision) return psi_.scaled((load(xs + i, c) - m1) * w_scale);
+      return psi_.scaled(at::vec::fmadd(load(xs + i, c), w_scale, w_shift));
     };
     if constexpr (kPerElement) {
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
@@ -854,8 +858,10 @@ class GroupKernel {
 
   Layout layout_;
   Options opt_;
-  // bfloat16 and float16 inputs take ψ from the unrefined reciprocal estimates (see reciprocal)
-  Psi<Family, acc_t, std::is_same_v<scalar_t, acc_t>> psi_;
+  // Whether the input carries acc_t's precision; bfloat16 and float16 inputs (8 and 11 bits) take
+  // ψ from the unrefined reciprocal estimates (see reciprocal), and frozen k·z from x·α + β.
+  static constexpr bool kFullPrecision = std::is_same_v<scalar_t, acc_t>;
+  Psi<Family, acc_t, kFullPrecision> psi_;
   const acc_t* weight_;
   const acc_t* bias_;
 };
