@@ -198,14 +198,19 @@ struct SignedRoot {  // ψ = 2z / (s + 1),  ψ' = 1/s,  s = sqrt(1 + λ|z|)
 
   // f(w) = 2w·p, p = 1/(1 + s), s = sqrt(1 + t), t = |w|. From the estimates of 1/s and 1/(1 + s),
   // one Newton step on h(p) = t·p² + 2p − 1 (whose root is p) with h'(p) = 2(t·p + 1) = 2s, so
-  // that the step needs only the estimate of 1/s at hand: 2p_next = 2p − h/s.
+  // that the step needs only the estimate of 1/s at hand: 2p_next = 2p − h/s. Unrefined (kFull
+  // false), 2p comes as the estimate of 1/q, q = (1 + s)/2 = b·rsqrt(b) + 1/2 with b = (1 + t)/4:
+  // the factors of 2 ride on exact power-of-two constants instead of a multiply of their own.
   template <bool kFull, typename V>
   static V value(V w) {
     const V t = w.abs(), a = t + V(1);
+    if constexpr (kHasEstimates<V> && !kFull) {
+      const V b = at::vec::fmadd(t, V(0.25f), V(0.25f));
+      return w * reciprocal_estimate(at::vec::fmadd(b, reciprocal_sqrt_estimate(b), V(0.5f)));
+    }
     if constexpr (kHasEstimates<V>) {
       const V r = reciprocal_sqrt_estimate(a);
       const V p = reciprocal_estimate(at::vec::fmadd(a, r, V(1)));
-      if constexpr (!kFull) return (w + w) * p;
       const V h = at::vec::fmadd(t * p, p, at::vec::fmadd(V(2), p, V(-1)));
       return w * at::vec::fnmadd(h, r, p + p);
     }
