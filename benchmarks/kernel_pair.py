@@ -20,7 +20,7 @@ import torch
 
 import ibnorm
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
-from ibnorm.lab.benchmark import DTYPES, GROUPINGS, _inputs, _layers, interleaved_times, paired_ratio, steady_allocator
+from ibnorm.lab.benchmark import DTYPES, GROUPINGS, _inputs, _layers, gradients, interleaved_times, paired_ratio, steady_allocator
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     parent, layer = _layers(args.grouping, args.shape, dtype, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
     modes = {
         "forward": {"parent": lambda: parent(x), "ib": lambda: layer(x)},
-        "fwd_bwd": {"parent": lambda: parent(x).backward(grad), "ib": lambda: layer(x).backward(grad)},
+        "fwd_bwd": {"parent": lambda: gradients(parent(x), x, parent, grad), "ib": lambda: gradients(layer(x), x, layer, grad)},
     }
     with ibnorm.use_backend("cpp"):
         samples = {mode: interleaved_times(calls, 20, args.seconds) for mode, calls in modes.items()}

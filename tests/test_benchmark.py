@@ -1,4 +1,5 @@
-"""The timing helpers of ``ibnorm bench``: interleaved rounds and paired ratios."""
+"""The timing helpers of ``ibnorm bench``: interleaved rounds, paired ratios, gradients that
+are returned rather than accumulated, and repeated runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import time
 
 import pytest
 
-from ibnorm.lab.benchmark import interleaved_times, paired_phases, paired_ratio
+import torch
+from torch import nn
+
+from ibnorm.lab.benchmark import combine_runs, gradients, interleaved_times, kernel_benchmark, paired_phases, paired_ratio
 
 
 def test_rounds_rotate_the_order_and_time_every_call():
@@ -59,3 +63,41 @@ def test_steady_allocator_fixes_glibcs_thresholds_or_says_it_cannot():
 
     has_mallopt = platform.system() == "Linux" and hasattr(ctypes.CDLL(None), "mallopt")
     assert steady_allocator() is has_mallopt
+
+
+def test_gradients_are_returned_and_leave_every_grad_unset():
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(6)
+    x = torch.randn(4, 6, requires_grad=True)
+    grad = torch.randn(4, 6)
+    g_x, g_w, g_b = gradients(layer(x), x, layer, grad)
+    # against the derivative of the layer written out: y = γ·(x − μ)/σ + β
+    mu, var = x.detach().mean(-1, keepdim=True), x.detach().var(-1, unbiased=False, keepdim=True)
+    r = (var + layer.eps).rsqrt()
+    xhat = (x.detach() - mu) * r
+    gh = grad * layer.weight.detach()
+    expected = r * (gh - gh.mean(-1, keepdim=True) - xhat * (gh * xhat).mean(-1, keepdim=True))
+    torch.testing.assert_close(g_x, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_w, (grad * xhat).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_b, grad.sum(0))
+    assert x.grad is None and layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_combine_runs_takes_medians_ranges_and_totals_over_runs():
+    run = lambda r, n, t: [{"case": "a", "ratio": r, "n": n, "t": t}, {"case": "b", "ratio": 2 * r, "n": n, "t": t}]  # noqa: E731
+    rows = combine_runs([run(1.2, 10, 9.0), run(1.0, 12, 5.0), run(1.5, 11, 1.0)], ["ratio", "t"], ["ratio"], ["n"])
+    assert rows[0] == {"case": "a", "ratio": 1.2, "n": 33, "t": 5.0, "ratio_min": 1.0, "ratio_max": 1.5, "runs": 3}
+    assert rows[1]["ratio"] == 2.4 and (rows[1]["ratio_min"], rows[1]["ratio_max"]) == (2.0, 3.0)
+    assert combine_runs([run(1.0, 1, 1.0), run(2.0, 1, 1.0)], ["ratio"])[0]["ratio"] == 1.5  # even count: the midpoint
+    with pytest.raises(ValueError, match="same rows"):
+        combine_runs([run(1.0, 1, 1.0), run(1.0, 1, 1.0)[:1]], ["ratio"])
+
+
+def test_kernel_benchmark_times_the_chosen_implementations_once_per_run():
+    rows = kernel_benchmark(["layer"], ["float32"], repeats=2, row_shapes=[(8, 16)], impls=["ib_eager"], runs=2)
+    assert [r["impl"] for r in rows] == ["parent", "ib_eager"]
+    assert all(r["runs"] == 2 and r["ratio_fwd_bwd_min"] <= r["ratio_fwd_bwd"] <= r["ratio_fwd_bwd_max"] for r in rows)
+    with pytest.raises(ValueError, match="impls must be among"):
+        kernel_benchmark(["layer"], ["float32"], row_shapes=[(8, 16)], impls=["ib_fast"])
+    with pytest.raises(ValueError, match="runs must be a positive int"):
+        kernel_benchmark(["layer"], ["float32"], row_shapes=[(8, 16)], runs=0)

@@ -80,6 +80,19 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
     assert "backend resolved for cpu" in capsys.readouterr().out
 
 
+def test_bench_runs_reports_the_median_and_range_of_the_chosen_implementations(tmp_path, capsys):
+    main(["bench", "--quick", "--groupings", "rms", "--dtypes", "float32", "--models", "--impls", "ib_eager",
+          "--runs", "2", "--out", str(tmp_path)])
+    lines = (tmp_path / "kernels.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert [r["impl"] for r in rows] == ["parent", "ib_eager"]
+    assert all(r["runs"] == "2" for r in rows)
+    eager = rows[1]
+    assert float(eager["ratio_fwd_bwd_min"]) <= float(eager["ratio_fwd_bwd"]) <= float(eager["ratio_fwd_bwd_max"])
+    assert "ratio_fwd_bwd_max" in capsys.readouterr().out.splitlines()[1]  # the table's header shows the range
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -106,6 +119,9 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
         (["bench", "--repeats", "0"], "--repeats must be a positive int"),
         (["bench", "--seconds", "-1"], "--seconds must be a finite number >= 0"),
         (["bench", "--seconds", "nan"], "--seconds must be a finite number >= 0"),
+        (["bench", "--runs", "0"], "--runs must be a positive int"),
+        (["bench", "--impls", "ib_fast"], "invalid choice: 'ib_fast'"),
+        (["bench", "--device", "cuda", "--runs", "3"], "--runs and --impls apply to the CPU benchmark only"),
         (["nope"], "invalid choice: 'nope'"),
     ],
 )

@@ -18,7 +18,10 @@ records the median time, the ratio to the parent (the median over the phase's ro
 implementation's time over the parent's in that round), the bytes
 autograd saves for backward (unique storages seen by ``saved_tensors_hooks``) and, for
 ``ib_cpp`` and ``ib_compiled``, the first call's time (which includes building, loading or
-compiling).
+compiling). Gradients are returned, not accumulated into ``.grad`` (:func:`gradients`).
+``--impls`` narrows the implementations; ``--runs K`` times everything K times over on fresh
+tensors and reports the median ratio with its range (:func:`combine_runs`): on a shared VM one
+run's ratio moves by a tenth or more with where its buffers land.
 
 With ``--device cuda`` it times, at transformer and ResNet sizes, with CUDA events after an
 L2 flush, the torch layer (``parent``), the IB layer on its hand-written Triton kernels
@@ -139,6 +142,46 @@ def paired_phases(
     return samples, ratios
 
 
+def gradients(
+    y: torch.Tensor, x: torch.Tensor, module: nn.Module, grad: torch.Tensor, retain_graph: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``x`` and of ``module``'s trainable parameters for upstream ``grad``,
+    returned, not added into ``.grad``. In a training step x's gradient flows on to the layer
+    below and ``zero_grad(set_to_none=True)`` leaves the parameters' to be assigned; adding into
+    a leaf's ``.grad`` would time one more read-modify-write of x's size, the same for every
+    implementation, and so pull every ratio towards 1."""
+    inputs = (x, *(p for p in module.parameters() if p.requires_grad))
+    return torch.autograd.grad(y, inputs, grad, retain_graph=retain_graph)
+
+
+def combine_runs(
+    runs: Sequence[Sequence[dict[str, object]]],
+    median_columns: Sequence[str],
+    range_columns: Sequence[str] = (),
+    sum_columns: Sequence[str] = (),
+) -> list[dict[str, object]]:
+    """Rows of repeated runs of one benchmark (the same rows in the same order in each run) as
+    one row each: the first run's values, with ``median_columns`` replaced by their median over
+    runs, ``sum_columns`` by their total, ``<c>_min`` and ``<c>_max`` added for each of
+    ``range_columns`` and ``runs`` the number of runs."""
+    if not runs:
+        raise ValueError("runs must hold at least one run's rows, got none")
+    if len({len(rows) for rows in runs}) != 1:
+        raise ValueError(f"every run must have the same rows, got runs of {sorted({len(r) for r in runs})} rows")
+    combined = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for c in median_columns:
+            row[c] = round(statistics.median(float(r[c]) for r in rows), 6)
+        for c in sum_columns:
+            row[c] = sum(r[c] for r in rows)
+        for c in range_columns:
+            row[f"{c}_min"], row[f"{c}_max"] = min(r[c] for r in rows), max(r[c] for r in rows)
+        row["runs"] = len(rows)
+        combined.append(row)
+    return combined
+
+
 def _time_modes(
     impls: dict[str, tuple[nn.Module, str]], x: torch.Tensor, grad: torch.Tensor, repeats: int, min_seconds: float
 ) -> dict[str, tuple[dict[str, list[float]], dict[str, float]]]:
@@ -157,8 +200,10 @@ def _time_modes(
     graphs = {name: call() for name, call in forward.items()}
     modes = {
         "forward": forward,
-        "backward": {name: on(b, lambda y=graphs[name]: y.backward(grad, retain_graph=True)) for name, (m, b) in impls.items()},
-        "fwd_bwd": {name: on(b, lambda m=m: m(x).backward(grad)) for name, (m, b) in impls.items()},
+        "backward": {
+            name: on(b, lambda y=graphs[name], m=m: gradients(y, x, m, grad, retain_graph=True)) for name, (m, b) in impls.items()
+        },
+        "fwd_bwd": {name: on(b, lambda m=m: gradients(m(x), x, m, grad)) for name, (m, b) in impls.items()},
     }
     timed = {mode: paired_phases(calls, repeats, min_seconds) for mode, calls in modes.items()}
     modules = {module for module, _ in impls.values()}
@@ -199,39 +244,66 @@ def kernel_benchmark(
     row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
     min_seconds: float = 0.0,
+    impls: Sequence[str] = tuple(IMPLEMENTATIONS),
+    runs: int = 1,
 ) -> list[dict[str, object]]:
+    """One row per case and implementation (``parent`` and ``impls``). With ``runs`` > 1 the
+    whole set of cases is timed ``runs`` times over, on fresh tensors each time (the ratio of one
+    timing moves with where its buffers land and with what the machine does meanwhile), and each
+    row holds the medians over runs, with the forward+backward and inference ratios' ranges
+    (:func:`combine_runs`); ``first_call_s`` is the first run's."""
+    unknown = [i for i in impls if i not in IMPLEMENTATIONS]
+    if unknown:
+        raise ValueError(f"impls must be among {list(IMPLEMENTATIONS)}, got {unknown}")
+    if runs < 1:
+        raise ValueError(f"runs must be a positive int, got {runs}")
+    chosen = {i: b for i, b in IMPLEMENTATIONS.items() if i == "parent" or i in impls}
     cases = _cases(groupings, dtypes, row_shapes, image_shapes)
-    rows: list[dict[str, object]] = []
-    for grouping, shape, dtype_name in tqdm(cases, desc="kernel benchmark"):
-        dtype = DTYPES[dtype_name]
-        x, grad = _inputs(shape, dtype)
-        parent, layer = _layers(grouping, shape, dtype, compression, lam, placement)
-        impls = {impl: (parent, "eager") if backend is None else (layer, backend) for impl, backend in IMPLEMENTATIONS.items()}
-        first_call_s, saved_bytes = {}, {}
-        for impl, (module, backend) in impls.items():
-            with use_backend(backend):
-                start = time.perf_counter()  # the first call builds, loads or compiles, where anything does
-                module(x).backward(grad)
-                first_call_s[impl] = time.perf_counter() - start
-                saved_bytes[impl] = saved_tensor_bytes(lambda: module(x))
-        timed = _time_modes(impls, x, grad, repeats, min_seconds)
-        for impl, backend in IMPLEMENTATIONS.items():
-            rows.append(
-                {
-                    "grouping": grouping,
-                    "shape": "x".join(map(str, shape)),
-                    "dtype": dtype_name,
-                    "impl": impl,
-                    "variant": _variant(compression, lam, placement),
-                    **{f"{m}_s": round(statistics.median(timed[m][0][impl]), 6) for m in MODES_TIMED},
-                    "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
-                    "saved_bytes": saved_bytes[impl],
-                    **{f"ratio_{m}": round(timed[m][1][impl], 3) for m in MODES_TIMED},
-                    "saved_bytes_ratio": round(saved_bytes[impl] / saved_bytes["parent"], 3),
-                    "input_bytes": x.numel() * x.element_size(),
-                }
-            )
-    return rows
+    per_run: list[list[dict[str, object]]] = []
+    progress = tqdm(total=runs * len(cases), desc="kernel benchmark")
+    for _ in range(runs):
+        rows: list[dict[str, object]] = []
+        for grouping, shape, dtype_name in cases:
+            rows += _kernel_case(grouping, shape, dtype_name, chosen, repeats, compression, lam, placement, min_seconds)
+            progress.update()
+        per_run.append(rows)
+    progress.close()
+    ratios = [f"ratio_{m}" for m in MODES_TIMED]
+    return combine_runs(per_run, [f"{m}_s" for m in MODES_TIMED] + ratios, ["ratio_fwd_bwd", "ratio_inference"])
+
+
+def _kernel_case(
+    grouping: str, shape: tuple[int, ...], dtype_name: str, chosen: dict[str, Optional[str]], repeats: int,
+    compression: str, lam: float, placement: str, min_seconds: float,
+) -> list[dict[str, object]]:
+    dtype = DTYPES[dtype_name]
+    x, grad = _inputs(shape, dtype)
+    parent, layer = _layers(grouping, shape, dtype, compression, lam, placement)
+    impls = {impl: (parent, "eager") if backend is None else (layer, backend) for impl, backend in chosen.items()}
+    first_call_s, saved_bytes = {}, {}
+    for impl, (module, backend) in impls.items():
+        with use_backend(backend):
+            start = time.perf_counter()  # the first call builds, loads or compiles, where anything does
+            gradients(module(x), x, module, grad)
+            first_call_s[impl] = time.perf_counter() - start
+            saved_bytes[impl] = saved_tensor_bytes(lambda: module(x))
+    timed = _time_modes(impls, x, grad, repeats, min_seconds)
+    return [
+        {
+            "grouping": grouping,
+            "shape": "x".join(map(str, shape)),
+            "dtype": dtype_name,
+            "impl": impl,
+            "variant": _variant(compression, lam, placement),
+            **{f"{m}_s": round(statistics.median(timed[m][0][impl]), 6) for m in MODES_TIMED},
+            "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
+            "saved_bytes": saved_bytes[impl],
+            **{f"ratio_{m}": round(timed[m][1][impl], 3) for m in MODES_TIMED},
+            "saved_bytes_ratio": round(saved_bytes[impl] / saved_bytes["parent"], 3),
+            "input_bytes": x.numel() * x.element_size(),
+        }
+        for impl, backend in chosen.items()
+    ]
 
 
 def _cuda_median_time(run: Callable[[], object], prepare: Callable[[], object], repeats: int) -> float:
@@ -393,34 +465,47 @@ def model_step_benchmark(
     lam: float = DEFAULT_LAM,
     placement: str = DEFAULT_PLACEMENT,
     min_seconds: float = 5.0,
+    runs: int = 1,
 ) -> list[dict[str, object]]:
     """Training-step time of each tiny model with its norms and converted to IBNorm: the
     median step of each arm, and the overhead as the median over interleaved pairs of
-    ibnorm step / parent step, minus 1."""
+    ibnorm step / parent step, minus 1. With ``runs`` > 1 every model is built and timed
+    ``runs`` times over and each row holds the medians over runs with the overhead's range."""
+    if runs < 1:
+        raise ValueError(f"runs must be a positive int, got {runs}")
     specs = _tiny_models()
-    rows = []
-    for name in tqdm(models, desc="model-step benchmark"):
-        build, loss_fn = specs[name]
-        torch.manual_seed(0)
-        parent = build()
-        converted, record = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
-        steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
-        samples = interleaved_times(steps, repeats, min_seconds, warmup=15)  # warm-up: allocator, thread pool
-        times = {arm: statistics.median(v) for arm, v in samples.items()}
-        ratio = paired_ratio(samples, "ibnorm")
-        rows.append(
-            {
-                "model": name,
-                "variant": _variant(compression, lam, placement),
-                "backend": dispatch.resolve_backend(torch.device("cpu")),
-                "norm_layers": len(record),
-                "parent_step_s": round(times["parent"], 5),
-                "ibnorm_step_s": round(times["ibnorm"], 5),
-                "pairs": len(samples["parent"]),
-                "overhead_pct": round(100 * (ratio - 1), 2),
-            }
-        )
-    return rows
+    per_run: list[list[dict[str, object]]] = []
+    progress = tqdm(total=runs * len(models), desc="model-step benchmark")
+    for _ in range(runs):
+        rows = []
+        for name in models:
+            rows.append(_model_step(name, *specs[name], repeats, compression, lam, placement, min_seconds))
+            progress.update()
+        per_run.append(rows)
+    progress.close()
+    return combine_runs(per_run, ["parent_step_s", "ibnorm_step_s", "overhead_pct"], ["overhead_pct"], ["pairs"])
+
+
+def _model_step(
+    name: str, build: Callable[[], nn.Module], loss_fn: Callable[[nn.Module], torch.Tensor], repeats: int,
+    compression: str, lam: float, placement: str, min_seconds: float,
+) -> dict[str, object]:
+    torch.manual_seed(0)
+    parent = build()
+    converted, record = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
+    steps = {arm: _train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
+    samples = interleaved_times(steps, repeats, min_seconds, warmup=15)  # warm-up: allocator, thread pool
+    times = {arm: statistics.median(v) for arm, v in samples.items()}
+    return {
+        "model": name,
+        "variant": _variant(compression, lam, placement),
+        "backend": dispatch.resolve_backend(torch.device("cpu")),
+        "norm_layers": len(record),
+        "parent_step_s": round(times["parent"], 5),
+        "ibnorm_step_s": round(times["ibnorm"], 5),
+        "pairs": len(samples["parent"]),
+        "overhead_pct": round(100 * (paired_ratio(samples, "ibnorm") - 1), 2),
+    }
 
 
 def plot_kernels(
@@ -432,22 +517,25 @@ def plot_kernels(
     title: Optional[str] = None,
 ) -> Optional[Path]:
     """Bar chart of ``value`` per case and implementation (default: forward+backward time
-    relative to the parent, for every IB implementation); None if matplotlib is missing."""
+    relative to the parent, for every IB implementation in ``rows``), with the range over runs
+    as whiskers where the rows combine several; None if matplotlib is missing."""
     try:
         plt = pyplot()
     except ImportError:
         return None
 
     labels = sorted({(r["grouping"], r["shape"], r["dtype"]) for r in rows}, key=str)
-    impls = impls or [i for i in IMPLEMENTATIONS if i != "parent"]
+    present = {r["impl"] for r in rows}
+    impls = impls or [i for i in IMPLEMENTATIONS if i != "parent" and i in present]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 4.5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
-        values = [
-            next(r[value] for r in rows if (r["grouping"], r["shape"], r["dtype"]) == label and r["impl"] == impl)
-            for label in labels
-        ]
-        ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl)
+        cells = [next(r for r in rows if (r["grouping"], r["shape"], r["dtype"]) == label and r["impl"] == impl) for label in labels]
+        values = [r[value] for r in cells]
+        spread = None
+        if cells[0].get("runs", 1) > 1 and f"{value}_min" in cells[0]:  # the bar is the median, the whisker the range
+            spread = [[r[value] - r[f"{value}_min"] for r in cells], [r[f"{value}_max"] - r[value] for r in cells]]
+        ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl, yerr=spread, capsize=2)
     if value.startswith("ratio"):
         ax.axhline(1.0, color="black", lw=1)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))])
@@ -498,13 +586,16 @@ def run_benchmarks(
     quick: bool = False,
     device: str = "cpu",
     min_seconds: Optional[float] = None,
+    impls: Sequence[str] = tuple(IMPLEMENTATIONS),
+    runs: int = 1,
 ) -> None:
     """What ``ibnorm bench`` runs: the kernel benchmark (and on CPU the model-step benchmark
     of ``models``) into ``out`` as CSV and PNG, with tables on stdout. ``repeats`` defaults
     to 10 on CPU and 50 on CUDA; on CPU each implementation and mode also gets at least
     ``min_seconds`` of calls against the parent (default 0.3 s); ``quick`` uses small shapes,
-    3 repeats and no minimum (a smoke test).
-    On CPU the process's allocator is made steady first (:func:`steady_allocator`)."""
+    3 repeats and no minimum (a smoke test). On CPU, ``impls`` picks the implementations timed
+    against the parent and ``runs`` repeats both benchmarks, reporting medians and ranges over
+    runs. On CPU the process's allocator is made steady first (:func:`steady_allocator`)."""
     repeats = 3 if quick else repeats or (50 if device == "cuda" else 10)
     shapes = {"row_shapes": [(256, 128)], "image_shapes": [(8, 32, 8, 8)]} if quick else {}
     if device == "cuda":
@@ -512,18 +603,21 @@ def run_benchmarks(
     steady = steady_allocator()
     print(f"allocator: {'glibc mmap threshold fixed at 256 MiB' if steady else 'left as it is (no glibc mallopt)'}")
     min_seconds = 0.0 if quick else (DEFAULT_MIN_SECONDS if min_seconds is None else min_seconds)
-    kernels = kernel_benchmark(groupings, dtypes, repeats, compression, lam, placement, **shapes, min_seconds=min_seconds)
+    kernels = kernel_benchmark(
+        groupings, dtypes, repeats, compression, lam, placement, **shapes, min_seconds=min_seconds, impls=impls, runs=runs
+    )
     atomic_write_csv(out / "kernels.csv", kernels)
+    ranges = ["ratio_fwd_bwd_min", "ratio_fwd_bwd_max", "ratio_inference_min", "ratio_inference_max", "runs"] if runs > 1 else []
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
-               "ratio_inference", "saved_bytes_ratio", "first_call_s"]
+               "ratio_inference", *ranges, "saved_bytes_ratio", "first_call_s"]
     print(format_table(kernels, columns))
     plot = plot_kernels(kernels, out / "kernels.png")
     print(f"\nwrote {out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     if models:
-        steps = model_step_benchmark(models, repeats, compression, lam, placement, min_seconds=0.0 if quick else 5.0)
+        steps = model_step_benchmark(models, repeats, compression, lam, placement, min_seconds=0.0 if quick else 5.0, runs=runs)
         atomic_write_csv(out / "model_step.csv", steps)
         print()
-        print(format_table(steps, list(steps[0])))
+        print(format_table(steps, [c for c in steps[0] if runs > 1 or c not in ("overhead_pct_min", "overhead_pct_max", "runs")]))
         print(f"\nwrote {out / 'model_step.csv'}")
     print(f"backend resolved for cpu: {dispatch.resolve_backend(torch.device('cpu'))}; torch {torch.__version__}")
 

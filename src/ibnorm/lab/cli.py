@@ -33,7 +33,7 @@ from ibnorm.analysis.capture import SITES
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, get_compression
 
 from .analysis_run import ANALYSIS, analyze_run, merge_analysis_rows, output_folder
-from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, MODELS, run_benchmarks
+from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
 from .experiments.arms import default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
 from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
@@ -385,6 +385,15 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"CPU: at least this many seconds of calls per implementation and mode, each against the parent "
         f"(default {DEFAULT_MIN_SECONDS})",
     )
+    parser.add_argument(
+        "--impls", nargs="+", default=None,
+        choices=[i for i in IMPLEMENTATIONS if i != "parent"],
+        help="CPU: the IB implementations timed against the parent (default: all)",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1,
+        help="CPU: time everything this many times over, on fresh tensors, and report the median ratio and its range",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no --seconds minimum (a smoke test)")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -403,6 +412,10 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         parser.error(f"--repeats must be a positive int, got {args.repeats}")
     if args.seconds is not None and not (args.seconds >= 0 and math.isfinite(args.seconds)):
         parser.error(f"--seconds must be a finite number >= 0, got {args.seconds}")
+    if args.runs < 1:
+        parser.error(f"--runs must be a positive int, got {args.runs}")
+    if args.device == "cuda" and (args.runs != 1 or args.impls is not None):
+        parser.error("--runs and --impls apply to the CPU benchmark only, not --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     run_benchmarks(
@@ -417,6 +430,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         quick=args.quick,
         device=args.device,
         min_seconds=args.seconds,
+        impls=args.impls or tuple(IMPLEMENTATIONS),
+        runs=args.runs,
     )
 
 
