@@ -75,10 +75,12 @@ def _have_compiler() -> bool:
 
 
 @pytest.fixture(scope="module")
-def kernels() -> None:
+def kernels():
+    """The loaded extension module (skips without a compiler)."""
     if not _have_compiler():
         pytest.skip("no C++ compiler: the C++ kernels cannot be built here")
     assert cpp.available(), "a C++ compiler is present but the ibnorm C++ kernels did not build (see the warning)"
+    return cpp.load()
 
 
 def _config(view: View, family: str | Compression, placement: str, has_weight: bool = True) -> KernelConfig:
@@ -314,6 +316,29 @@ def test_long_groups_far_from_zero(kernels, view: View, placement: str) -> None:
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=3.05e-5, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(kx.grad.double(), rx.grad, rtol=1e-4, atol=1e-4, msg="grad x")
     torch.testing.assert_close(klam.grad.double(), rlam.grad, rtol=1e-4, atol=1e-3, msg="grad lam")
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        View((4096, 1024), (1,), (0,), True, (1, 1024), True, False),  # every row 64-byte aligned
+        View((4100, 1030), (1,), (0,), True, (1, 1030), True, False),  # rows at every offset, partial vectors
+        View((16, 256, 1030), (0, 2), (0, 2), True, (1, 256, 1), True, False),
+        View((16, 256, 1030), (0, 2), (0, 2), True, (1, 256, 1), True, True),
+        View((16, 32, 8, 1030), (2, 3), (0, 3), True, (1, 32, 8, 1), True, False),
+    ],
+    ids=["layer_aligned", "layer", "batch", "batch_eval", "group"],
+)
+def test_outputs_large_enough_for_streaming_stores(kernels, view: View) -> None:
+    """y and g_x of at least the kernels' streaming threshold are written with non-temporal
+    stores where a run is vector-aligned, plainly elsewhere, on two threads."""
+    assert torch.Size(view.shape).numel() * 4 >= kernels.stream_bytes()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(view, "S", "centered", torch.float32, lam_value=0.5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_function_rejects_what_it_cannot_serve(kernels) -> None:

@@ -15,7 +15,8 @@
 // at most 2048 elements, each read twice while in L1 (its mean, then its squared deviations) and
 // merged by Chan's update; ψ's output is cached and its moments summed as it is written (u is ψ
 // of a centered input, so that one-pass variance does not cancel). So the forward reads x from
-// memory twice (a row once: the later sweeps hit L1), caches u, and writes y once.
+// memory twice (a row once: the later sweeps hit L1), caches u, and writes y once: float32
+// outputs of kStreamBytes or more with non-temporal stores, which skip reading the line first.
 //
 // Backward (see ibnorm/ops/function.py for the derivation), with r₁, r₂ the two rsqrt factors:
 //   g_û = γ·g_y
@@ -40,6 +41,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -359,6 +361,48 @@ inline void store(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count) 
   }
 }
 
+// Outputs of at least this many bytes are written with non-temporal stores where they can be
+// (float32, vector-aligned runs): a plain store first reads its line from memory, a third more
+// traffic for a memory-bound kernel, and an output this large leaves the cache before the next
+// layer reads it anyway. ATen's norms store plainly, so the large cases beat them by that read.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether full vectors of scalar_t at p (and at p + every multiple of the vector size) can be
+// stored non-temporally.
+template <typename scalar_t>
+inline bool can_stream(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return std::is_same_v<scalar_t, float> && reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<float>) == 0;
+#else
+  return false;
+#endif
+}
+
+// store(), non-temporally for a full vector where `stream` (from can_stream of the run's start).
+template <typename scalar_t>
+inline void store_maybe_streaming(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream && count == Vectorized<float>::size()) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(p, v);
+#else
+      _mm256_stream_ps(p, v);
+#endif
+      return;
+    }
+  }
+#endif
+  store(p, v, count);
+}
+
+// Orders this thread's non-temporal stores before what follows (the end of a parallel chunk).
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Zero the lanes past `count`, so a partial last vector adds nothing to a reduction.
 template <typename acc_t>
 inline Vectorized<acc_t> keep(Vectorized<acc_t> v, int64_t count) {
@@ -511,6 +555,7 @@ struct Options {
   bool center;        // subtract means (all groupings but RMS)
   bool standardized;  // ψ on the standardized z, else on x − μ
   bool frozen;        // statistics given, not reduced
+  bool stream;        // y or g_x large enough for non-temporal stores (kStreamBytes)
 };
 
 // Per-group statistics, flat over groups; mean arrays are null without centering.
@@ -601,7 +646,7 @@ class GroupKernel {
     // group's y, so that memory and ψ overlap.
     const bool contiguous = is_contiguous();
     const scalar_t* next = contiguous && g + 1 < layout_.groups ? x + layout_.offset(g + 1, 0) : nullptr;
-    scalar_t* own_y = contiguous ? y + layout_.offset(g, 0) : nullptr;
+    scalar_t* own_y = contiguous && !opt_.stream ? y + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const scalar_t* xs = x + layout_.offset(g, s);
@@ -648,6 +693,7 @@ class GroupKernel {
     const Vec a2 = splat(rstd_psi / k), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
     const scalar_t* xs = x + offset;
     scalar_t* ys = y + offset;
+    const bool stream = opt_.stream && can_stream(ys);
     auto u_at = [&](int64_t i, int64_t c) {  // k·u
       if constexpr (kCached) return Vec::loadu(us + i, c);
       if constexpr (kFullPrecision) return psi_.scaled((load(xs + i, c) - m1) * w_scale);
@@ -656,12 +702,14 @@ class GroupKernel {
     if constexpr (kPerElement) {
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         const Vec u_hat = at::vec::fmadd(u_at(i, c), a2, b2);
-        store(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c);
+        store_maybe_streaming(ys + i, at::vec::fmadd(u_hat, affine(weight_, channel, i, c), affine(bias_, channel, i, c)), c, stream);
       });
     } else {  // one γ, β per run: y = u·(r₂γ) + (b₂γ + β), one multiply-add per element
       const Vec gamma(weight_[channel]);
       const Vec y_scale = a2 * gamma, y_shift = at::vec::fmadd(b2, gamma, Vec(bias_[channel]));
-      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) { store(ys + i, at::vec::fmadd(u_at(i, c), y_scale, y_shift), c); });
+      for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
+        store_maybe_streaming(ys + i, at::vec::fmadd(u_at(i, c), y_scale, y_shift), c, stream);
+      });
     }
   }
 
@@ -711,7 +759,7 @@ class GroupKernel {
     // As in the forward, where groups are contiguous: sweep 1 fetches this group's g_x for writing,
     // sweep 2 the next group's x and g_y, so that the memory-bound parts overlap the computing ones.
     const bool contiguous = is_contiguous();
-    scalar_t* own_gx = contiguous && grad_x != nullptr ? grad_x + layout_.offset(g, 0) : nullptr;
+    scalar_t* own_gx = contiguous && grad_x != nullptr && !opt_.stream ? grad_x + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s);
@@ -782,6 +830,7 @@ class GroupKernel {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       scalar_t* gxs = grad_x + offset;
+      const bool stream = opt_.stream && can_stream(gxs);
       const acc_t *us = u + s * len, *ds = d + s * len;
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         using at::vec::fmadd;
@@ -793,7 +842,7 @@ class GroupKernel {
         const Vec g_u = fmadd(g_u_hat, gu_scale, fmadd(Vec::loadu(us + i, c), gu_slope, gu_shift));
         Vec g_x = fmadd(g_u * Vec::loadu(ds + i, c), gx_scale, gx_shift_v);
         if (standardized && gx_slope != 0.0) g_x = fmadd((load(xs + i, c) - m1) * s1, gx_slope_v, g_x);
-        store(gxs + i, g_x, c);
+        store_maybe_streaming(gxs + i, g_x, c, stream);
       });
     }
   }
@@ -975,7 +1024,7 @@ at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& wei
   }
   const at::Tensor x = input.contiguous();
   const Layout layout = make_layout(x, grouping);
-  const Options options{eps, center, standardized, given_var.has_value()};
+  const Options options{eps, center, standardized, given_var.has_value(), y.nbytes() >= kStreamBytes};
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   at::Tensor stats = at::empty({kStatRows, layout.groups}, at::TensorOptions().dtype(acc));
   if (options.frozen) {
@@ -1011,12 +1060,14 @@ at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& wei
           const auto [g, s] = layout.run_in_memory_order(r);
           kernel.template write_run<false>(g, s, xp, yp, st, nullptr);
         }
+        if (options.stream) fence_streaming_stores();
       });
       return;
     }
     for_each_chunk(layout.groups, chunk_count(layout), [&](int64_t, int64_t begin, int64_t end) {
       std::vector<acc_t> u(layout.numel());
       for (int64_t g = begin; g < end; ++g) kernel.forward(g, xp, yp, st, u.data());
+      if (options.stream) fence_streaming_stores();
     });
   });
   return stats;
@@ -1040,7 +1091,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor x = input.contiguous();
   const at::Tensor grad_y = grad_output.to(x.scalar_type()).contiguous();
   const Layout layout = make_layout(x, grouping);
-  const Options options{0.0, center, standardized, frozen};
+  const Options options{0.0, center, standardized, frozen, need_input && x.nbytes() >= kStreamBytes};
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   const at::TensorOptions acc_options = at::TensorOptions().dtype(acc);
   TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == kStatRows &&
@@ -1072,6 +1123,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
       std::vector<acc_t> u(layout.numel()), d(layout.numel());
       GradSinks<acc_t> sinks{wp ? wp + k * stride : nullptr, bp ? bp + k * stride : nullptr, need_lam};
       for (int64_t g = begin; g < end; ++g) kernel.backward(g, gyp, xp, gxp, st, u.data(), d.data(), sinks);
+      if (options.stream) fence_streaming_stores();
       lam_partials[k] = sinks.lam;
     });
     auto total = [&](const std::vector<acc_t>& partials, at::Tensor& out) {
@@ -1257,4 +1309,5 @@ std::vector<at::Tensor> apply(const at::Tensor& input, const std::optional<at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "IBNorm through a C++ autograd node: y and, where asked, mean, var, mean_psi, var_psi");
+  m.def("stream_bytes", [] { return kStreamBytes; }, "outputs of at least this many bytes are stored non-temporally");
 }
