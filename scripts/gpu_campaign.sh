@@ -8,9 +8,10 @@
 # runs per minute. Every entry resumes from the results.jsonl in its folder; all shards are
 # stopped after $BUDGET − $ANALYZE seconds by SIGTERM (background jobs of a script ignore SIGINT), which the
 # CLI takes as Ctrl-C: finished runs are kept (results.jsonl is rewritten after each run), the
-# runs in progress are lost. Exit status 1 if a shard failed otherwise. The last $ANALYZE of the
-# $BUDGET seconds analyse the final runs trained here (`ibnorm analyze`: kurtosis, sparsity, MI; their
-# models do not come back, so the analysis is made where they are; it resumes, run by run). Each
+# runs in progress are lost. Exit status 1 if a shard failed otherwise. Each shard analyses its final
+# runs as it trains them (`compare --analyze-finals`); the last $ANALYZE of the $BUDGET seconds analyse
+# those still without rows (`ibnorm analyze`: kurtosis, sparsity, MI; their models do not come back,
+# so the analysis is made where they are; it resumes, run by run). Each
 # entry's results file is then copied to $OUT/<entry>.jsonl and its analysis rows to
 # $OUT/<entry>.analysis.jsonl; back here, `ibnorm results --merge <that folder> --report-only` adds the
 # runs and analysis rows the local files lack and rewrites the reports. Rows record the GPU's name.

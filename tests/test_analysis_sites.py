@@ -2,6 +2,7 @@
 per-element value cap, and the seed-paired site comparison of ``ibnorm analyze``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,17 +340,59 @@ def test_compare_analyze_finals_analyses_each_final_run_while_its_model_is_here(
     main(["analyze", str(tmp_path), "--no-progress"])
     assert "Not analysed" not in (tmp_path / "analysis.md").read_text()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--shard", "0/2"])
-    assert exc.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "--analyze-finals needs one process" in errors[0]
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: rank 0 would analyse while the others time out
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "--analyze-finals needs one process (not torchrun)" in errors[0]
+
+
+def test_shards_analyse_their_own_final_runs_and_merge_the_rows(tmp_path, monkeypatch):
+    import ibnorm.lab.cli as cli
+    from ibnorm.lab.cli import main
+    from ibnorm.lab.experiments.compare import read_results
+
+    monkeypatch.setattr(cli, "analyze_run", lambda *a, **k: analyze_run(*a, **{**k, "max_examples": 64, "probe_epochs": 5}))
+    argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "ib-L", "--seeds", "1", "--steps", "3"]
+    argv += ["--eval-every", "3", "--out", str(tmp_path), "--no-progress", "--analyze-finals"]
+    main([*argv, "--shard", "0/2"])
+    (first,) = [r["run_dir"] for r in read_results(tmp_path)]
+    rows = lambda: [json.loads(line) for line in (tmp_path / "analysis.jsonl").read_text().splitlines()]  # noqa: E731
+    assert {r["run_dir"] for r in rows()} == {first}
+    main([*argv, "--shard", "1/2"])  # the other shard: its run only, merged beside the first's rows
+    finals = {r["run_dir"] for r in read_results(tmp_path)}
+    assert len(finals) == 2 and {r["run_dir"] for r in rows()} == finals
+    assert all((tmp_path / run / "analysis.jsonl").exists() for run in finals)  # each made in its run's folder
+    for run in finals:
+        (tmp_path / run / "final.pt").unlink()
+    main(["analyze", str(tmp_path), "--no-progress"])  # the closing analysis: every row already there
+    assert "Not analysed" not in (tmp_path / "analysis.md").read_text()
+
+
+def _merge_rows_repeatedly(out: str, run_dirs: list[str], start) -> None:
+    from ibnorm.lab.analysis_run import merge_analysis_rows
+
+    start.wait()  # both processes merge at once
+    for run_dir in run_dirs:
+        merge_analysis_rows(Path(out), [{"run_dir": run_dir, "task": "t", "arm": "a", "seed": 0, "site": "norm_out"}])
+
+
+def test_concurrent_merges_of_analysis_rows_keep_every_row(tmp_path):
+    import multiprocessing
+
+    runs = [f"runs/r{k}" for k in range(300)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps({"run_dir": r, "phase": "final"}) + "\n" for r in runs))
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    workers = [context.Process(target=_merge_rows_repeatedly, args=(str(tmp_path), runs[k::2], start)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    stored = [json.loads(line)["run_dir"] for line in (tmp_path / "analysis.jsonl").read_text().splitlines()]
+    assert sorted(stored) == sorted(runs)
 
 
 def test_a_failed_analysis_after_a_final_run_warns_and_training_goes_on(tmp_path, capsys, monkeypatch):

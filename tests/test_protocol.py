@@ -158,15 +158,15 @@ def test_campaign_resolves_best_arms_and_skips_entries_whose_sweep_is_unfinished
         C.run_campaign(calls.append, plan, only=["nope"])
 
 
-def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_analysis_to_an_unsharded_run(tmp_path, monkeypatch):
+def test_a_sharded_campaign_passes_its_shard_and_leaves_timing_and_closing_analysis_to_an_unsharded_run(tmp_path, monkeypatch):
     from ibnorm.lab.experiments.compare import Shard
 
     plan = _plan(tmp_path, [{"name": "final-y", "stage": "final", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1"]}])
     calls = []
     monkeypatch.setattr(C, "_time_arms", lambda entry, argv, root: calls.append("timed"))
     assert C.run_campaign(calls.append, plan, progress=False, shard=Shard(1, 3)) == []
-    (argv,) = calls  # neither quiet timing nor `analyze`
-    assert argv[-2:] == ["--shard", "1/3"] and "--analyze-finals" not in argv
+    (argv,) = calls  # neither quiet timing nor the closing `analyze`; each shard analyses its own final runs
+    assert argv[-3:] == ["--shard", "1/3", "--analyze-finals"]
     calls.clear()
     C.run_campaign(calls.append, plan, progress=False)
     assert calls[0][-1] == "--analyze-finals"  # each final run analysed while its model is here

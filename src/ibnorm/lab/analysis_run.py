@@ -56,7 +56,7 @@ from ibnorm.analysis.stats import activation_stats, paired_difference
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
 from .experiments.arms import parse_arm
-from .experiments.compare import RETRAINED, read_results, read_results_file, retrain_model
+from .experiments.compare import RETRAINED, folder_lock, read_results, read_results_file, retrain_model
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
@@ -242,8 +242,15 @@ def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
     """Add to ``out``'s analysis.jsonl the rows of final runs of its results.jsonl that it has
     none for with the same settings, or has only from a model trained again (rows made where
     the run was trained, e.g. on a GPU machine whose models stay there, replace those); returns
-    how many rows were added. Rows of runs the results file lacks are refused. ``analysis.md``
-    follows at the next analysis."""
+    how many rows were added. Rows of runs the results file lacks are refused. Holds the
+    folder's lock (:func:`~ibnorm.lab.experiments.compare.folder_lock`), so that shards merging
+    the analyses of their final runs at once keep each other's rows. ``analysis.md`` follows at
+    the next analysis."""
+    with folder_lock(out):
+        return _merge_analysis_rows(out, rows)
+
+
+def _merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
     finals = {r["run_dir"] for r in read_results(out) if r["phase"] == "final"}
     for row in rows:
         if not isinstance(row, dict) or not {"run_dir", "task", "arm", "seed", "site"} <= row.keys():

@@ -114,8 +114,6 @@ def _train_and_report(
     analyze: int = 0,
     analyze_finals: bool = False,
 ) -> None:
-    if analyze_finals and args.shard.count > 1:
-        _fail(parser, ValueError("--analyze-finals needs one process (no --shard): shards would write one analysis.jsonl at once"))
     if analyze_finals and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # rank 0 would analyse while the other ranks wait in the next run's collectives, past their timeout
         _fail(parser, ValueError("--analyze-finals needs one process (not torchrun): run `ibnorm analyze OUT` after training"))
@@ -164,14 +162,21 @@ def _train_and_report(
 
 def _analysis_of_finals(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
     """After each final run: ``ibnorm analyze OUT`` (its defaults; incremental, so only the runs
-    not analysed yet), while the model is on this machine. A failed analysis is one warning
-    line, and training goes on: the run's row is saved, and a later ``ibnorm analyze OUT``
-    (``--retrain-missing`` where the model is gone) fills the gap."""
+    not analysed yet), while the model is on this machine. A shard analyses only its own run,
+    in the run's folder, and merges the rows into OUT's analysis.jsonl under the folder's lock
+    (the shards' runs finish at once; ``analysis.md`` follows at the next ``ibnorm analyze OUT``).
+    A failed analysis is one warning line, and training goes on: the run's row is saved, and a
+    later ``ibnorm analyze OUT`` (``--retrain-missing`` where the model is gone) fills the gap."""
 
     def analyze(row: dict[str, Any]) -> None:
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
         try:
-            main(["analyze", str(args.out), "--no-progress", *data_dir])
+            if args.shard.count > 1:
+                run_dir = args.out / row["run_dir"]
+                main(["analyze", str(run_dir), "--no-progress", *data_dir])
+                merge_analysis_rows(args.out, read_results_file(run_dir / ANALYSIS))
+            else:
+                main(["analyze", str(args.out), "--no-progress", *data_dir])
         except (Exception, SystemExit) as exc:  # SystemExit: analyze's own one-line errors (exit 2)
             reason = f"exit {exc.code}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
             print(

@@ -242,7 +242,7 @@ def run_campaign(
             argv += ["--device", device]
         if shard.count > 1 and not report_only:
             argv += ["--shard", f"{shard.index}/{shard.count}"]
-        elif entry.stage == "final" and not report_only:
+        if entry.stage == "final" and not report_only:
             # analysed while its model is here: models are not committed, and a later session's machine lacks them
             argv.append("--analyze-finals")
         print(f"[{entry.name}] ibnorm {shlex.join(argv)}", flush=True)

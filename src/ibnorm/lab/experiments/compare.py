@@ -11,6 +11,7 @@ appends hold a lock on the folder, and an arm's final runs wait for its rate tun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -22,7 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -163,14 +164,22 @@ def run_key(row: dict[str, Any]) -> tuple:
     return (row["task"], row["arm"], row["seed"], row["phase"], row["config_key"])
 
 
-def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
-    machine from the same starting file), holding the folder's lock so that shards appending at
-    once never drop each other's rows; returns how many were added."""
+@contextlib.contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Holds the results folder's lock (where ``fcntl`` exists): shards and the analyses of
+    their final runs read, extend and rewrite the folder's files one process at a time."""
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / _LOCK, "a") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
+    machine from the same starting file), holding the folder's lock so that shards appending at
+    once never drop each other's rows; returns how many were added."""
+    with folder_lock(out):
         existing = read_results(out)
         known = {run_key(r) for r in existing}
         added = []
