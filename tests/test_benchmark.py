@@ -85,19 +85,22 @@ def test_gradients_are_returned_and_leave_every_grad_unset():
 
 def test_combine_runs_takes_medians_ranges_and_totals_over_runs():
     run = lambda r, n, t: [{"case": "a", "ratio": r, "n": n, "t": t}, {"case": "b", "ratio": 2 * r, "n": n, "t": t}]  # noqa: E731
-    rows = combine_runs([run(1.2, 10, 9.0), run(1.0, 12, 5.0), run(1.5, 11, 1.0)], ["ratio", "t"], ["ratio"], ["n"])
+    rows = combine_runs([run(1.2, 10, 9.0), run(1.0, 12, 5.0), run(1.5, 11, 1.0)], ["case"], ["ratio", "t"], ["ratio"], ["n"])
     assert rows[0] == {"case": "a", "ratio": 1.2, "n": 33, "t": 5.0, "ratio_min": 1.0, "ratio_max": 1.5, "runs": 3}
     assert rows[1]["ratio"] == 2.4 and (rows[1]["ratio_min"], rows[1]["ratio_max"]) == (2.0, 3.0)
-    assert combine_runs([run(1.0, 1, 1.0), run(2.0, 1, 1.0)], ["ratio"])[0]["ratio"] == 1.5  # even count: the midpoint
+    assert combine_runs([run(1.0, 1, 1.0), run(2.0, 1, 1.0)], ["case"], ["ratio"])[0]["ratio"] == 1.5  # even count: the midpoint
     with pytest.raises(ValueError, match="same rows"):
-        combine_runs([run(1.0, 1, 1.0), run(1.0, 1, 1.0)[:1]], ["ratio"])
+        combine_runs([run(1.0, 1, 1.0), run(1.0, 1, 1.0)[:1]], ["case"], ["ratio"])
+    with pytest.raises(ValueError, match="same rows"):  # the same number of rows, another order
+        combine_runs([run(1.0, 1, 1.0), run(1.0, 1, 1.0)[::-1]], ["case"], ["ratio"])
 
 
 def test_kernel_benchmark_times_the_chosen_implementations_once_per_run():
     rows = kernel_benchmark(["layer"], ["float32"], repeats=2, row_shapes=[(8, 16)], impls=["ib_eager"], runs=2)
     assert [r["impl"] for r in rows] == ["parent", "ib_eager"]
     assert all(r["runs"] == 2 and r["ratio_fwd_bwd_min"] <= r["ratio_fwd_bwd"] <= r["ratio_fwd_bwd_max"] for r in rows)
-    with pytest.raises(ValueError, match="impls must be among"):
-        kernel_benchmark(["layer"], ["float32"], row_shapes=[(8, 16)], impls=["ib_fast"])
+    for impls in (["ib_fast"], [], ["parent"]):
+        with pytest.raises(ValueError, match="impls must name at least one of"):
+            kernel_benchmark(["layer"], ["float32"], row_shapes=[(8, 16)], impls=impls)
     with pytest.raises(ValueError, match="runs must be a positive int"):
         kernel_benchmark(["layer"], ["float32"], row_shapes=[(8, 16)], runs=0)

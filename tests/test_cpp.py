@@ -322,12 +322,14 @@ def test_long_groups_far_from_zero(kernels, view: View, placement: str) -> None:
     "view",
     [
         View((4096, 1024), (1,), (0,), True, (1, 1024), True, False),  # every row 64-byte aligned
-        View((4100, 1030), (1,), (0,), True, (1, 1030), True, False),  # rows at every offset, partial vectors
+        View((4100, 1030), (1,), (0,), True, (1, 1030), True, False),  # most rows unaligned, partial vectors
         View((16, 256, 1030), (0, 2), (0, 2), True, (1, 256, 1), True, False),
         View((16, 256, 1030), (0, 2), (0, 2), True, (1, 256, 1), True, True),
         View((16, 32, 8, 1030), (2, 3), (0, 3), True, (1, 32, 8, 1), True, False),
+        # runs of 1 (BatchNorm1d): regrouped into a temporary, which is streamed into, then copied
+        View((65536, 64, 1), (0, 2), (0, 2), True, (1, 64, 1), True, False),
     ],
-    ids=["layer_aligned", "layer", "batch", "batch_eval", "group"],
+    ids=["layer_aligned", "layer", "batch", "batch_eval", "group", "batch_short_runs"],
 )
 def test_outputs_large_enough_for_streaming_stores(kernels, view: View) -> None:
     """y and g_x of at least the kernels' streaming threshold are written with non-temporal

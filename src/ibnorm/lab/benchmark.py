@@ -156,18 +156,20 @@ def gradients(
 
 def combine_runs(
     runs: Sequence[Sequence[dict[str, object]]],
+    key_columns: Sequence[str],
     median_columns: Sequence[str],
     range_columns: Sequence[str] = (),
     sum_columns: Sequence[str] = (),
 ) -> list[dict[str, object]]:
-    """Rows of repeated runs of one benchmark (the same rows in the same order in each run) as
-    one row each: the first run's values, with ``median_columns`` replaced by their median over
-    runs, ``sum_columns`` by their total, ``<c>_min`` and ``<c>_max`` added for each of
-    ``range_columns`` and ``runs`` the number of runs."""
+    """Rows of repeated runs of one benchmark (the same cases, named by ``key_columns``, in the
+    same order in each run) as one row each: the first run's values, with ``median_columns``
+    replaced by their median over runs, ``sum_columns`` by their total, ``<c>_min`` and
+    ``<c>_max`` added for each of ``range_columns`` and ``runs`` the number of runs."""
     if not runs:
         raise ValueError("runs must hold at least one run's rows, got none")
-    if len({len(rows) for rows in runs}) != 1:
-        raise ValueError(f"every run must have the same rows, got runs of {sorted({len(r) for r in runs})} rows")
+    key = lambda row: tuple(row[c] for c in key_columns)  # noqa: E731
+    if len({tuple(map(key, rows)) for rows in runs}) != 1:
+        raise ValueError(f"every run must have the same rows ({', '.join(key_columns)}) in the same order")
     combined = []
     for rows in zip(*runs):
         row = dict(rows[0])
@@ -253,8 +255,8 @@ def kernel_benchmark(
     row holds the medians over runs, with the forward+backward and inference ratios' ranges
     (:func:`combine_runs`); ``first_call_s`` is the first run's."""
     unknown = [i for i in impls if i not in IMPLEMENTATIONS]
-    if unknown:
-        raise ValueError(f"impls must be among {list(IMPLEMENTATIONS)}, got {unknown}")
+    if unknown or not set(impls) - {"parent"}:
+        raise ValueError(f"impls must name at least one of {[i for i in IMPLEMENTATIONS if i != 'parent']}, got {list(impls)}")
     if runs < 1:
         raise ValueError(f"runs must be a positive int, got {runs}")
     chosen = {i: b for i, b in IMPLEMENTATIONS.items() if i == "parent" or i in impls}
@@ -269,7 +271,8 @@ def kernel_benchmark(
         per_run.append(rows)
     progress.close()
     ratios = [f"ratio_{m}" for m in MODES_TIMED]
-    return combine_runs(per_run, [f"{m}_s" for m in MODES_TIMED] + ratios, ["ratio_fwd_bwd", "ratio_inference"])
+    keys = ["grouping", "shape", "dtype", "impl"]
+    return combine_runs(per_run, keys, [f"{m}_s" for m in MODES_TIMED] + ratios, ["ratio_fwd_bwd", "ratio_inference"])
 
 
 def _kernel_case(
@@ -483,7 +486,7 @@ def model_step_benchmark(
             progress.update()
         per_run.append(rows)
     progress.close()
-    return combine_runs(per_run, ["parent_step_s", "ibnorm_step_s", "overhead_pct"], ["overhead_pct"], ["pairs"])
+    return combine_runs(per_run, ["model"], ["parent_step_s", "ibnorm_step_s", "overhead_pct"], ["overhead_pct"], ["pairs"])
 
 
 def _model_step(

@@ -362,17 +362,19 @@ inline void store(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count) 
 }
 
 // Outputs of at least this many bytes are written with non-temporal stores where they can be
-// (float32, vector-aligned runs): a plain store first reads its line from memory, a third more
-// traffic for a memory-bound kernel, and an output this large leaves the cache before the next
-// layer reads it anyway. ATen's norms store plainly, so the large cases beat them by that read.
+// (float32, vector-aligned runs): a plain store first reads its line from memory (half as much
+// again as the forward's own traffic, a third for the backward's), and an output this large is
+// mostly out of cache by the time the next layer reads it. What the next layer loses where it
+// could have found y in a large last-level cache is not measured (`ibnorm bench` reads no
+// output back); ATen's norms store plainly.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 // Whether full vectors of scalar_t at p (and at p + every multiple of the vector size) can be
 // stored non-temporally.
 template <typename scalar_t>
-inline bool can_stream(const scalar_t* p) {
+inline bool can_stream([[maybe_unused]] const scalar_t* p) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return std::is_same_v<scalar_t, float> && reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<float>) == 0;
+  return std::is_same_v<scalar_t, float> && reinterpret_cast<std::uintptr_t>(p) % sizeof(Vectorized<float>) == 0;
 #else
   return false;
 #endif
@@ -380,7 +382,8 @@ inline bool can_stream(const scalar_t* p) {
 
 // store(), non-temporally for a full vector where `stream` (from can_stream of the run's start).
 template <typename scalar_t>
-inline void store_maybe_streaming(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count, bool stream) {
+inline void store_maybe_streaming(scalar_t* p, Vectorized<acc_type<scalar_t>> v, int64_t count,
+                                  [[maybe_unused]] bool stream) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (stream && count == Vectorized<float>::size()) {
@@ -646,7 +649,7 @@ class GroupKernel {
     // group's y, so that memory and ψ overlap.
     const bool contiguous = is_contiguous();
     const scalar_t* next = contiguous && g + 1 < layout_.groups ? x + layout_.offset(g + 1, 0) : nullptr;
-    scalar_t* own_y = contiguous && !opt_.stream ? y + layout_.offset(g, 0) : nullptr;
+    scalar_t* own_y = contiguous && !streams(y + layout_.offset(g, 0)) ? y + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const scalar_t* xs = x + layout_.offset(g, s);
@@ -693,7 +696,7 @@ class GroupKernel {
     const Vec a2 = splat(rstd_psi / k), b2 = splat(-(opt_.center ? double(st.mean_psi[g]) : 0.0) * rstd_psi);
     const scalar_t* xs = x + offset;
     scalar_t* ys = y + offset;
-    const bool stream = opt_.stream && can_stream(ys);
+    const bool stream = streams(ys);
     auto u_at = [&](int64_t i, int64_t c) {  // k·u
       if constexpr (kCached) return Vec::loadu(us + i, c);
       if constexpr (kFullPrecision) return psi_.scaled((load(xs + i, c) - m1) * w_scale);
@@ -759,7 +762,8 @@ class GroupKernel {
     // As in the forward, where groups are contiguous: sweep 1 fetches this group's g_x for writing,
     // sweep 2 the next group's x and g_y, so that the memory-bound parts overlap the computing ones.
     const bool contiguous = is_contiguous();
-    scalar_t* own_gx = contiguous && grad_x != nullptr && !opt_.stream ? grad_x + layout_.offset(g, 0) : nullptr;
+    scalar_t* own_gx =
+        contiguous && grad_x != nullptr && !streams(grad_x + layout_.offset(g, 0)) ? grad_x + layout_.offset(g, 0) : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s);
@@ -830,7 +834,7 @@ class GroupKernel {
       const int64_t offset = layout_.offset(g, s), channel = layout_.channel(g, s);
       const scalar_t *xs = x + offset, *gs = grad_y + offset;
       scalar_t* gxs = grad_x + offset;
-      const bool stream = opt_.stream && can_stream(gxs);
+      const bool stream = streams(gxs);
       const acc_t *us = u + s * len, *ds = d + s * len;
       for_vectors<acc_t>(len, [&](int64_t i, int64_t c) {
         using at::vec::fmadd;
@@ -909,6 +913,10 @@ class GroupKernel {
   }
 
   static void accumulate(acc_t* p, Vec v, int64_t c) { (Vec::loadu(p, c) + v).store(p, c); }
+
+  // Whether a run of output starting at p is stored non-temporally (there, and only there, the
+  // sweeps do not prefetch it for writing).
+  bool streams(const scalar_t* p) const { return opt_.stream && can_stream(p); }
 
   Layout layout_;
   Options opt_;
