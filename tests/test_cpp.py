@@ -280,10 +280,14 @@ def test_small_lambda_gradient_float32(kernels, family: str) -> None:
 )
 def test_two_threads(kernels, view: View) -> None:
     """Inputs big enough to be split across threads: per-thread γ/β/λ partial sums are reduced."""
+    _check_on_two_threads(view, "standardized")
+
+
+def _check_on_two_threads(view: View, placement: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _check(view, "S", "standardized", torch.float32, lam_value=0.5)
+        _check(view, "S", placement, torch.float32, lam_value=0.5)
     finally:
         torch.set_num_threads(threads)
 
@@ -335,12 +339,7 @@ def test_outputs_large_enough_for_streaming_stores(kernels, view: View) -> None:
     """y and g_x of at least the kernels' streaming threshold are written with non-temporal
     stores where a run is vector-aligned, plainly elsewhere, on two threads."""
     assert torch.Size(view.shape).numel() * 4 >= kernels.stream_bytes()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check(view, "S", "centered", torch.float32, lam_value=0.5)
-    finally:
-        torch.set_num_threads(threads)
+    _check_on_two_threads(view, "centered")
 
 
 def test_function_rejects_what_it_cannot_serve(kernels) -> None:
