@@ -135,11 +135,13 @@ def analyze_run(
     max_values: int = 100_000,
     retrain_missing: bool = False,
     progress: bool = False,
+    summary: bool = True,
 ) -> list[dict[str, Any]]:
     """Analyze the ``final`` runs of an ``ibnorm compare`` output folder (or one run folder
     inside it) and write ``analysis.jsonl``, ``analysis.md`` and ``plots/analysis-*.png``
     into the output folder, or into the run folder when given one (:func:`output_folder`;
-    see the module docstring). Returns the rows (one per run, site and layer).
+    see the module docstring). Returns the rows (one per run, site and layer). With
+    ``summary=False`` only ``analysis.jsonl`` is written (rows bound for another folder).
     ``noise_var`` is the kernel estimator's σ² relative to each layer's total
     variance (the sum of its unit variances); ``data_dir`` is where Fashion-MNIST lives, as for ``ibnorm compare``.
     ``sites`` (a subset of :data:`~ibnorm.analysis.capture.SITES`): ``norm_out`` is always
@@ -218,8 +220,8 @@ def analyze_run(
             print(f"[{i + 1}/{len(runs)}] {run['task']} {run['arm']} seed {run['seed']}: {layers} layers{sites_note}", flush=True)
     analysed = {**kept, **_rows_by_run(new_rows, settings)}
     rows = [row for r in runs for row in analysed.get(r["run_dir"], ())]
-    left_out = [r for r in runs if r["run_dir"] not in analysed]
-    _write_markdown(target, rows, noise_var, left_out)
+    if summary:
+        _write_markdown(target, rows, noise_var, [r for r in runs if r["run_dir"] not in analysed])
     return rows
 
 

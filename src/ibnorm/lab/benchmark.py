@@ -610,19 +610,24 @@ def run_benchmarks(
         groupings, dtypes, repeats, compression, lam, placement, **shapes, min_seconds=min_seconds, impls=impls, runs=runs
     )
     atomic_write_csv(out / "kernels.csv", kernels)
-    ranges = ["ratio_fwd_bwd_min", "ratio_fwd_bwd_max", "ratio_inference_min", "ratio_inference_max", "runs"] if runs > 1 else []
     columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
-               "ratio_inference", *ranges, "saved_bytes_ratio", "first_call_s"]
-    print(format_table(kernels, columns))
+               "ratio_inference", "ratio_fwd_bwd_min", "ratio_fwd_bwd_max", "ratio_inference_min", "ratio_inference_max",
+               "runs", "saved_bytes_ratio", "first_call_s"]
+    print(format_table(kernels, _shown(columns, runs)))
     plot = plot_kernels(kernels, out / "kernels.png")
     print(f"\nwrote {out / 'kernels.csv'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     if models:
         steps = model_step_benchmark(models, repeats, compression, lam, placement, min_seconds=0.0 if quick else 5.0, runs=runs)
         atomic_write_csv(out / "model_step.csv", steps)
         print()
-        print(format_table(steps, [c for c in steps[0] if runs > 1 or c not in ("overhead_pct_min", "overhead_pct_max", "runs")]))
+        print(format_table(steps, _shown(list(steps[0]), runs)))
         print(f"\nwrote {out / 'model_step.csv'}")
     print(f"backend resolved for cpu: {dispatch.resolve_backend(torch.device('cpu'))}; torch {torch.__version__}")
+
+
+def _shown(columns: Sequence[str], runs: int) -> list[str]:
+    """``columns`` without :func:`combine_runs`'s range columns and run count when there was one run."""
+    return [c for c in columns if runs > 1 or not (c == "runs" or c.endswith(("_min", "_max")))]
 
 
 def _run_cuda(

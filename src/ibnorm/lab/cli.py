@@ -161,24 +161,23 @@ def _train_and_report(
 
 
 def _analysis_of_finals(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
-    """After each final run: ``ibnorm analyze OUT`` (its defaults; incremental, so only the runs
-    not analysed yet), while the model is on this machine. A shard analyses only its own run,
-    in the run's folder, and merges the rows into OUT's analysis.jsonl under the folder's lock
-    (the shards' runs finish at once; ``analysis.md`` follows at the next ``ibnorm analyze OUT``).
-    A failed analysis is one warning line, and training goes on: the run's row is saved, and a
-    later ``ibnorm analyze OUT`` (``--retrain-missing`` where the model is gone) fills the gap."""
+    """After each final run: :func:`analyze_run` of OUT with its defaults (incremental, so only
+    the runs not analysed yet), while the model is on this machine. A shard analyses only its
+    own run, in the run's folder and without a summary there, and merges the rows into OUT's
+    analysis.jsonl under the folder's lock (the shards' runs finish at once; ``analysis.md``
+    follows at the next ``ibnorm analyze OUT``). A failed analysis is one warning line, and
+    training goes on: the run's row is saved, and a later ``ibnorm analyze OUT``
+    (``--retrain-missing`` where the model is gone) fills the gap."""
 
     def analyze(row: dict[str, Any]) -> None:
-        data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
         try:
             if args.shard.count > 1:
-                run_dir = args.out / row["run_dir"]
-                main(["analyze", str(run_dir), "--no-progress", *data_dir])
-                merge_analysis_rows(args.out, read_results_file(run_dir / ANALYSIS))
+                merge_analysis_rows(args.out, analyze_run(args.out / row["run_dir"], data_dir=args.data_dir, summary=False))
             else:
-                main(["analyze", str(args.out), "--no-progress", *data_dir])
-        except (Exception, SystemExit) as exc:  # SystemExit: analyze's own one-line errors (exit 2)
-            reason = f"exit {exc.code}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+                analyze_run(args.out, data_dir=args.data_dir)
+                print(f"analysis: {args.out / 'analysis.md'}")
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
             print(
                 f"ibnorm compare: warning: --analyze-finals: the analysis after {row['run_dir']} failed ({reason}); "
                 f"training goes on; run `ibnorm analyze {args.out}` later",

@@ -650,7 +650,8 @@ class GroupKernel {
     // group's y, so that memory and ψ overlap.
     const bool contiguous = is_contiguous();
     const scalar_t* next = contiguous && g + 1 < layout_.groups ? x + layout_.offset(g + 1, 0) : nullptr;
-    scalar_t* own_y = contiguous && !streams(y + layout_.offset(g, 0)) ? y + layout_.offset(g, 0) : nullptr;
+    scalar_t* const group_y = y + layout_.offset(g, 0);
+    scalar_t* own_y = contiguous && !streams(group_y) ? group_y : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const scalar_t* xs = x + layout_.offset(g, s);
@@ -763,8 +764,8 @@ class GroupKernel {
     // As in the forward, where groups are contiguous: sweep 1 fetches this group's g_x for writing,
     // sweep 2 the next group's x and g_y, so that the memory-bound parts overlap the computing ones.
     const bool contiguous = is_contiguous();
-    scalar_t* own_gx =
-        contiguous && grad_x != nullptr && !streams(grad_x + layout_.offset(g, 0)) ? grad_x + layout_.offset(g, 0) : nullptr;
+    scalar_t* const group_gx = grad_x == nullptr ? nullptr : grad_x + layout_.offset(g, 0);
+    scalar_t* own_gx = contiguous && group_gx != nullptr && !streams(group_gx) ? group_gx : nullptr;
     int64_t pending = 0;
     for (int64_t s = 0; s < layout_.segments; ++s) {
       const int64_t offset = layout_.offset(g, s);
