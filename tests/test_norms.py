@@ -19,7 +19,7 @@ from torch import nn
 import ibnorm
 from ibnorm._running_stats import count_batch, unbiased_variance, update_running
 from ibnorm.analysis import channel_dim, is_norm_layer
-from ibnorm.baselines import convert_to_dyt, convert_to_normalnorm
+from ibnorm.baselines import NormalBatchNorm, convert_to_dyt, convert_to_normalnorm
 
 EPS = 1e-5
 
@@ -152,6 +152,9 @@ ROWS = [
     Row("BatchNorm3d", lambda: nn.BatchNorm3d(3, eps=1e-3), (3, 3, 2, 2, 2), ref_batch, "IBBatchNorm3d"),
     Row("SyncBatchNorm", lambda: nn.SyncBatchNorm(6), (4, 6, 5), ref_batch, "SyncIBBatchNorm"),
     Row("GroupNorm", lambda: nn.GroupNorm(2, 6), (4, 6, 5), ref_group, "IBGroupNorm"),
+    Row("BatchNorm2d, no bias", lambda: nn.BatchNorm2d(6, bias=False), (4, 6, 3, 3), ref_batch, "IBBatchNorm2d"),
+    Row("SyncBatchNorm, no bias", lambda: nn.SyncBatchNorm(6, bias=False), (4, 6, 5), ref_batch, "SyncIBBatchNorm"),
+    Row("GroupNorm, no bias", lambda: nn.GroupNorm(2, 6, bias=False), (4, 6, 5), ref_group, "IBGroupNorm"),
     Row("HF RMSNorm (probe)", lambda: LlamaStyleRMSNorm(8), (4, 3, 8), ref_rms_hf, "IBRMSNorm"),
     Row("timm LayerNorm", _timm("L.LayerNorm(8)"), (4, 3, 8), ref_layer_rows, "IBLayerNorm", True),
     Row("timm LayerNorm2d", _timm("L.LayerNorm2d(6)"), (2, 6, 3, 4), ref_layer_channels, "IBLayerNorm2d", True),
@@ -299,14 +302,32 @@ def test_baselines_replace_by_grouping_from_the_table():
 
 def test_convert_sync_keeps_drop_and_act():
     layers = pytest.importorskip("timm.layers")
-    model = nn.Sequential(layers.BatchNormAct2d(4, act_layer="relu"), nn.BatchNorm1d(3))
+    model = nn.Sequential(layers.BatchNormAct2d(4, act_layer="relu"), nn.BatchNorm1d(3, bias=False))
     model, _ = ibnorm.convert_norms(model, lam=0.3)
     act = model[0].act
     synced = ibnorm.convert_sync_ibbatchnorm(model)
     assert type(synced[0]) is ibnorm.SyncIBBatchNormAct and synced[0].act is act and synced[0].lam == 0.3
-    assert type(synced[1]) is ibnorm.SyncIBBatchNorm
+    assert type(synced[1]) is ibnorm.SyncIBBatchNorm and synced[1].bias is None and synced[0].bias is not None
     x = torch.randn(3, 4, 2, 2)
     assert (synced[0](x) >= 0).all()  # the ReLU is still applied
+
+
+def test_batch_layers_load_checkpoints_from_before_num_batches_tracked():
+    """As torch's BatchNorm: a state_dict of version 1 without ``num_batches_tracked`` loads
+    strictly and counts no batch; one of the current version without it stays an error."""
+    source = randomize(nn.BatchNorm2d(3))
+    old = source.state_dict()
+    del old["num_batches_tracked"]
+    old._metadata[""]["version"] = 1
+    for layer in (ibnorm.IBBatchNorm2d(3), ibnorm.SyncIBBatchNorm(3), NormalBatchNorm(3)):
+        layer.num_batches_tracked.fill_(5)
+        layer.load_state_dict(old, strict=True)
+        assert int(layer.num_batches_tracked) == 0
+        torch.testing.assert_close(layer.running_var, source.running_var)
+        current = layer.state_dict()
+        del current["num_batches_tracked"]
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            type(layer)(3).load_state_dict(current, strict=True)
 
 
 # ------------------------------------------------------------------ running statistics

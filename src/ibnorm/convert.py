@@ -221,7 +221,6 @@ def convert_sync_ibbatchnorm(module: nn.Module, process_group: Optional[Any] = N
             **args(layer),
             process_group=process_group,
             **factory_kwargs(layer),
-            bias=layer.bias is not None,
             **_ib_options(layer),
         )
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as IBF
-from ._norm_parts import NormBase
+from ._norm_parts import BatchNormBase, NormBase
 from ._running_stats import count_batch
 from ._validation import (
     check_eps,
@@ -63,7 +63,6 @@ class _IBNorm(NormBase):
     """Shared compression/λ handling: the family name, a fixed or learnable λ and its repr.
     A parent's checkpoint has no IB-only entries (``_optional_state``); they keep their values."""
 
-    _version = 1
     _optional_state: tuple[str, ...] = ("lam_raw",)
 
     def _init_compression(
@@ -291,20 +290,12 @@ class IBGroupNorm(_IBNorm):
 _RUNNING_BUFFERS = ("running_mean", "running_var", "running_mean_psi", "running_var_psi")
 
 
-class _IBBatchNorm(_IBNorm):
+class _IBBatchNorm(BatchNormBase, _IBNorm):
     """Batch grouping with running statistics of x and of u = ψ_λ(z); the rank check and
-    the process group are the only things its subclasses change.
-
-    Deliberately not a subclass of ``torch.nn.modules.batchnorm._BatchNorm``: torch's
-    ``convert_sync_batchnorm`` would silently turn it into a plain ``SyncBatchNorm``.
-    """
-
-    grouping = "batch"
-    channel_dim = 1
+    the process group are the only things its subclasses change."""
 
     _optional_state = ("lam_raw", "running_mean_psi", "running_var_psi")
-    _input_dims: tuple[int, ...] = ()
-    _input_layout = ""
+    _extra_running = ("running_mean_psi", "running_var_psi")
 
     def __init__(
         self,
@@ -324,53 +315,17 @@ class _IBBatchNorm(_IBNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = check_positive_int(num_features, "num_features")
-        check_eps(eps)
-        check_momentum(momentum)
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self._init_affine(num_features, affine, bias, factory_kwargs)
+        self._init_batch(num_features, eps, momentum, affine, track_running_stats, bias, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
-        if track_running_stats:
-            for name in _RUNNING_BUFFERS:
-                self.register_buffer(name, torch.empty(num_features, **factory_kwargs))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
-            )
-        else:
-            for name in (*_RUNNING_BUFFERS, "num_batches_tracked"):
-                self.register_buffer(name, None)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         """Zero the means, set ``running_var`` to 1 and ``running_var_psi`` to E[ψ_λ(z)²]
         for z ~ N(0, 1): the values a layer fed standard-normal data converges to."""
+        super().reset_running_stats()
         if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
             self.running_mean_psi.zero_()
             self.running_var_psi.fill_(gaussian_second_moment(self.compression, self.lam_value()))
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        self._reset_affine()
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        check_floating(input)
-        if self._input_dims and input.dim() not in self._input_dims:
-            raise ValueError(
-                f"{type(self).__name__} expected {' or '.join(f'{d}D' for d in self._input_dims)} input "
-                f"{self._input_layout}, got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__} expected input with num_features={self.num_features} channels at dim 1, "
-                f"got shape {tuple(input.shape)}"
-            )
 
     def _process_group(self) -> Optional[object]:
         return None

@@ -81,9 +81,9 @@ def rms_args(module: nn.Module) -> dict[str, Any]:
 
 
 def batch_args(module: nn.Module) -> dict[str, Any]:
-    """``num_features, eps, momentum, affine, track_running_stats`` (torch's BatchNorm)."""
+    """``num_features, eps, momentum, affine, track_running_stats, bias`` (torch's BatchNorm)."""
     names = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-    return {name: getattr(module, name) for name in names}
+    return {**{name: getattr(module, name) for name in names}, "bias": module.bias is not None}
 
 
 def sync_batch_args(module: nn.Module) -> dict[str, Any]:
@@ -92,8 +92,9 @@ def sync_batch_args(module: nn.Module) -> dict[str, Any]:
 
 
 def group_args(module: nn.Module) -> dict[str, Any]:
-    """``num_groups, num_channels, eps, affine`` (torch's GroupNorm)."""
-    return {name: getattr(module, name) for name in ("num_groups", "num_channels", "eps", "affine")}
+    """``num_groups, num_channels, eps, affine, bias`` (torch's GroupNorm)."""
+    names = ("num_groups", "num_channels", "eps", "affine")
+    return {**{name: getattr(module, name) for name in names}, "bias": module.bias is not None}
 
 
 def with_drop_act(args: Args) -> Args:

@@ -68,7 +68,7 @@ from .._validation import (
     check_trailing_shape,
     normalize_shape,
 )
-from .._norm_parts import NormBase
+from .._norm_parts import BatchNormBase, NormBase
 from .._running_stats import count_batch, unbiased_variance, update_running
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
 from ..norms import NormSpec
@@ -201,7 +201,7 @@ class _NormalNorm(NormBase):
 
 
 
-class NormalBatchNorm(_NormalNorm):
+class NormalBatchNorm(BatchNormBase, _NormalNorm):
     r"""NormalNorm with batch grouping: a drop-in for :class:`torch.nn.BatchNorm1d`/``2d``/``3d``.
 
     Input ``(N, C, *)`` of any rank ≥ 2; a group is one channel over N and the trailing dims.
@@ -218,11 +218,8 @@ class NormalBatchNorm(_NormalNorm):
     for batch grouping; ``xi=0`` turns the noise off.
     """
 
-    grouping = "batch"
-    channel_dim = 1
-
-    _version = 2
     _optional_state = ("running_lam",)
+    _extra_running = ("running_lam",)
 
     def __init__(
         self,
@@ -234,54 +231,22 @@ class NormalBatchNorm(_NormalNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         xi: float = 0.4,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = check_positive_int(num_features, "num_features")
-        check_eps(eps)
-        check_momentum(momentum)
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        self._init_batch(num_features, eps, momentum, affine, track_running_stats, bias, factory_kwargs)
         self.xi = xi
-        self._init_affine(num_features, affine, True, factory_kwargs)
-        if track_running_stats:
-            for name in ("running_mean", "running_var", "running_lam"):
-                self.register_buffer(name, torch.empty(num_features, **factory_kwargs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            for name in ("running_mean", "running_var", "running_lam", "num_batches_tracked"):
-                self.register_buffer(name, None)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        super().reset_running_stats()
         if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
             self.running_lam.fill_(1.0)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        self._reset_affine()
-
-    def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
-        if input.dim() < 2:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (N, C, *) with at least 2 dims, "
-                f"got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__} expected input with num_features={self.num_features} channels at dim 1, "
-                f"got shape {tuple(input.shape)}"
-            )
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
+        self._check_input_dim(input)
         channels = self.num_features
         x = input.reshape(input.shape[0], channels, -1).to(_compute_dtype(input.dtype))
         dims = (0, 2)
@@ -305,25 +270,15 @@ class NormalBatchNorm(_NormalNorm):
             z = (x - mean) * torch.rsqrt(var + self.eps)
         u = self._add_noise(yeo_johnson(z, lam), dims)
         if self.weight is not None:
-            u = u * self.weight.to(x.dtype).reshape(stat_shape) + self.bias.to(x.dtype).reshape(stat_shape)
+            u = u * self.weight.to(x.dtype).reshape(stat_shape)
+        if self.bias is not None:
+            u = u + self.bias.to(x.dtype).reshape(stat_shape)
         return u.reshape(input.shape).to(input.dtype)
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, lam: Tensor, count: int) -> None:
         factor = count_batch(self.momentum, self.num_batches_tracked)
         pairs = ((self.running_mean, mean), (self.running_var, unbiased_variance(var, count)), (self.running_lam, lam))
         update_running(pairs, factor)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # As torch's BatchNorm: checkpoints before version 2 have no num_batches_tracked.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.num_batches_tracked.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return (
