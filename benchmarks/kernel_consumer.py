@@ -16,14 +16,14 @@ import torch
 
 import ibnorm
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
-from ibnorm.lab.benchmark import _inputs, _layers, gradients, interleaved_times, paired_ratio, steady_allocator
+from ibnorm.lab.benchmark import gradients, interleaved_times, layer_inputs, layer_pair, paired_ratio, steady_allocator
 
 
 def main() -> None:
     steady_allocator()
     shape = (8192, 1024)
-    x, grad = _inputs(shape, torch.float32)
-    parent, layer = _layers("layer", shape, torch.float32, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
+    x, grad = layer_inputs(shape, torch.float32)
+    parent, layer = layer_pair("layer", shape, torch.float32, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
     linear = torch.nn.Linear(shape[-1], 256)
     with ibnorm.use_backend("cpp"):
         with torch.no_grad():

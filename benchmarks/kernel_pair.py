@@ -20,7 +20,16 @@ import torch
 
 import ibnorm
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
-from ibnorm.lab.benchmark import DTYPES, GROUPINGS, _inputs, _layers, gradients, interleaved_times, paired_ratio, steady_allocator
+from ibnorm.lab.benchmark import (
+    DTYPES,
+    GROUPINGS,
+    gradients,
+    interleaved_times,
+    layer_inputs,
+    layer_pair,
+    paired_ratio,
+    steady_allocator,
+)
 
 
 def main() -> None:
@@ -32,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     steady_allocator()
     dtype = DTYPES[args.dtype]
-    x, grad = _inputs(args.shape, dtype)
-    parent, layer = _layers(args.grouping, args.shape, dtype, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
+    x, grad = layer_inputs(args.shape, dtype)
+    parent, layer = layer_pair(args.grouping, args.shape, dtype, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
     modes = {
         "forward": {"parent": lambda: parent(x), "ib": lambda: layer(x)},
         "fwd_bwd": {"parent": lambda: gradients(parent(x), x, parent, grad), "ib": lambda: gradients(layer(x), x, layer, grad)},

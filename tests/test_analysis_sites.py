@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from ibnorm.analysis import SITES, ActivationCapture, capture_activations, find_sites, paired_difference
+from ibnorm.analysis import SITES, ActivationCapture, capture_activations, find_sites, paired_comparison
 from ibnorm.lab.analysis_run import _site_markdown, analyze_run, site_comparison
 
 ALL = dict(max_units=None, max_examples=None)
@@ -232,7 +232,7 @@ def test_paired_site_table_matches_scipy_ttest_rel():
     assert two["n"] == 2 and two["p"] is None and two["ci_low"] is None and two["note"] == "too few seeds"
     assert two["delta"] == pytest.approx(0.6)
     assert "too few seeds" in "\n".join(_site_markdown(site_comparison(_site_rows({"parent": [1.0, 2.0], "ib-L": [1.5, 2.7]})), {}, 1000))
-    assert paired_difference([1.0, float("nan"), 2.0, 4.0], [0.0, 0.0, 1.0, 1.0])["n"] == 3
+    assert paired_comparison([1.0, float("nan"), 2.0, 4.0], [0.0, 0.0, 1.0, 1.0])["n"] == 3
 
 
 def test_analyze_run_reports_every_site(tmp_path):

@@ -98,7 +98,7 @@ def test_bench_runs_reports_the_median_and_range_of_the_chosen_implementations(t
     [
         (["compare", "--tasks", "mnist9", "--out", "x"], "task='mnist9' is not known"),
         (["compare", "--tasks", "mnist1d-cnn", "--arms", "ib:L:one", "--out", "x"], "lam 'one' is not a number"),
-        (["compare", "--tasks", "mnist1d-cnn", "--arms", "dyt", "--out", "x"], "'dyt' replaces LayerNorm and RMSNorm only"),
+        (["compare", "--tasks", "mnist1d-cnn", "--arms", "dyt", "--out", "x"], "'dyt' replaces layer and rms norms only"),
         (["compare", "--tasks", "mnist1d-cnn", "--steps", "0", "--out", "x"], "steps must be a positive int"),
         (["sweep", "--task", "mnist1d-cnn", "--placements", "middle", "--out", "x"], "invalid choice: 'middle'"),
         (["results", "--only", "nope"], "unknown plan entries ['nope']"),
@@ -127,6 +127,32 @@ def test_bench_runs_reports_the_median_and_range_of_the_chosen_implementations(t
 )
 def test_bad_input_is_one_error_line_and_exit_2(capsys, argv, message):
     assert message in _error_exit(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "plan,message",
+    [
+        ("{not json", "is not JSON"),
+        ('{"entries": 5}', "must hold a JSON object with an 'entries' list"),
+        ("[1, 2]", "must hold a JSON object with an 'entries' list"),
+        ('{"entries": [{"name": "a"}]}', "entry 0 must be an object with a 'name' string and an 'argv' list"),
+    ],
+)
+def test_a_malformed_plan_is_one_error_line(tmp_path, capsys, plan, message):
+    (tmp_path / "plan.json").write_text(plan)
+    assert message in _error_exit(capsys, ["results", "--plan", str(tmp_path / "plan.json"), "--report-only"])
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "analysis.jsonl"])
+@pytest.mark.parametrize("content,message", [("{oops\n", "Expecting property name"), ('{"task": "t"}\n', "rows need")])
+def test_a_malformed_merge_file_is_one_error_line_and_changes_nothing(tmp_path, capsys, suffix, content, message):
+    plan = {"entries": [{"name": "e", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent"]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / f"e.{suffix}").write_text(content)
+    error = _error_exit(capsys, ["results", "--plan", str(tmp_path / "plan.json"), "--merge", str(tmp_path / "gpu"), "--report-only"])
+    assert f"--merge {tmp_path / 'gpu' / f'e.{suffix}'}" in error and message in error
+    assert not any((tmp_path / "e" / name).exists() for name in ("results.jsonl", "analysis.jsonl"))
 
 
 def test_missing_data_is_an_error_line_before_any_training(tmp_path, capsys):

@@ -170,7 +170,8 @@ def test_a_shape_error_raises(backend, fresh_dispatch):
     with ibnorm.use_backend(backend), no_ibnorm_warning():
         with pytest.raises(RuntimeError):
             dispatch.normalize(
-                x, torch.ones(1, 9), None, 0.5, dims=(1,), dynamic_dims=(0,), eps=EPS, family=get_compression("S"), center=True
+                x, torch.ones(1, 9), None, 0.5, dims=(1,), dynamic_dims=(0,), eps=EPS, family=get_compression("S"), center=True,
+                placement="standardized",
             )
     assert not dispatch._compile_failures
 
@@ -193,7 +194,7 @@ def test_float_lambda_zero_runs_the_parent_except_on_the_reference(backend):
     def normalize(lam, reduce_mean=None):
         return dispatch.normalize(
             x, None, None, lam, dims=(1,), dynamic_dims=(0,), eps=EPS, family=get_compression("S"), center=True,
-            reduce_mean=reduce_mean, parent=parent,
+            placement="standardized", reduce_mean=reduce_mean, parent=parent,
         )
 
     standardized = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + EPS)

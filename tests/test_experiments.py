@@ -160,7 +160,7 @@ def test_sweep_arms_and_plot(tmp_path):
         (dict(tasks=["mnist1d-cnn"], arms=["ib-Q"]), ValueError, r"compression='Q' is not registered"),
         (dict(tasks=["mnist1d-cnn"], arms=["ib:L:-1"]), ValueError, r"lam must be a finite real number >= 0, got -1"),
         (dict(tasks=["mnist1d-cnn"], arms=["ib:L:big"]), ValueError, r"lam 'big' is not a number"),
-        (dict(tasks=["mnist1d-cnn"], arms=["dyt"]), ValueError, r"'dyt' replaces LayerNorm and RMSNorm only"),
+        (dict(tasks=["mnist1d-cnn"], arms=["dyt"]), ValueError, r"'dyt' replaces layer and rms norms only"),
         (dict(tasks=["mnist1d-cnn"], arms=["fancy"]), ValueError, r"arm='fancy' is not known; accepted"),
         (dict(tasks=["mnist1d-cnn"], arms=["parent"], steps=0), ValueError, r"steps must be a positive int, got 0"),
         (dict(tasks=["mnist1d-cnn"], arms=["parent"], tune_lr=1), ValueError, r"tune_lr must be 0"),

@@ -177,13 +177,13 @@ import torch
 import ibnorm
 for module in {modules}:
     importlib.import_module(module)
-from ibnorm.analysis import activation_stats, binned_mutual_information, kernel_mutual_information, paired_difference
+from ibnorm.analysis import activation_stats, binned_mutual_information, kernel_mutual_information, paired_comparison
 from ibnorm.compression import gaussian_second_moment
 
 x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
 y = torch.arange(64) % 2
 activation_stats(x), binned_mutual_information(x, y), kernel_mutual_information(x, y)
-paired_difference([1.0, 2.0, 3.5], [0.5, 1.0, 2.0]), gaussian_second_moment("S", 1.0)
+paired_comparison([1.0, 2.0, 3.5], [0.5, 1.0, 2.0]), gaussian_second_moment("S", 1.0)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith({lab!r}))))
 """
 

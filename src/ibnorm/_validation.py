@@ -14,27 +14,28 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .compression import PLACEMENTS
+from .compression import PLACEMENTS, Lam
 
-Lam = Union[float, Tensor]
+#: what torch's norms accept as ``normalized_shape``
+_shape_t = Union[int, Sequence[int], torch.Size]
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_lam(lam: object, name: str = "lam") -> Lam:
+def check_lam(lam: object) -> Lam:
     """A finite real ≥ 0 (returned as float), or a floating tensor with one element."""
     if isinstance(lam, Tensor):
         if lam.numel() != 1 or not lam.is_floating_point():
             raise TypeError(
-                f"{name} given as a tensor must be a floating tensor with one element, "
+                f"lam given as a tensor must be a floating tensor with one element, "
                 f"got shape {tuple(lam.shape)} and dtype {lam.dtype}"
             )
         return lam
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
+        raise TypeError(f"lam must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
     value = float(lam)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite real number >= 0, got {lam!r}")
+        raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
     return value
 
 
@@ -45,18 +46,18 @@ def check_placement(placement: object, name: str = "placement") -> str:
     return placement.strip().lower()
 
 
-def check_floating(input: Tensor, name: str = "input") -> None:
+def check_floating(input: Tensor) -> None:
     if not isinstance(input, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in FLOATING_DTYPES:
         raise TypeError(
-            f"{name} must have a floating dtype (one of float16, bfloat16, float32, float64), got {input.dtype}"
+            f"input must have a floating dtype (one of float16, bfloat16, float32, float64), got {input.dtype}"
         )
 
 
-def check_eps(eps: object, name: str = "eps") -> None:
+def check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name} must be a finite real number >= 0, got {eps!r}")
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
 
 
 def normalize_shape(normalized_shape: object) -> tuple[int, ...]:
@@ -96,8 +97,18 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
-def check_momentum(momentum: object) -> None:
-    if momentum is None:
+def check_num_groups(num_groups: object, num_channels: int) -> int:
+    """A positive int that divides ``num_channels`` (GroupNorm's groups)."""
+    num_groups = check_positive_int(num_groups, "num_groups")
+    if num_channels % num_groups != 0:
+        raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+    return num_groups
+
+
+def check_momentum(momentum: object, allow_none: bool = True) -> None:
+    """A real number in [0, 1], or None (a cumulative average) where ``allow_none``."""
+    if momentum is None and allow_none:
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be None (cumulative average) or a real number in [0, 1], got {momentum!r}")
+    if momentum is None or isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        accepted = "None (cumulative average) or a real number in [0, 1]" if allow_none else "a real number in [0, 1]"
+        raise ValueError(f"momentum must be {accepted}, got {momentum!r}")

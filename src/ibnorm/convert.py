@@ -33,10 +33,13 @@ Selector = Union[str, type]
 @dataclass
 class ConversionRecord:
     """What :func:`convert_norms` did: ``converted`` and ``skipped`` as
-    ``(qualified_name, from_class, to_class_or_reason)`` rows; ``print()`` shows a summary."""
+    ``(qualified_name, from_class, to_class_or_reason)`` rows, and the checked ``options`` the
+    new layers were built with (``compression``, ``lam``, ``learnable_lam``, ``placement``;
+    empty for other conversions); ``print()`` shows a summary."""
 
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.converted)
@@ -146,14 +149,16 @@ def convert_norms(
     ib = {
         "compression": get_compression(compression).name,
         "lam": check_lam(lam),
-        "learnable_lam": learnable_lam,
+        "learnable_lam": bool(learnable_lam),
         "placement": check_placement(placement),
     }
 
     def ib_counterpart(spec: NormSpec, args: dict[str, Any]) -> Union[nn.Module, str]:
         return spec.ib(**args, **ib) if spec.ib is not None else spec.why_not
 
-    return replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
+    model, record = replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
+    record.options = ib
+    return model, record
 
 
 def replace_modules(

@@ -26,7 +26,7 @@ dispatch point runs for a float λ = 0.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +38,17 @@ from ._validation import (
     check_eps,
     check_floating,
     check_lam,
+    check_momentum,
+    check_num_groups,
     check_placement,
     check_trailing_shape,
     normalize_shape,
 )
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, Compression, get_compression
+from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, Compression, Lam, get_compression
 from .ops import GroupStats, is_identity, normalize
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 
-Lam = Union[float, Tensor]
 _BATCH_STATISTICS = GroupStats()  # none given: each call reduces its own batch
 
 
@@ -168,10 +169,7 @@ def ib_group_norm(
     family, lam, placement = _prepare(input, compression, lam, placement)
     check_eps(eps)
     channels = _channels(input, weight, bias)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    if channels % num_groups != 0:
-        raise ValueError(f"num_groups={num_groups} must divide the number of channels, input.shape[1]={channels}")
+    num_groups = check_num_groups(num_groups, channels)
     y, _ = normalize(
         input,
         weight,
@@ -259,6 +257,7 @@ def ib_batch_norm(
     """
     family, lam, placement = _prepare(input, compression, lam, placement)
     check_eps(eps)
+    check_momentum(momentum, allow_none=False)  # a cumulative average needs the batch count the modules keep
     channels = _channels(input, weight, bias)
     buffers = (running_mean, running_var, running_mean_psi, running_var_psi)
     for name, tensor in zip(("running_mean", "running_var", "running_mean_psi", "running_var_psi"), buffers):

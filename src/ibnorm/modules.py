@@ -14,7 +14,7 @@ only additions are ``lam_raw`` (learnable λ) and, for batch grouping,
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,10 @@ from . import functional as IBF
 from ._norm_parts import BatchNormBase, NormBase
 from ._running_stats import count_batch
 from ._validation import (
+    _shape_t,
     check_eps,
-    check_floating,
     check_lam,
-    check_momentum,
+    check_num_groups,
     check_placement,
     check_positive_int,
     normalize_shape,
@@ -51,7 +51,6 @@ __all__ = [
     "IBGroupNorm",
 ]
 
-_shape_t = Union[int, Sequence[int], torch.Size]
 
 
 def _inverse_softplus(value: float) -> float:
@@ -117,7 +116,7 @@ class _IBNorm(NormBase):
     def lam(self, value: float) -> None:
         value = check_lam(value)
         if isinstance(value, Tensor):
-            raise TypeError("lam must be set to a real number >= 0")
+            raise TypeError(f"lam must be set to a real number >= 0, got a tensor {value!r}")
         if self.lam_raw is not None:
             if value <= 0:
                 raise ValueError(f"a learnable lam must stay > 0, got {value!r}")
@@ -257,12 +256,8 @@ class IBGroupNorm(_IBNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_groups = check_positive_int(num_groups, "num_groups")
         self.num_channels = check_positive_int(num_channels, "num_channels")
-        if num_channels % num_groups != 0:
-            raise ValueError(
-                f"num_channels={num_channels} must be divisible by num_groups={num_groups}"
-            )
+        self.num_groups = check_num_groups(num_groups, num_channels)
         check_eps(eps)
         self.eps = eps
         self.affine = affine

@@ -58,9 +58,7 @@ from .timm_counterparts import (
     SyncIBBatchNormAct,
 )
 
-__all__ = ["NormSpec", "GROUPINGS", "SYNCHRONIZED", "find_norm", "norm_layer_classes", "factory_kwargs", "hf_rms_norm_eps"]
-
-GROUPINGS = ("layer", "rms", "batch", "group", "instance")
+__all__ = ["NormSpec", "SYNCHRONIZED", "find_norm", "norm_layer_classes", "torch_norm_classes", "factory_kwargs", "hf_rms_norm_eps"]
 
 Args = Callable[[nn.Module], dict[str, Any]]
 
@@ -267,6 +265,12 @@ SYNCHRONIZED: dict[type, tuple[type[nn.Module], Args]] = {
     IBBatchNorm3d: (SyncIBBatchNorm, batch_args),
     IBBatchNormAct2d: (SyncIBBatchNormAct, with_drop_act(batch_args)),
 }
+
+
+def torch_norm_classes(grouping: str) -> tuple[type[nn.Module], ...]:
+    """torch's classes in the table with ``grouping`` that have an IB counterpart (e.g.
+    ``"batch"``: ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``)."""
+    return tuple(cls for cls, spec in _TORCH.items() if spec.grouping == grouping and spec.ib is not None)
 
 
 def norm_layer_classes() -> dict[str, type[nn.Module]]:

@@ -50,7 +50,7 @@ from .stats import (
     excess_kurtosis,
     hoyer_sparsity,
     near_zero_fraction,
-    paired_difference,
+    paired_comparison,
     tail_mass,
 )
 
@@ -72,7 +72,7 @@ __all__ = [
     "hoyer_sparsity",
     "near_zero_fraction",
     "tail_mass",
-    "paired_difference",
+    "paired_comparison",
     "NATS_PER_BIT",
     "entropy_discrete",
     "mutual_information_discrete",

@@ -95,9 +95,16 @@ __all__ = [
     "ACTIVATION_CLASSES",
     "SITES",
     "SPATIAL_MODES",
+    "check_sites",
 ]
 
 SPATIAL_MODES = ("mean", "flatten", "examples")
+#: the capture defaults: channel means of feature maps, at most 256 units and 2000 examples per
+#: layer, inputs run in chunks of 500
+DEFAULT_SPATIAL = "mean"
+DEFAULT_MAX_UNITS = 256
+DEFAULT_MAX_EXAMPLES = 2000
+DEFAULT_BATCH_SIZE = 500
 SITES = ("norm_in", "norm_out", "block_out", "act_out")
 
 ACTIVATION_CLASSES: tuple[type, ...] = (
@@ -229,7 +236,7 @@ def _norm_stages(model: nn.Module) -> list[str]:
     return outputs
 
 
-def _check_sites(sites: Sequence[str]) -> tuple[str, ...]:
+def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
     if isinstance(sites, str):
         sites = (sites,)
     unknown = [s for s in sites if s not in SITES]
@@ -242,7 +249,7 @@ def find_sites(model: nn.Module, sites: Sequence[str] = SITES) -> SiteMap:
     """The modules of each capture site of ``model`` (``norm_in``, ``norm_out``,
     ``block_out``, ``act_out``; see the module docstring for how each is found) and the
     reasons for the sites, or parts of sites, that cannot be captured."""
-    sites = _check_sites(sites)
+    sites = check_sites(sites)
     named = list(model.named_modules())
     modules = dict(named)
     norms = [(n, m) for n, m in named if is_norm_layer(m)]
@@ -359,9 +366,9 @@ class ActivationCapture:
         layers: LayerSelector = None,
         *,
         sites: Optional[Sequence[str]] = None,
-        spatial: str = "mean",
-        max_units: Optional[int] = 256,
-        max_examples: Optional[int] = 2000,
+        spatial: str = DEFAULT_SPATIAL,
+        max_units: Optional[int] = DEFAULT_MAX_UNITS,
+        max_examples: Optional[int] = DEFAULT_MAX_EXAMPLES,
         max_values: Optional[int] = None,
         seed: int = 0,
     ) -> None:
@@ -506,10 +513,10 @@ def capture_activations(
     *,
     sites: Optional[Sequence[str]] = None,
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    batch_size: int = 500,
-    spatial: str = "mean",
-    max_units: Optional[int] = 256,
-    max_examples: Optional[int] = 2000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    spatial: str = DEFAULT_SPATIAL,
+    max_units: Optional[int] = DEFAULT_MAX_UNITS,
+    max_examples: Optional[int] = DEFAULT_MAX_EXAMPLES,
     max_values: Optional[int] = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:

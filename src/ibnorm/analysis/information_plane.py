@@ -23,7 +23,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from ._inputs import ArrayLike, as_float64, as_tensor
-from .capture import LayerSelector, capture_activations
+from .capture import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_UNITS,
+    DEFAULT_SPATIAL,
+    LayerSelector,
+    capture_activations,
+)
 from .mutual_information import (
     binned_mutual_information,
     kernel_mutual_information,
@@ -109,10 +116,10 @@ def information_plane(
     *,
     layers: LayerSelector = None,
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    spatial: str = "mean",
-    max_units: Optional[int] = 256,
-    max_examples: Optional[int] = 2000,
-    batch_size: int = 500,
+    spatial: str = DEFAULT_SPATIAL,
+    max_units: Optional[int] = DEFAULT_MAX_UNITS,
+    max_examples: Optional[int] = DEFAULT_MAX_EXAMPLES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     **estimators: Any,
 ) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ Conventions (all computed in float64 from a float32 or float64 input):
   ``z = (x − mean) / std``: the fraction of entries with ``|z| < 0.1`` (0.080 for a
   Gaussian) and with ``|z| > 3`` (0.0027 for a Gaussian).
 
-:func:`paired_difference` is the seed-paired comparison of two arms' per-seed values.
+:func:`paired_comparison` is the seed-paired comparison of two arms' per-seed values.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._inputs import ArrayLike, as_float64
-from .capture import LayerSelector, capture_activations
-from .significance import MIN_PAIRED_SEEDS
+from .capture import DEFAULT_MAX_UNITS, DEFAULT_SPATIAL, LayerSelector, capture_activations
+from .significance import CONFIDENCE, MIN_PAIRED_SEEDS, paired_difference
 
 __all__ = [
     "excess_kurtosis",
@@ -39,7 +39,7 @@ __all__ = [
     "tail_mass",
     "activation_stats",
     "ActivationMonitor",
-    "paired_difference",
+    "paired_comparison",
     "STAT_KEYS",
     "MIN_PAIRED_SEEDS",
 ]
@@ -150,7 +150,7 @@ def activation_stats(x: ArrayLike) -> dict[str, float]:
     }
 
 
-def paired_difference(values: Sequence[float], reference: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+def paired_comparison(values: Sequence[float], reference: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
     """Seed-paired comparison of ``values`` against ``reference`` (aligned: entry i of both
     is seed i; pairs with a non-finite entry are dropped).
 
@@ -163,12 +163,10 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], confi
     identical differences (s = 0, t undefined) the interval and p are None and ``note``
     says why (``"too few seeds"``, ``"zero-variance differences"``; ``"no paired seeds"``
     with none); otherwise ``note`` is None."""
-    from .significance import paired_difference as paired
-
     if len(values) != len(reference):
         raise ValueError(f"values and reference must be aligned, got {len(values)} and {len(reference)} entries")
     keep = [i for i, (a, b) in enumerate(zip(values, reference)) if math.isfinite(a) and math.isfinite(b)]
-    result = paired({i: float(values[i]) for i in keep}, {i: float(reference[i]) for i in keep}, confidence)
+    result = paired_difference({i: float(values[i]) for i in keep}, {i: float(reference[i]) for i in keep}, confidence)
     out: dict[str, Any] = {"n": result.n, "delta": None, "ci_low": None, "ci_high": None, "p": None, "note": None}
     if not keep:
         out["note"] = "no paired seeds"
@@ -209,8 +207,8 @@ class ActivationMonitor:
         layers: LayerSelector = None,
         stats: Sequence[str] = ("kurtosis", "hoyer", "near_zero_fraction", "tail_mass_3sigma"),
         forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-        spatial: str = "mean",
-        max_units: Optional[int] = 256,
+        spatial: str = DEFAULT_SPATIAL,
+        max_units: Optional[int] = DEFAULT_MAX_UNITS,
         seed: int = 0,
         writer: Any = None,
         log_dir: Optional[str] = None,

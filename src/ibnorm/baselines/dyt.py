@@ -5,26 +5,30 @@ written from the paper's description: an elementwise replacement for LayerNorm::
 
 with α one learnable scalar (initialised to ``alpha_init``, 0.5 by default) and ``weight``,
 ``bias`` over the trailing ``normalized_shape`` dims, as LayerNorm's. No statistics are
-computed. It replaces LayerNorm only.
+computed. It replaces row LayerNorms and RMSNorms (:data:`GROUPINGS`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_floating, check_trailing_shape, normalize_shape
+from .._validation import _shape_t, check_floating, check_trailing_shape, normalize_shape
 from .._norm_parts import NormBase
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
 from ..norms import NormSpec
+from ..ops.reference import compute_dtype
 
-__all__ = ["DyT", "convert_to_dyt"]
+__all__ = ["DyT", "convert_to_dyt", "GROUPINGS", "DEFAULT_ALPHA_INIT"]
 
-_shape_t = Union[int, Sequence[int], torch.Size]
+#: the groupings of the row norms (features last) that DyT replaces
+GROUPINGS = ("layer", "rms")
+#: α's initial value, the DyT paper's for ViTs and LLaMA
+DEFAULT_ALPHA_INIT = 0.5
 
 
 def _check_alpha_init(alpha_init: object) -> float:
@@ -55,7 +59,8 @@ class DyT(NormBase):
     def __init__(
         self,
         normalized_shape: _shape_t,
-        alpha_init: float = 0.5,
+        *,
+        alpha_init: float = DEFAULT_ALPHA_INIT,
         elementwise_affine: bool = True,
         bias: bool = True,
         device=None,
@@ -78,7 +83,7 @@ class DyT(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)
         check_trailing_shape(input, self.normalized_shape)
-        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(input.dtype)
         y = torch.tanh(self.alpha.to(dtype) * input.to(dtype))
         if self.weight is not None:
             y = y * self.weight.to(dtype)
@@ -94,13 +99,13 @@ def _dyt_counterpart(alpha_init: float):
     def counterpart(spec: NormSpec, args: dict) -> Union[nn.Module, str]:
         if spec.adds is not None:
             return f"DyT has no counterpart that keeps {spec.adds}"
-        if spec.grouping not in ("layer", "rms") or spec.channel_dim != -1:
+        if spec.grouping not in GROUPINGS or spec.channel_dim != -1:
             return "DyT replaces row LayerNorm and RMSNorm only"
         return DyT(
             args["normalized_shape"],
-            alpha_init,
-            args["elementwise_affine"],
-            args.get("bias", False),  # an RMSNorm has no shift, so its DyT gets none
+            alpha_init=alpha_init,
+            elementwise_affine=args["elementwise_affine"],
+            bias=args.get("bias", False),  # an RMSNorm has no shift, so its DyT gets none
             device=args.get("device"),
             dtype=args.get("dtype"),
         )
@@ -113,7 +118,7 @@ def convert_to_dyt(
     *,
     include: Optional[Iterable[Selector]] = None,
     exclude: Optional[Iterable[Selector]] = None,
-    alpha_init: float = 0.5,
+    alpha_init: float = DEFAULT_ALPHA_INIT,
 ) -> tuple[nn.Module, ConversionRecord]:
     """Replace every row LayerNorm and RMSNorm of ``model`` (``nn.LayerNorm``, ``nn.RMSNorm``,
     timm's ``LayerNorm``/``RmsNorm``, Hugging Face RMSNorms; read from the table of norms,

@@ -60,18 +60,12 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._validation import (
-    check_eps,
-    check_floating,
-    check_momentum,
-    check_positive_int,
-    check_trailing_shape,
-    normalize_shape,
-)
+from .._validation import _shape_t, check_eps, check_floating, check_trailing_shape, normalize_shape
 from .._norm_parts import BatchNormBase, NormBase
 from .._running_stats import count_batch, unbiased_variance, update_running
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
 from ..norms import NormSpec
+from ..ops.reference import compute_dtype
 
 __all__ = [
     "NormalBatchNorm",
@@ -79,18 +73,17 @@ __all__ = [
     "convert_to_normalnorm",
     "yeo_johnson",
     "yeo_johnson_newton_lambda",
+    "GROUPINGS",
 ]
 
-_shape_t = Union[int, Sequence[int], torch.Size]
+#: the groupings NormalNorm replaces: batch over (N, C, *) and layer over rows
+GROUPINGS = ("batch", "layer")
+
 Dims = Union[int, Sequence[int], None]
 
 #: Floor on ℓ''(1) in the Newton step, and the interval λ̂ is clamped to.
 MIN_CURVATURE = 1e-2
 LAM_MIN, LAM_MAX = -1.0, 3.0
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _expm1_ratio(t: Tensor) -> Tensor:
@@ -248,7 +241,7 @@ class NormalBatchNorm(BatchNormBase, _NormalNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         channels = self.num_features
-        x = input.reshape(input.shape[0], channels, -1).to(_compute_dtype(input.dtype))
+        x = input.reshape(input.shape[0], channels, -1).to(compute_dtype(input.dtype))
         dims = (0, 2)
         stat_shape = (1, channels, 1)
         use_batch_stats = self.training or self.running_mean is None
@@ -329,7 +322,7 @@ class NormalLayerNorm(_NormalNorm):
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)
         check_trailing_shape(input, self.normalized_shape)
-        x = input.to(_compute_dtype(input.dtype))
+        x = input.to(compute_dtype(input.dtype))
         dims = tuple(range(-len(self.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         z = (x - mean) * torch.rsqrt(var + self.eps)
@@ -352,10 +345,10 @@ def _normalnorm_counterpart(spec: NormSpec, args: dict) -> Union[nn.Module, str]
     if spec.grouping == "batch" and spec.channel_dim == 1:
         if "process_group" in args:
             return "NormalBatchNorm has no synchronized variant"
-        return NormalBatchNorm(**args, xi=0.4)
+        return NormalBatchNorm(**args)
     if spec.grouping == "layer" and spec.channel_dim == -1:
-        return NormalLayerNorm(**args, xi=1.0)
-    return "NormalNorm is implemented for batch and layer grouping only"
+        return NormalLayerNorm(**args)
+    return f"NormalNorm is implemented for {' and '.join(GROUPINGS)} grouping only"
 
 
 def convert_to_normalnorm(

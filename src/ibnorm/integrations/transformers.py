@@ -13,8 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .._validation import check_placement
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
@@ -29,13 +28,7 @@ def convert_hf_model(
     model, record = convert_norms(model, compression, lam, **convert_kwargs)
     config = getattr(model, "config", None)
     if config is not None:
-        config.ibnorm = {
-            "compression": get_compression(compression).name,
-            "lam": lam,
-            "learnable_lam": bool(convert_kwargs.get("learnable_lam", False)),
-            "placement": check_placement(convert_kwargs.get("placement", DEFAULT_PLACEMENT)),
-            "converted": len(record),
-        }
+        config.ibnorm = {**record.options, "converted": len(record)}
     return model, record
 
 

@@ -49,9 +49,18 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ibnorm.analysis.capture import SITES, _check_sites, capture_activations, find_sites, split_site_key
+from ibnorm.analysis.capture import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_UNITS,
+    SITES,
+    capture_activations,
+    check_sites,
+    find_sites,
+    split_site_key,
+)
 from ibnorm.analysis.information_plane import information_plane
-from ibnorm.analysis.stats import activation_stats, paired_difference
+from ibnorm.analysis.significance import CONFIDENCE
+from ibnorm.analysis.stats import activation_stats, paired_comparison
 
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
@@ -63,6 +72,8 @@ from .experiments.tasks import get_task
 __all__ = ["analyze_run", "merge_analysis_rows", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
 
 ANALYSIS = "analysis.jsonl"
+#: values kept per layer at the sites beyond the norm outputs
+DEFAULT_MAX_VALUES = 100_000
 
 # (row key, table header, summary name) of the quantities the report compares.
 _REPORTED = (
@@ -124,15 +135,15 @@ def analyze_run(
     *,
     tasks: Optional[Sequence[str]] = None,
     arms: Optional[Sequence[str]] = None,
-    max_examples: int = 2000,
+    max_examples: int = DEFAULT_MAX_EXAMPLES,
     seed: int = 0,
     data_dir: Optional[str] = None,
-    max_units: int = 256,
+    max_units: int = DEFAULT_MAX_UNITS,
     n_bins: int = 30,
     noise_var: float = 0.2,
     probe_epochs: int = 100,
     sites: Sequence[str] = SITES,
-    max_values: int = 100_000,
+    max_values: int = DEFAULT_MAX_VALUES,
     retrain_missing: bool = False,
     progress: bool = False,
     summary: bool = True,
@@ -161,7 +172,7 @@ def analyze_run(
     """
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 4:
         raise ValueError(f"max_examples must be an int >= 4, got {max_examples!r}")
-    extra_sites = [site for site in _check_sites(sites) if site != "norm_out"]
+    extra_sites = [site for site in check_sites(sites) if site != "norm_out"]
     if extra_sites and (isinstance(max_values, bool) or not isinstance(max_values, int) or max_values < 2 * max_units):
         raise ValueError(f"max_values must be an int >= 2 * max_units = {2 * max_units}, got {max_values!r}")
     out, only_run = find_out_folder(run_dir_or_out)
@@ -447,7 +458,7 @@ def _fmt(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:.3f}"
 
 
-def site_comparison(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+def site_comparison(rows: Sequence[dict[str, Any]], confidence: float = CONFIDENCE) -> list[dict[str, Any]]:
     """Per task, site and arm (sites in :data:`~ibnorm.analysis.capture.SITES` order, the
     parent first): ``{"task", "site", "arm", "seeds", "layers", "spatial", "kurtosis",
     "hoyer", "near_zero_fraction", "paired"}``.
@@ -455,7 +466,7 @@ def site_comparison(rows: Sequence[dict[str, Any]], confidence: float = 0.95) ->
     For each run (task, site, arm, seed) a statistic is first averaged over the site's layers
     (those where it is finite), giving one value per seed; the arm's entry is the mean of
     these over its seeds. ``paired`` (None for the parent, and when there is no parent) maps
-    ``kurtosis`` and ``hoyer`` to :func:`~ibnorm.analysis.stats.paired_difference` of the
+    ``kurtosis`` and ``hoyer`` to :func:`~ibnorm.analysis.stats.paired_comparison` of the
     arm's per-seed values against the parent's over the seeds both have (Δ = arm − parent;
     paired t-test, no interval or p for fewer than 3 seeds or zero-variance differences).
     Rows without a ``site`` count as ``norm_out``."""
@@ -477,7 +488,7 @@ def site_comparison(rows: Sequence[dict[str, Any]], confidence: float = 0.95) ->
         if arm != "parent" and parent is not None:
             shared = sorted(set(mine) & set(parent))
             paired = {
-                key: paired_difference([mine[s][key] for s in shared], [parent[s][key] for s in shared], confidence) for key in _SITE_PAIRED
+                key: paired_comparison([mine[s][key] for s in shared], [parent[s][key] for s in shared], confidence) for key in _SITE_PAIRED
             }
         out.append(
             {

@@ -50,7 +50,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ibnorm import modules as ib
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
@@ -62,7 +61,13 @@ ROW_SHAPES = [(4096, 768), (8192, 1024), (2048, 4096)]
 IMAGE_SHAPES = [(64, 64, 32, 32)]
 IMPLEMENTATIONS = {"parent": None, "ib_cpp": "cpp", "ib_compiled": "compiled", "ib_eager": "eager", "composite": "reference"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-GROUPINGS = ("layer", "rms", "batch", "group")
+_PARENTS: dict[str, Callable[[Sequence[int]], nn.Module]] = {
+    "layer": lambda shape: nn.LayerNorm(shape[-1]),
+    "rms": lambda shape: nn.RMSNorm(shape[-1]),
+    "batch": lambda shape: nn.BatchNorm2d(shape[1]),
+    "group": lambda shape: nn.GroupNorm(32, shape[1]),
+}
+GROUPINGS = tuple(_PARENTS)
 MODELS = ("gpt2", "llama", "resnet")
 
 CUDA_ROW_SHAPES = [(4096, 768), (8192, 1024), (16384, 4096), (4096, 8192)]
@@ -82,16 +87,15 @@ def _variant(compression: str, lam: float, placement: str) -> str:
     return f"{compression}:{lam}:{placement}"
 
 
-def _layers(grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float, placement: str):
-    kw = {"dtype": dtype}
-    ibkw = {"compression": compression, "lam": lam, "placement": placement, **kw}
-    if grouping == "layer":
-        return nn.LayerNorm(shape[-1], **kw), ib.IBLayerNorm(shape[-1], **ibkw)
-    if grouping == "rms":
-        return nn.RMSNorm(shape[-1], **kw), ib.IBRMSNorm(shape[-1], **ibkw)
-    if grouping == "batch":
-        return nn.BatchNorm2d(shape[1], **kw), ib.IBBatchNorm2d(shape[1], **ibkw)
-    return nn.GroupNorm(32, shape[1], **kw), ib.IBGroupNorm(32, shape[1], **ibkw)
+def layer_pair(
+    grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float, placement: str
+) -> tuple[nn.Module, nn.Module]:
+    """The torch layer timed for ``grouping`` on input ``shape`` (rows: features last; images:
+    (N, C, H, W), GroupNorm with 32 groups) and its IB counterpart from the table of norms
+    (:func:`ibnorm.convert_norms` of a copy)."""
+    parent = _PARENTS[grouping](shape).to(dtype)
+    converted, _ = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
+    return parent, converted
 
 
 def interleaved_times(
@@ -229,7 +233,7 @@ def _cases(
     ]
 
 
-def _inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def layer_inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """x (requiring grad) and an upstream gradient, the same on every device."""
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype).requires_grad_(True)
@@ -280,8 +284,8 @@ def _kernel_case(
     compression: str, lam: float, placement: str, min_seconds: float,
 ) -> list[dict[str, object]]:
     dtype = DTYPES[dtype_name]
-    x, grad = _inputs(shape, dtype)
-    parent, layer = _layers(grouping, shape, dtype, compression, lam, placement)
+    x, grad = layer_inputs(shape, dtype)
+    parent, layer = layer_pair(grouping, shape, dtype, compression, lam, placement)
     impls = {impl: (parent, "eager") if backend is None else (layer, backend) for impl, backend in chosen.items()}
     first_call_s, saved_bytes = {}, {}
     for impl, (module, backend) in impls.items():
@@ -372,8 +376,8 @@ def cuda_kernel_benchmark(
     rows: list[dict[str, object]] = []
     for grouping, shape, dtype_name in tqdm(_cases(groupings, dtypes, row_shapes, image_shapes), desc="cuda kernel benchmark"):
         dtype = DTYPES[dtype_name]
-        x, grad = _inputs(shape, dtype, "cuda")
-        parent, layer = (m.to("cuda") for m in _layers(grouping, shape, dtype, compression, lam, placement))
+        x, grad = layer_inputs(shape, dtype, "cuda")
+        parent, layer = (m.to("cuda") for m in layer_pair(grouping, shape, dtype, compression, lam, placement))
         torch._dynamo.reset()  # a fresh, shape-specialized compile per case, never the recompile limit
         callables = {"parent": (parent, "eager"), "ib_triton": (layer, "triton"),
                      "composite_compiled": (torch.compile(layer, dynamic=False), "auto")}

@@ -29,12 +29,20 @@ import torch
 import torch.distributed as dist
 
 from ibnorm._validation import check_lam
-from ibnorm.analysis.capture import SITES
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, get_compression
+from ibnorm.analysis.capture import DEFAULT_MAX_EXAMPLES, SITES
+from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS
+from ibnorm.compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LAM,
+    DEFAULT_PLACEMENT,
+    PLACEMENTS,
+    available_compressions,
+    get_compression,
+)
 
-from .analysis_run import ANALYSIS, analyze_run, merge_analysis_rows, output_folder
+from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, merge_analysis_rows, output_folder
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
-from .experiments.arms import default_arms
+from .experiments.arms import DEFAULT_ARMS, SPEC_PLACEMENT, default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
 from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
 from .experiments.demo import run_demo
@@ -56,7 +64,7 @@ class Subcommand:
     run: Runner
 
 
-def _fail(parser: argparse.ArgumentParser, exc: BaseException) -> NoReturn:
+def _fail(parser: argparse.ArgumentParser, exc: BaseException | str) -> NoReturn:
     """Bad input: the parser's usage and the error on one line, exit status 2."""
     parser.error(" ".join(str(exc).split()))
 
@@ -207,7 +215,13 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", required=True, help="e.g. mnist1d-cnn fmnist-resnet austen-gpt2 text:PATH")
-    parser.add_argument("--arms", nargs="+", default=None, help="default: parent ib ib-S ib-L ib-T ib-learnable, normalnorm (batch/layer tasks), dyt (layer tasks)")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help=f"default: those of {' '.join(DEFAULT_ARMS)} that fit every task's parent norm (normalnorm: "
+        f"{'/'.join(NORMALNORM_GROUPINGS)}, dyt: {'/'.join(DYT_GROUPINGS)})",
+    )
     parser.add_argument("--tune-lr", type=int, default=0, help="try K learning rates per arm on the validation split first")
     parser.add_argument(
         "--analyze", type=int, default=0, metavar="K", help="information-plane snapshot every K steps (at evaluations)"
@@ -235,8 +249,8 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True)
     parser.add_argument("--lams", nargs="+", type=float, default=[0, 0.25, 0.5, 1, 2, 4])
-    parser.add_argument("--families", nargs="+", default=["S", "L", "T"])
-    parser.add_argument("--placements", nargs="+", default=["standardized"], choices=PLACEMENTS)
+    parser.add_argument("--families", nargs="+", default=available_compressions())
+    parser.add_argument("--placements", nargs="+", default=[SPEC_PLACEMENT], choices=PLACEMENTS)
     _experiment_arguments(parser)
 
 
@@ -277,17 +291,16 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
         for entry in load_plan(plan):
             if args.only and entry.name not in args.only:
                 continue
-            source = args.merge / f"{entry.name}.jsonl"
-            if source.exists():
-                added = merge_results(entry.out(Path(plan).parent), read_results_file(source))
-                print(f"[{entry.name}] merged {added} new runs from {source}")
-            source = args.merge / f"{entry.name}.{ANALYSIS}"
-            if source.exists():
-                try:
-                    added = merge_analysis_rows(entry.out(Path(plan).parent), read_results_file(source))
-                except ValueError as exc:
-                    _fail(parser, f"--merge {source}: {exc}")
-                print(f"[{entry.name}] merged {added} analysis rows from {source}")
+            for source, merge, what in (
+                (args.merge / f"{entry.name}.jsonl", merge_results, "new runs"),
+                (args.merge / f"{entry.name}.{ANALYSIS}", merge_analysis_rows, "analysis rows"),
+            ):
+                if source.exists():
+                    try:  # a malformed row (not JSON: a ValueError too) stops the merge before it writes
+                        added = merge(entry.out(Path(plan).parent), read_results_file(source))
+                    except ValueError as exc:
+                        _fail(parser, f"--merge {source}: {exc}")
+                    print(f"[{entry.name}] merged {added} {what} from {source}")
     try:
         run_campaign(
             main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard
@@ -333,7 +346,7 @@ def _roi(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequen
 # =============================================================================== analyze
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="an `ibnorm compare --out` folder, or one run folder inside it")
-    parser.add_argument("--max-examples", type=int, default=2000, help="probe examples (token positions for LMs)")
+    parser.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES, help="probe examples (token positions for LMs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--arms", nargs="+", default=None)
@@ -345,7 +358,7 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
         default=["all"],
         help="where to measure: norm inputs/outputs, block outputs, activation outputs; 'all' (default) for every site",
     )
-    parser.add_argument("--max-values", type=int, default=100_000, help="values kept per layer at the added sites")
+    parser.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES, help="values kept per layer at the added sites")
     parser.add_argument(
         "--retrain-missing",
         action="store_true",

@@ -417,7 +417,7 @@ def normalize(
     eps: float,
     family: Compression,
     center: bool,
-    placement: str = "standardized",
+    placement: str,
     shape: Optional[tuple[int, ...]] = None,
     given: GroupStats = GroupStats(),
     running: Optional[RunningUpdate] = None,
@@ -492,7 +492,7 @@ def normalize(
     given = GroupStats(*(_reshaped(t, stat_shape) for t in given))
     if backend == "reference":
         y, stats = ib_normalize_reference(
-            x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, given, placement
+            x.to(compute_dtype(x.dtype)), reduce_mean or mean_over(dims), eps, family, lam, center, placement, given
         )
         y = affine(y, weight, bias).to(x.dtype)
     else:

@@ -71,7 +71,7 @@ def forward_body(
 ) -> tuple[Tensor, GroupStats]:
     """y in x's dtype and the float32 statistics; the reference math, run without autograd."""
     y, stats = ib_normalize_reference(
-        x.to(compute_dtype(x.dtype)), mean_over(cfg.dims), cfg.eps, cfg.family, lam, cfg.center, given, cfg.placement
+        x.to(compute_dtype(x.dtype)), mean_over(cfg.dims), cfg.eps, cfg.family, lam, cfg.center, cfg.placement, given
     )
     return affine(y, weight, bias).to(x.dtype), stats
 

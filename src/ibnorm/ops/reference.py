@@ -7,14 +7,13 @@ any custom family without a λ-derivative), and an outer ``torch.compile`` or
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..compression import Compression
+from ..compression import Compression, Lam
 
-Lam = Union[float, Tensor]
 ReduceMean = Callable[[Tensor], Tensor]
 
 
@@ -79,8 +78,8 @@ def ib_normalize_reference(
     family: Compression,
     lam: Lam,
     center: bool,
+    placement: str,
     given: GroupStats = GroupStats(),
-    placement: str = "standardized",
 ) -> tuple[Tensor, GroupStats]:
     """û and the statistics (float ``lam == 0``: standardize once, the parent norm).
 

@@ -17,7 +17,7 @@ from typing import Optional
 from torch import nn
 
 from ibnorm._validation import check_lam, check_placement
-from ibnorm.baselines import convert_to_dyt, convert_to_normalnorm
+from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS, convert_to_dyt, convert_to_normalnorm
 from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
 from ibnorm.convert import convert_norms
 
@@ -27,6 +27,7 @@ SPEC_PLACEMENT = "standardized"
 
 # λ of the family arms ib-S/ib-L/ib-T and the starting λ of ib-learnable (family L).
 FAMILY_ARM_LAM = 1.0
+_BASELINE_GROUPINGS = {"normalnorm": NORMALNORM_GROUPINGS, "dyt": DYT_GROUPINGS}
 DEFAULT_ARMS = ("parent", "ib", "ib-S", "ib-L", "ib-T", "ib-learnable", "normalnorm", "dyt")
 
 
@@ -78,11 +79,11 @@ def parse_arm(spec: str, parent: str) -> Arm:
         raise TypeError(f"arm must be a str, got {type(spec).__name__}")
     if spec == "parent":
         return Arm("parent", "parent")
-    if spec in ("normalnorm", "dyt"):
-        if spec == "dyt" and parent not in ("layer", "rms"):
-            raise ValueError(f"arm 'dyt' replaces LayerNorm and RMSNorm only; this task's parent norm is {parent!r}")
-        if spec == "normalnorm" and parent == "rms":
-            raise ValueError("arm 'normalnorm' replaces BatchNorm or LayerNorm; this task's parent norm is 'rms'")
+    if spec in _BASELINE_GROUPINGS:
+        if parent not in _BASELINE_GROUPINGS[spec]:
+            raise ValueError(
+                f"arm {spec!r} replaces {' and '.join(_BASELINE_GROUPINGS[spec])} norms only; this task's parent norm is {parent!r}"
+            )
         return Arm(spec, spec)
     if spec == "ib":
         # named by what it is, so results keep their meaning when the library default changes

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
 
 from .._io import atomic_write_text
-from .arms import parse_arm
+from .arms import SPEC_PLACEMENT, parse_arm
 from .compare import Shard, read_results, sweep_arms
 from .groups import run_device
 from .report import _table_md, at_a_glance, summarize, verdict, write_report
@@ -58,13 +58,22 @@ class Entry:
 
 
 def load_plan(path: Path) -> list[Entry]:
-    """The entries of a plan file, checked: unique names, a subcommand, no ``--out``."""
+    """The entries of a plan file, checked: a JSON object whose ``entries`` list holds objects
+    with a ``name`` and an ``argv`` list; unique names, a subcommand, no ``--out``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"plan file {path} does not exist")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"plan file {path} is not JSON: {exc}") from None
+    items = raw.get("entries", []) if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"plan file {path} must hold a JSON object with an 'entries' list")
     entries = []
-    for item in raw.get("entries", []):
+    for k, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("argv"), list):
+            raise ValueError(f"plan file {path}: entry {k} must be an object with a 'name' string and an 'argv' list, got {item!r}")
         argv = tuple(str(a) for a in item["argv"])
         if not argv or argv[0] not in ("compare", "sweep"):
             raise ValueError(f"plan entry {item.get('name')!r}: argv must start with 'compare' or 'sweep', got {argv[:1]}")
@@ -131,7 +140,7 @@ def ranked_variants(
         if any(r.get("diverged") or v is None or not math.isfinite(v) for r, v in zip(runs, values)):
             continue  # a variant that diverged on any seed is not a candidate
         sign = 1 if runs[0]["higher_is_better"] else -1
-        ranked.append((arm, statistics.fmean(values), len(values), spec.get("placement", "standardized")))
+        ranked.append((arm, statistics.fmean(values), len(values), spec.get("placement", SPEC_PLACEMENT)))
     return sorted(ranked, key=lambda item: -sign * item[1])
 
 

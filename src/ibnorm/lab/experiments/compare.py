@@ -34,7 +34,7 @@ except ImportError:  # not POSIX: one process per results folder
 
 from ibnorm import __version__
 from .._io import atomic_write_bytes, atomic_write_text
-from .arms import Arm, ib_spec, parse_arm
+from .arms import SPEC_PLACEMENT, Arm, ib_spec, parse_arm
 from .probe import finite_or_none
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
@@ -159,9 +159,12 @@ def read_results_file(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+RUN_KEY = ("task", "arm", "seed", "phase", "config_key")
+
+
 def run_key(row: dict[str, Any]) -> tuple:
     """What identifies a run in results.jsonl: task, arm, seed, phase and config key."""
-    return (row["task"], row["arm"], row["seed"], row["phase"], row["config_key"])
+    return tuple(row[k] for k in RUN_KEY)
 
 
 @contextlib.contextmanager
@@ -178,7 +181,12 @@ def folder_lock(out: Path) -> Iterator[None]:
 def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
     machine from the same starting file), holding the folder's lock so that shards appending at
-    once never drop each other's rows; returns how many were added."""
+    once never drop each other's rows; returns how many were added. A row that is not an object
+    with the fields of :data:`RUN_KEY` is a ValueError, raised before anything is written."""
+    rows = list(rows)
+    for row in rows:
+        if not isinstance(row, dict) or any(k not in row for k in RUN_KEY):
+            raise ValueError(f"results rows need {', '.join(RUN_KEY)}; got {str(row)[:120]}")
     with folder_lock(out):
         existing = read_results(out)
         known = {run_key(r) for r in existing}
@@ -409,7 +417,7 @@ def _tuned_lr(out: Path, plan: Plan, arm: Arm) -> float:
     return max(grid, key=scores.get)
 
 
-def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = ("standardized",)) -> list[str]:
+def sweep_arms(families: Sequence[str], lams: Sequence[float], placements: Sequence[str] = (SPEC_PLACEMENT,)) -> list[str]:
     """Arm specs for a family × λ × placement grid; λ = 0 is the parent itself, listed once."""
     arms = ["parent"] if any(lam == 0 for lam in lams) else []
     arms += [

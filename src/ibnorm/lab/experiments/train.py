@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ibnorm.convert import convert_norms, convert_sync_ibbatchnorm
+from ibnorm.norms import torch_norm_classes
 
 from .._io import atomic_write_bytes
 from .._measure import saved_tensor_bytes
@@ -216,7 +217,7 @@ def _synchronize_batch_norms(model: nn.Module) -> nn.Module:
     if any(p.is_cuda for p in model.parameters()):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
-        model, _ = convert_norms(model, lam=0.0, include=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
+        model, _ = convert_norms(model, lam=0.0, include=torch_norm_classes("batch"))
     return convert_sync_ibbatchnorm(model)
 
 
