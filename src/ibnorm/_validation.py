@@ -14,36 +14,10 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .compression import PLACEMENTS, Lam
-
 #: what torch's norms accept as ``normalized_shape``
 _shape_t = Union[int, Sequence[int], torch.Size]
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_lam(lam: object) -> Lam:
-    """A finite real ≥ 0 (returned as float), or a floating tensor with one element."""
-    if isinstance(lam, Tensor):
-        if lam.numel() != 1 or not lam.is_floating_point():
-            raise TypeError(
-                f"lam given as a tensor must be a floating tensor with one element, "
-                f"got shape {tuple(lam.shape)} and dtype {lam.dtype}"
-            )
-        return lam
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
-    value = float(lam)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
-    return value
-
-
-def check_placement(placement: object, name: str = "placement") -> str:
-    """One of :data:`ibnorm.compression.PLACEMENTS` (case-insensitive), returned lower-case."""
-    if not isinstance(placement, str) or placement.strip().lower() not in PLACEMENTS:
-        raise ValueError(f"{name} must be one of {list(PLACEMENTS)}, got {placement!r}")
-    return placement.strip().lower()
 
 
 def check_floating(input: Tensor) -> None:

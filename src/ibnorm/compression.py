@@ -21,6 +21,7 @@ autograd) at z = 0 and at a tensor λ = 0.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -37,6 +38,8 @@ __all__ = [
     "get_compression",
     "available_compressions",
     "gaussian_second_moment",
+    "check_lam",
+    "check_placement",
 ]
 
 Lam = Union[float, Tensor]
@@ -143,6 +146,30 @@ PLACEMENTS = ("standardized", "centered")
 DEFAULT_COMPRESSION = "S"
 DEFAULT_LAM = 0.1
 DEFAULT_PLACEMENT = "centered"
+
+
+def check_lam(lam: object) -> Lam:
+    """A finite real ≥ 0 (returned as float), or a floating tensor with one element."""
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1 or not lam.is_floating_point():
+            raise TypeError(
+                f"lam given as a tensor must be a floating tensor with one element, "
+                f"got shape {tuple(lam.shape)} and dtype {lam.dtype}"
+            )
+        return lam
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
+    value = float(lam)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
+    return value
+
+
+def check_placement(placement: object, name: str = "placement") -> str:
+    """One of :data:`ibnorm.compression.PLACEMENTS` (case-insensitive), returned lower-case."""
+    if not isinstance(placement, str) or placement.strip().lower() not in PLACEMENTS:
+        raise ValueError(f"{name} must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement.strip().lower()
 
 
 def _check_derivative(name: str, psi: PsiFn, dpsi: PsiFn, dpsi_dlam: Optional[PsiFn]) -> None:

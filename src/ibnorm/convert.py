@@ -19,8 +19,16 @@ from typing import Any, Callable, Iterable, Optional, Union
 from torch import nn
 
 from ._norm_parts import NormBase
-from ._validation import check_lam, check_placement
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, available_compressions, get_compression
+from .compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LAM,
+    DEFAULT_PLACEMENT,
+    PLACEMENTS,
+    available_compressions,
+    check_lam,
+    check_placement,
+    get_compression,
+)
 from .modules import _IBNorm
 from .norms import SYNCHRONIZED, NormSpec, factory_kwargs, find_norm, norm_layer_classes
 

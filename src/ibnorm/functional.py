@@ -37,14 +37,21 @@ from ._validation import (
     check_affine_shape,
     check_eps,
     check_floating,
-    check_lam,
     check_momentum,
     check_num_groups,
-    check_placement,
     check_trailing_shape,
     normalize_shape,
 )
-from .compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, Compression, Lam, get_compression
+from .compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LAM,
+    DEFAULT_PLACEMENT,
+    Compression,
+    Lam,
+    check_lam,
+    check_placement,
+    get_compression,
+)
 from .ops import GroupStats, is_identity, normalize
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]

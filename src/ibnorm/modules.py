@@ -26,9 +26,7 @@ from ._running_stats import count_batch
 from ._validation import (
     _shape_t,
     check_eps,
-    check_lam,
     check_num_groups,
-    check_placement,
     check_positive_int,
     normalize_shape,
 )
@@ -37,6 +35,8 @@ from .compression import (
     DEFAULT_LAM,
     DEFAULT_PLACEMENT,
     Compression,
+    check_lam,
+    check_placement,
     gaussian_second_moment,
     get_compression,
 )

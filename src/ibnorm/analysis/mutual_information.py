@@ -58,7 +58,7 @@ def discrete_symbols(a: ArrayLike) -> Tensor:
     each row (e.g. a binned activation pattern) is one symbol, equal rows giving equal symbols."""
     a = as_tensor(a)
     if a.dim() == 0:
-        raise ValueError("need at least one sample")
+        raise ValueError(f"a must be a 1-D or 2-D array of samples, got a 0-dim value {a.item()!r}")
     if a.dim() == 1:
         return torch.unique(a, return_inverse=True)[1].reshape(-1)
     rows = a.reshape(a.shape[0], -1)
@@ -319,7 +319,10 @@ def probe_mutual_information(
     ys, yt = (as_tensor(a).long().reshape(-1) for a in (y_train, y_test))
     xs, xt = (x[:, None] if x.dim() == 1 else x for x in (xs, xt))
     if xs.shape[0] != ys.shape[0] or xt.shape[0] != yt.shape[0] or xs.shape[1] != xt.shape[1]:
-        raise ValueError("t_train/y_train and t_test/y_test must pair up and have the same number of units")
+        raise ValueError(
+            "t_train/y_train and t_test/y_test must pair up and have the same number of units, got shapes "
+            f"{tuple(xs.shape)}/{tuple(ys.shape)} and {tuple(xt.shape)}/{tuple(yt.shape)}"
+        )
     k = num_classes if num_classes is not None else int(max(ys.max(), yt.max())) + 1
     mean, std = xs.mean(dim=0), xs.std(dim=0, unbiased=False)
     std = torch.where(std > 1e-12, std, torch.ones_like(std))

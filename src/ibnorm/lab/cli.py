@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ibnorm._validation import check_lam
 from ibnorm.analysis.capture import DEFAULT_MAX_EXAMPLES, SITES
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS
 from ibnorm.compression import (
@@ -37,6 +36,7 @@ from ibnorm.compression import (
     DEFAULT_PLACEMENT,
     PLACEMENTS,
     available_compressions,
+    check_lam,
     get_compression,
 )
 

@@ -16,9 +16,8 @@ from typing import Optional
 
 from torch import nn
 
-from ibnorm._validation import check_lam, check_placement
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS, convert_to_dyt, convert_to_normalnorm
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, get_compression
+from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, check_lam, check_placement, get_compression
 from ibnorm.convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
