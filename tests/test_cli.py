@@ -146,13 +146,16 @@ def test_a_malformed_plan_is_one_error_line(tmp_path, capsys, plan, message):
 @pytest.mark.parametrize("suffix", ["jsonl", "analysis.jsonl"])
 @pytest.mark.parametrize("content,message", [("{oops\n", "Expecting property name"), ('{"task": "t"}\n', "rows need")])
 def test_a_malformed_merge_file_is_one_error_line_and_changes_nothing(tmp_path, capsys, suffix, content, message):
-    plan = {"entries": [{"name": "e", "argv": ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent"]}]}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    """Entry e's file is fine, entry f's is not: every file is checked before any is merged."""
+    argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent"]
+    (tmp_path / "plan.json").write_text(json.dumps({"entries": [{"name": "e", "argv": argv}, {"name": "f", "argv": argv}]}))
     (tmp_path / "gpu").mkdir()
-    (tmp_path / "gpu" / f"e.{suffix}").write_text(content)
+    row = {"task": "mnist1d-mlp", "arm": "parent", "seed": 0, "phase": "final", "config_key": "k", "run_dir": "runs/r"}
+    (tmp_path / "gpu" / "e.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "gpu" / f"f.{suffix}").write_text(content)
     error = _error_exit(capsys, ["results", "--plan", str(tmp_path / "plan.json"), "--merge", str(tmp_path / "gpu"), "--report-only"])
-    assert f"--merge {tmp_path / 'gpu' / f'e.{suffix}'}" in error and message in error
-    assert not any((tmp_path / "e" / name).exists() for name in ("results.jsonl", "analysis.jsonl"))
+    assert f"--merge {tmp_path / 'gpu' / f'f.{suffix}'}" in error and message in error
+    assert not any((tmp_path / entry / "results.jsonl").exists() for entry in ("e", "f"))
 
 
 def test_missing_data_is_an_error_line_before_any_training(tmp_path, capsys):

@@ -135,6 +135,12 @@ class GemmaStyleRMSNorm(LlamaStyleRMSNorm):
         return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
+def without_bias(module: nn.Module) -> nn.Module:
+    """``module`` as built with ``bias=False`` (a keyword older torch lacks for BatchNorm/GroupNorm)."""
+    module.register_parameter("bias", None)
+    return module
+
+
 def _timm(factory: str):
     def make():
         layers = pytest.importorskip("timm.layers")
@@ -152,9 +158,9 @@ ROWS = [
     Row("BatchNorm3d", lambda: nn.BatchNorm3d(3, eps=1e-3), (3, 3, 2, 2, 2), ref_batch, "IBBatchNorm3d"),
     Row("SyncBatchNorm", lambda: nn.SyncBatchNorm(6), (4, 6, 5), ref_batch, "SyncIBBatchNorm"),
     Row("GroupNorm", lambda: nn.GroupNorm(2, 6), (4, 6, 5), ref_group, "IBGroupNorm"),
-    Row("BatchNorm2d, no bias", lambda: nn.BatchNorm2d(6, bias=False), (4, 6, 3, 3), ref_batch, "IBBatchNorm2d"),
-    Row("SyncBatchNorm, no bias", lambda: nn.SyncBatchNorm(6, bias=False), (4, 6, 5), ref_batch, "SyncIBBatchNorm"),
-    Row("GroupNorm, no bias", lambda: nn.GroupNorm(2, 6, bias=False), (4, 6, 5), ref_group, "IBGroupNorm"),
+    Row("BatchNorm2d, no bias", lambda: without_bias(nn.BatchNorm2d(6)), (4, 6, 3, 3), ref_batch, "IBBatchNorm2d"),
+    Row("SyncBatchNorm, no bias", lambda: without_bias(nn.SyncBatchNorm(6)), (4, 6, 5), ref_batch, "SyncIBBatchNorm"),
+    Row("GroupNorm, no bias", lambda: without_bias(nn.GroupNorm(2, 6)), (4, 6, 5), ref_group, "IBGroupNorm"),
     Row("HF RMSNorm (probe)", lambda: LlamaStyleRMSNorm(8), (4, 3, 8), ref_rms_hf, "IBRMSNorm"),
     Row("timm LayerNorm", _timm("L.LayerNorm(8)"), (4, 3, 8), ref_layer_rows, "IBLayerNorm", True),
     Row("timm LayerNorm2d", _timm("L.LayerNorm2d(6)"), (2, 6, 3, 4), ref_layer_channels, "IBLayerNorm2d", True),
@@ -302,7 +308,7 @@ def test_baselines_replace_by_grouping_from_the_table():
 
 def test_convert_sync_keeps_drop_and_act():
     layers = pytest.importorskip("timm.layers")
-    model = nn.Sequential(layers.BatchNormAct2d(4, act_layer="relu"), nn.BatchNorm1d(3, bias=False))
+    model = nn.Sequential(layers.BatchNormAct2d(4, act_layer="relu"), without_bias(nn.BatchNorm1d(3)))
     model, _ = ibnorm.convert_norms(model, lam=0.3)
     act = model[0].act
     synced = ibnorm.convert_sync_ibbatchnorm(model)

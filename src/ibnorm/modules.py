@@ -282,9 +282,6 @@ class IBGroupNorm(_IBNorm):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, " + self._compression_repr()
 
 
-_RUNNING_BUFFERS = ("running_mean", "running_var", "running_mean_psi", "running_var_psi")
-
-
 class _IBBatchNorm(BatchNormBase, _IBNorm):
     """Batch grouping with running statistics of x and of u = ψ_λ(z); the rank check and
     the process group are the only things its subclasses change."""
@@ -361,6 +358,10 @@ class _IBBatchNorm(BatchNormBase, _IBNorm):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, " + self._compression_repr()
         )
+
+
+# the four running buffers in the kernels' order: statistics of x, then of u
+_RUNNING_BUFFERS = ("running_mean", "running_var", *_IBBatchNorm._extra_running)
 
 
 class IBBatchNorm1d(_IBBatchNorm):

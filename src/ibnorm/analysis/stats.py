@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ._inputs import ArrayLike, as_float64
 from .capture import DEFAULT_MAX_UNITS, DEFAULT_SPATIAL, LayerSelector, capture_activations
-from .significance import CONFIDENCE, MIN_PAIRED_SEEDS, paired_difference
+from . import significance
+from .significance import CONFIDENCE, MIN_PAIRED_SEEDS
 
 __all__ = [
     "excess_kurtosis",
@@ -166,7 +167,7 @@ def paired_comparison(values: Sequence[float], reference: Sequence[float], confi
     if len(values) != len(reference):
         raise ValueError(f"values and reference must be aligned, got {len(values)} and {len(reference)} entries")
     keep = [i for i, (a, b) in enumerate(zip(values, reference)) if math.isfinite(a) and math.isfinite(b)]
-    result = paired_difference({i: float(values[i]) for i in keep}, {i: float(reference[i]) for i in keep}, confidence)
+    result = significance.paired_difference({i: float(values[i]) for i in keep}, {i: float(reference[i]) for i in keep}, confidence)
     out: dict[str, Any] = {"n": result.n, "delta": None, "ci_low": None, "ci_high": None, "p": None, "note": None}
     if not keep:
         out["note"] = "no paired seeds"

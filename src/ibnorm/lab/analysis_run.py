@@ -69,7 +69,7 @@ from .experiments.compare import RETRAINED, folder_lock, read_results, read_resu
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
-__all__ = ["analyze_run", "merge_analysis_rows", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
+__all__ = ["analyze_run", "merge_analysis_rows", "check_analysis_rows", "find_out_folder", "output_folder", "summarize_analysis", "site_comparison", "ANALYSIS"]
 
 ANALYSIS = "analysis.jsonl"
 #: values kept per layer at the sites beyond the norm outputs
@@ -263,11 +263,19 @@ def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
         return _merge_analysis_rows(out, rows)
 
 
-def _merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
-    finals = {r["run_dir"] for r in read_results(out) if r["phase"] == "final"}
+def check_analysis_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """``rows`` as a list, each an object with ``run_dir``, ``task``, ``arm``, ``seed`` and
+    ``site``, else a ValueError."""
+    rows = list(rows)
     for row in rows:
         if not isinstance(row, dict) or not {"run_dir", "task", "arm", "seed", "site"} <= row.keys():
             raise ValueError(f"analysis rows need run_dir, task, arm, seed and site; got {str(row)[:120]}")
+    return rows
+
+
+def _merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
+    finals = {r["run_dir"] for r in read_results(out) if r["phase"] == "final"}
+    for row in check_analysis_rows(rows):
         if row["run_dir"] not in finals:
             raise ValueError(f"analysis rows for run {row['run_dir']!r}, which is no final run of {Path(out) / 'results.jsonl'}")
     path = Path(out) / ANALYSIS

@@ -40,11 +40,20 @@ from ibnorm.compression import (
     get_compression,
 )
 
-from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, merge_analysis_rows, output_folder
+from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, check_analysis_rows, merge_analysis_rows, output_folder
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
 from .experiments.arms import DEFAULT_ARMS, SPEC_PLACEMENT, default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
-from .experiments.compare import RESULTS, Shard, make_plans, merge_results, read_results_file, run_plans, sweep_arms
+from .experiments.compare import (
+    RESULTS,
+    Shard,
+    check_results_rows,
+    make_plans,
+    merge_results,
+    read_results_file,
+    run_plans,
+    sweep_arms,
+)
 from .experiments.demo import run_demo
 from .experiments.report import write_report
 from .experiments.roi import format_roi, roi_table
@@ -288,19 +297,25 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
     if args.merge is not None:
         if not args.merge.is_dir():
             parser.error(f"--merge {args.merge} is not a folder")
+        steps = []
         for entry in load_plan(plan):
             if args.only and entry.name not in args.only:
                 continue
-            for source, merge, what in (
-                (args.merge / f"{entry.name}.jsonl", merge_results, "new runs"),
-                (args.merge / f"{entry.name}.{ANALYSIS}", merge_analysis_rows, "analysis rows"),
+            for source, check, merge, what in (
+                (args.merge / f"{entry.name}.jsonl", check_results_rows, merge_results, "new runs"),
+                (args.merge / f"{entry.name}.{ANALYSIS}", check_analysis_rows, merge_analysis_rows, "analysis rows"),
             ):
                 if source.exists():
-                    try:  # a malformed row (not JSON: a ValueError too) stops the merge before it writes
-                        added = merge(entry.out(Path(plan).parent), read_results_file(source))
+                    try:  # every file read and checked before any is merged (not JSON: a ValueError too)
+                        steps.append((entry, source, check(read_results_file(source)), merge, what))
                     except ValueError as exc:
                         _fail(parser, f"--merge {source}: {exc}")
-                    print(f"[{entry.name}] merged {added} {what} from {source}")
+        for entry, source, rows, merge, what in steps:  # runs before their analysis rows, which name them
+            try:
+                added = merge(entry.out(Path(plan).parent), rows)
+            except ValueError as exc:
+                _fail(parser, f"--merge {source}: {exc}")
+            print(f"[{entry.name}] merged {added} {what} from {source}")
     try:
         run_campaign(
             main, plan, args.only, report_only=args.report_only, progress=not args.no_progress, device=args.device, shard=args.shard

@@ -167,6 +167,15 @@ def run_key(row: dict[str, Any]) -> tuple:
     return tuple(row[k] for k in RUN_KEY)
 
 
+def check_results_rows(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """``rows`` as a list, each an object with the fields of :data:`RUN_KEY`, else a ValueError."""
+    rows = list(rows)
+    for row in rows:
+        if not isinstance(row, dict) or any(k not in row for k in RUN_KEY):
+            raise ValueError(f"results rows need {', '.join(RUN_KEY)}; got {str(row)[:120]}")
+    return rows
+
+
 @contextlib.contextmanager
 def folder_lock(out: Path) -> Iterator[None]:
     """Holds the results folder's lock (where ``fcntl`` exists): shards and the analyses of
@@ -181,12 +190,9 @@ def folder_lock(out: Path) -> Iterator[None]:
 def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
     machine from the same starting file), holding the folder's lock so that shards appending at
-    once never drop each other's rows; returns how many were added. A row that is not an object
-    with the fields of :data:`RUN_KEY` is a ValueError, raised before anything is written."""
-    rows = list(rows)
-    for row in rows:
-        if not isinstance(row, dict) or any(k not in row for k in RUN_KEY):
-            raise ValueError(f"results rows need {', '.join(RUN_KEY)}; got {str(row)[:120]}")
+    once never drop each other's rows; returns how many were added. Rows are checked
+    (:func:`check_results_rows`) before anything is written."""
+    rows = check_results_rows(rows)
     with folder_lock(out):
         existing = read_results(out)
         known = {run_key(r) for r in existing}
