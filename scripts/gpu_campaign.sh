@@ -21,8 +21,8 @@ export PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/ibnorm-gpu-out}
 BUDGET=${BUDGET:-480}
 ANALYZE=${ANALYZE:-120}  # of BUDGET, for the analysis after training
-WORKERS=${WORKERS:-4}  # per entry: 2 entries x 4 shards x 2 threads fill 16 cores
-ENTRIES=${ENTRIES:-"final-austen-llama final-austen-gpt2"}
+WORKERS=${WORKERS:-8}  # per entry: 8 shards x 2 threads fill 16 cores
+ENTRIES=${ENTRIES:-"final-austen-gpt2"}  # final-austen-llama is complete (32 of 32 runs, 2026-11-29)
 DEVICE=${DEVICE:-cuda}  # cpu: a rehearsal on any machine (in a scratch clone: it trains into docs/results)
 
 DEVICE=$DEVICE python - <<'EOF' || { echo "gpu_campaign: missing requirements, nothing run"; exit 2; }
