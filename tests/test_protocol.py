@@ -318,3 +318,17 @@ def test_the_summary_states_how_well_the_screen_ranking_held(tmp_path):
     # screen order S:0.1 (93) > L:1 (91) > parent (90); final budget 90 < 94 < 95: fully reversed
     assert "Spearman ρ = -1.00 over 3 arms" in text
     assert "the screen's best is `ib:S:0.1`, the final budget's best is `parent`" in text
+
+
+def test_readme_evidence_table_is_the_summary_of_the_committed_results(monkeypatch):
+    """SUMMARY.md is what the committed results files give (`ibnorm results --report-only`
+    writes it), and README's evidence table is SUMMARY.md's, verbatim."""
+    from ibnorm.lab.experiments.report import EVIDENCE_HEADER
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    text = C.summary_text(C.DEFAULT_PLAN)
+    assert (root / "docs" / "results" / C.SUMMARY).read_text() == text, "run `ibnorm results --report-only`"
+    start = text.index(EVIDENCE_HEADER)
+    table = text[start : text.index("\n\n", start)]
+    assert table.count("\n") >= 3 and table in (root / "README.md").read_text(), "copy SUMMARY.md's table into README"

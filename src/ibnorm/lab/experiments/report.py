@@ -29,7 +29,7 @@ from .._plotting import figure_png, pyplot
 from ..analysis_plots import plot_information_plane, plot_layer_stats
 from .arms import Arm, parse_arm
 from .compare import read_results
-from .groups import Group, group_runs, is_finite_number, parent_group, step_times
+from .groups import QUIET_TIMES, Group, group_runs, is_finite_number, parent_group, step_times
 from .roi import format_roi, roi_rows
 from .timing import read_timing
 
@@ -139,22 +139,39 @@ def _unit(metric: str) -> str:
     return "pt" if metric.endswith("acc") else "bpc" if metric.endswith("bpc") else ""
 
 
-def outcome(row: Mapping[str, Any]) -> str:
-    """The decision for one compared row, in order: no parent, too few seeds, no
-    variance, equivalence, Holm-significant difference, inconclusive."""
+def decision(row: Mapping[str, Any]) -> str:
+    """The decision for one summary row, in order: ``"parent"``, ``"no parent"`` (no parent
+    runs at its budget), ``"too few seeds"``, ``"no test"`` (identical differences),
+    ``"equivalent"`` (Δ interval inside ±margin), ``"better"`` / ``"WORSE"`` (Holm p < α),
+    ``"inconclusive"``."""
+    if row["arm"] == "parent":
+        return "parent"
     if not row["compared"]:
-        return "no parent runs at this budget: no comparison"
+        return "no parent"
     if row["pairs"] < MIN_PAIRED_SEEDS:
-        return f"too few seeds (n={row['pairs']}; need ≥{MIN_PAIRED_SEEDS})"
+        return "too few seeds"
     if row["identical"]:
-        return "identical differences across seeds: no test"
-    margin = row["margin"]
-    if within_margin(row["diff_low"], row["diff_high"], margin):
-        return f"equivalent (Δ CI within ±{margin:g})"
+        return "no test"
+    if within_margin(row["diff_low"], row["diff_high"], row["margin"]):
+        return "equivalent"
     if row["p_holm"] < ALPHA:
-        return "better than parent" if (row["diff"] > 0) == row["higher_is_better"] else "WORSE than parent"
+        return "better" if (row["diff"] > 0) == row["higher_is_better"] else "WORSE"
+    return "inconclusive"
+
+
+def outcome(row: Mapping[str, Any]) -> str:
+    """:func:`decision` for one compared row, as the sentence the reports print."""
+    margin = row["margin"]
     band = f"exceeds the ±{margin:g} equivalence band" if is_finite_number(margin) else f"no equivalence margin known for {row['metric']}"
-    return f"inconclusive (Δ CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}] {band})"
+    return {
+        "no parent": "no parent runs at this budget: no comparison",
+        "too few seeds": f"too few seeds (n={row['pairs']}; need ≥{MIN_PAIRED_SEEDS})",
+        "no test": "identical differences across seeds: no test",
+        "equivalent": f"equivalent (Δ CI within ±{margin:g})",
+        "better": "better than parent",
+        "WORSE": "WORSE than parent",
+        "inconclusive": f"inconclusive (Δ CI [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}] {band})",
+    }[decision(row)]
 
 
 def verdict(row: Mapping[str, Any]) -> str:
@@ -184,7 +201,7 @@ def at_a_glance(summary: Mapping[str, list[dict[str, Any]]]) -> list[str]:
             continue
         sign = 1 if compared[0]["higher_is_better"] else -1
         best = max(compared, key=lambda r: sign * r["diff"])
-        winners = [r["label"] for r in compared if outcome(r) == "better than parent"]
+        winners = [r["label"] for r in compared if decision(r) == "better"]
         lead = f"better than the parent: {', '.join(winners)}" if winners else "no arm is measurably better than the parent norm"
         lines.append(
             f"**{task}**: {lead}; best challenger {best['label']} Δ {_fmt(best['diff'], signed=True)} "
@@ -207,6 +224,38 @@ def _fmt_pct(x: Any, digits: int) -> str:
 
 def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if is_finite_number(p) else "–"
+
+
+_PARENT_NAMES = {"batch": "BatchNorm", "layer": "LayerNorm", "rms": "RMSNorm", "group": "GroupNorm"}
+EVIDENCE_HEADER = (
+    "| task (parent norm) | arm | n | test metric, mean ± std | Δ vs parent [95% CI] | Holm p | verdict "
+    "| step time | Δ gen. gap [95% CI] |"
+)
+
+
+def evidence_table(summaries: Iterable[Mapping[str, list[dict[str, Any]]]]) -> list[str]:
+    """One markdown table over the tasks of several :func:`summarize` results: per arm its
+    seeds, test metric, seed-paired Δ against the parent with its interval, Holm p, the
+    :func:`decision`, the step-time overhead (marked † where it comes from the training runs
+    rather than a quiet interleaved timing) and the paired Δ of the generalization gap."""
+    lines = [EVIDENCE_HEADER, "|---|---|---|---|---|---|---|---|---|"]
+    for summary in summaries:
+        for task, table in summary.items():
+            for k, r in enumerate(table):
+                unit = _unit(r["metric"])
+                digits = 2 if unit == "pt" else 3
+                value = f"{_fmt(r['mean'], digits)} ± {_fmt(r['std'], digits)} {'%' if unit == 'pt' else unit}"
+                name = f"{task} ({_PARENT_NAMES.get(r['parent_norm'], r['parent_norm'])})" if k == 0 else ""
+                if r["arm"] == "parent":
+                    lines.append(f"| {name} | {r['label']} | {r['n']} | {value} | | | | | |")
+                    continue
+                delta = f"{_fmt(r['diff'], digits, signed=True)} [{_fmt(r['diff_low'], digits, signed=True)}, {_fmt(r['diff_high'], digits, signed=True)}]"
+                gap = f"{_fmt(r['gap_diff'], 3, signed=True)} [{_fmt(r['gap_low'], 3, signed=True)}, {_fmt(r['gap_high'], 3, signed=True)}]"
+                lines.append(
+                    f"| {name} | {r['label']} | {r['n']} | {value} | {delta} | {_fmt_p(r['p_holm'])} | {decision(r)} "
+                    f"| {_fmt_pct(r['time_overhead_pct'], 0)}{'' if r['step_time_source'] == QUIET_TIMES else '†'} | {gap} |"
+                )
+    return lines
 
 
 def _table_md(table: list[dict[str, Any]]) -> list[str]:
