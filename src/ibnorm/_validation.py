@@ -29,9 +29,19 @@ def check_floating(input: Tensor) -> None:
         )
 
 
+def check_nonnegative_real(value: object, name: str, note: str = "", also: str = "") -> float:
+    """A finite real number ≥ 0, returned as float; ``note`` says what the argument is and
+    ``also`` what else it may be, in the errors (TypeError for a non-number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0{note}{also}, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result) or result < 0:
+        raise ValueError(f"{name} must be a finite real number >= 0{note}, got {value!r}")
+    return result
+
+
 def check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    check_nonnegative_real(eps, "eps")
 
 
 def normalize_shape(normalized_shape: object) -> tuple[int, ...]:

@@ -21,12 +21,13 @@ autograd) at z = 0 and at a tensor λ = 0.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+
+from ._validation import check_nonnegative_real
 
 __all__ = [
     "DEFAULT_COMPRESSION",
@@ -157,12 +158,7 @@ def check_lam(lam: object) -> Lam:
                 f"got shape {tuple(lam.shape)} and dtype {lam.dtype}"
             )
         return lam
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam must be a real number >= 0 (or a one-element tensor), got {type(lam).__name__} {lam!r}")
-    value = float(lam)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
-    return value
+    return check_nonnegative_real(lam, "lam", also=" (or a one-element tensor)")
 
 
 def check_placement(placement: object, name: str = "placement") -> str:

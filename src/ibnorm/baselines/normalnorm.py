@@ -53,14 +53,13 @@ dtype.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._validation import _shape_t, check_eps, check_floating, check_trailing_shape, normalize_shape
+from .._validation import _shape_t, check_eps, check_floating, check_nonnegative_real, check_trailing_shape, normalize_shape
 from .._norm_parts import BatchNormBase, NormBase
 from .._running_stats import count_batch, unbiased_variance, update_running
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
@@ -163,15 +162,6 @@ def yeo_johnson_newton_lambda(input: Tensor, dim: Dims = None, keepdim: bool = F
     return lam if keepdim else lam.squeeze(dims)
 
 
-def _check_xi(xi: object) -> float:
-    if isinstance(xi, bool) or not isinstance(xi, numbers.Real):
-        raise TypeError(f"xi must be a real number >= 0 (the noise scale), got {type(xi).__name__} {xi!r}")
-    value = float(xi)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"xi must be a finite real number >= 0 (the noise scale), got {xi!r}")
-    return value
-
-
 class _NormalNorm(NormBase):
     """Shared by both groupings: ``xi`` (validated) and the training noise. A torch parent's
     checkpoint lacks the NormalNorm-only entries (``_optional_state``); they keep their values."""
@@ -183,7 +173,7 @@ class _NormalNorm(NormBase):
 
     @xi.setter
     def xi(self, value: float) -> None:
-        self._xi = _check_xi(value)
+        self._xi = check_nonnegative_real(value, "xi", note=" (the noise scale)")
 
     def _add_noise(self, u: Tensor, dims: tuple[int, ...]) -> Tensor:
         if not self.training or self._xi == 0:
