@@ -15,7 +15,6 @@ import statistics
 import torch
 
 import ibnorm
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
 from ibnorm.lab.benchmark import gradients, interleaved_times, layer_inputs, layer_pair, paired_ratio, steady_allocator
 
 
@@ -23,7 +22,7 @@ def main() -> None:
     steady_allocator()
     shape = (8192, 1024)
     x, grad = layer_inputs(shape, torch.float32)
-    parent, layer = layer_pair("layer", shape, torch.float32, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
+    parent, layer = layer_pair("layer", shape, torch.float32, None, None, None)
     linear = torch.nn.Linear(shape[-1], 256)
     with ibnorm.use_backend("cpp"):
         with torch.no_grad():

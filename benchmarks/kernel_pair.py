@@ -19,7 +19,6 @@ import statistics
 import torch
 
 import ibnorm
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
 from ibnorm.lab.benchmark import (
     DTYPES,
     GROUPINGS,
@@ -42,7 +41,7 @@ def main() -> None:
     steady_allocator()
     dtype = DTYPES[args.dtype]
     x, grad = layer_inputs(args.shape, dtype)
-    parent, layer = layer_pair(args.grouping, args.shape, dtype, DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT)
+    parent, layer = layer_pair(args.grouping, args.shape, dtype, None, None, None)
     modes = {
         "forward": {"parent": lambda: parent(x), "ib": lambda: layer(x)},
         "fwd_bwd": {"parent": lambda: gradients(parent(x), x, parent, grad), "ib": lambda: gradients(layer(x), x, layer, grad)},

@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from ibnorm import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, convert_norms
+from ibnorm import DEFAULT_VARIANTS, convert_norms
 from ibnorm.compression import BUILTIN_COMPRESSIONS
 from ibnorm.lab import benchmark
 from ibnorm.modules import IBBatchNorm2d
@@ -56,11 +56,11 @@ def main() -> None:
     build, loss_fn = benchmark._tiny_models()["resnet"]
     torch.manual_seed(0)
     parent = build()
-    converted, _ = convert_norms(copy.deepcopy(parent), DEFAULT_COMPRESSION, DEFAULT_LAM, placement=DEFAULT_PLACEMENT)
+    converted, _ = convert_norms(copy.deepcopy(parent))
     steps = {arm: benchmark._train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
     value, pairs = overhead(steps, args.seconds)
     print(f"library path:         {100 * value:+.1f}% step time ({pairs} pairs)")
-    lam = torch.tensor(float(DEFAULT_LAM))
+    lam = torch.tensor(float(DEFAULT_VARIANTS["batch"].lam))
     for layer in converted.modules():
         if isinstance(layer, IBBatchNorm2d):
             layer.forward = direct_node_forward(layer, module, lam)

@@ -74,7 +74,8 @@ def test_bench_quick_writes_its_tables(tmp_path, capsys):
     header = lines[0].split(",")
     first = dict(zip(header, lines[1].split(",")))
     # the library's default variant unless told otherwise, and an inference (eval, no autograd) ratio
-    assert first["variant"] == f"{ibnorm.DEFAULT_COMPRESSION}:{ibnorm.DEFAULT_LAM}:{ibnorm.DEFAULT_PLACEMENT}"
+    default = ibnorm.DEFAULT_VARIANTS["layer"]
+    assert first["variant"] == f"{default.compression}:{default.lam}:{default.placement}"
     assert float(first["ratio_inference"]) > 0
     assert (tmp_path / "kernels.png").read_bytes().startswith(b"\x89PNG")
     assert "backend resolved for cpu" in capsys.readouterr().out

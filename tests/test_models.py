@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibnorm import DEFAULT_PLACEMENT, IBBatchNorm2d, IBLayerNorm, IBRMSNorm, convert_norms
+from ibnorm import DEFAULT_VARIANTS, IBBatchNorm2d, IBLayerNorm, IBRMSNorm, convert_norms
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -333,7 +333,9 @@ def test_ib_model_from_config(name, tmp_path):
     model, record = ib_model_from_config(spec.config(), "T", 0.5)
     assert type(model).__name__ == spec.model_class
     assert len(record) == spec.n_norms
-    expected = {"compression": "T", "lam": 0.5, "learnable_lam": False, "placement": DEFAULT_PLACEMENT, "converted": spec.n_norms}
+    grouping = spec.target_class.grouping
+    options = {"compression": "T", "lam": 0.5, "learnable_lam": False, "placement": DEFAULT_VARIANTS[grouping].placement}
+    expected = {grouping: options, "converted": spec.n_norms}
     assert model.config.ibnorm == expected
     modules = ib_modules(model)
     assert len(modules) == spec.n_norms
@@ -348,7 +350,7 @@ def test_ib_model_from_config_with_auto_class():
     model, record = ib_model_from_config(gpt2_config(), "S", 0.25, auto_class=transformers.AutoModel)
     assert type(model).__name__ == "GPT2Model"
     assert len(record) == 5
-    assert model.config.ibnorm["compression"] == "S"
+    assert model.config.ibnorm["layer"]["compression"] == "S" and model.config.ibnorm["layer"]["lam"] == 0.25
 
 
 def test_convert_hf_model(originals):
@@ -356,7 +358,8 @@ def test_convert_hf_model(originals):
     converted, record = convert_hf_model(model, "L", 0.3, learnable_lam=True, placement="centered", exclude=["model.norm"])
     assert converted is model
     assert len(record) == 4
-    assert converted.config.ibnorm == {"compression": "L", "lam": 0.3, "learnable_lam": True, "placement": "centered", "converted": 4}
+    options = {"compression": "L", "lam": 0.3, "learnable_lam": True, "placement": "centered"}
+    assert converted.config.ibnorm == {"rms": options, "converted": 4}
     assert type(converted.model.norm) is LlamaRMSNorm
     for module in ib_modules(converted):
         assert module.lam_raw is not None and module.lam_value() == pytest.approx(0.3, rel=1e-5)

@@ -574,9 +574,10 @@ def test_convert_norms_sets_placement_and_keeps_parameters():
     assert all(after[n] is p for n, p in before.items())
     after_buffers = dict(model.named_buffers())
     assert all(after_buffers[n] is b for n, b in buffers.items())
-    # default stays standardized
+    # no placement given: each layer takes its grouping's default
     default, _ = ibnorm.convert_norms(SmallNet(), "T", lam=0.4)
-    assert all(m.placement == ibnorm.DEFAULT_PLACEMENT for m in default.modules() if isinstance(m, IB_CLASSES))
+    layers = [m for m in default.modules() if isinstance(m, IB_CLASSES)]
+    assert layers and all(m.placement == ibnorm.DEFAULT_VARIANTS[m.grouping].placement for m in layers)
     with pytest.raises(ValueError, match=PLACEMENT_ERROR):
         ibnorm.convert_norms(SmallNet(), placement="middle")
 
@@ -612,8 +613,9 @@ def test_get_norm_layer_with_and_without_placement(name, cls, options):
     else:
         assert factory is cls
     layer = factory(6, 6) if cls is ibnorm.IBGroupNorm else factory(6)
-    assert layer.placement == options.get("placement", ibnorm.DEFAULT_PLACEMENT)
-    assert layer.compression == options.get("compression", ibnorm.DEFAULT_COMPRESSION)
+    default = ibnorm.DEFAULT_VARIANTS[cls.grouping]
+    assert layer.placement == options.get("placement", default.placement)
+    assert layer.compression == options.get("compression", default.compression)
 
 
 @pytest.mark.parametrize("name", ["ib_layernorm_t_middle", "ib_batchnorm2d_middle", "ib_rmsnorm_l_centred"])
@@ -632,7 +634,7 @@ def test_repr_shows_placement():
     ):
         assert "placement=centered" in repr(layer)
     assert "placement=standardized" in repr(ibnorm.IBLayerNorm(4, placement="standardized"))
-    assert f"placement={ibnorm.DEFAULT_PLACEMENT}" in repr(ibnorm.IBLayerNorm(4))
+    assert f"placement={ibnorm.DEFAULT_VARIANTS['layer'].placement}" in repr(ibnorm.IBLayerNorm(4))
 
 
 _x2 = torch.randn(4, 6)
@@ -686,7 +688,8 @@ def test_arm_parsing_with_placement():
     assert (arm.compression, arm.lam, arm.learnable_lam, arm.placement) == ("T", 0.5, True, "centered")
     arm = parse_arm("ib:S:0.25", "layer")
     assert arm.placement == "standardized"
-    assert parse_arm("ib", "layer").placement == ibnorm.DEFAULT_PLACEMENT
+    assert parse_arm("ib", "layer").placement == ibnorm.DEFAULT_VARIANTS["layer"].placement
+    assert parse_arm("ib", "rms").placement == ibnorm.DEFAULT_VARIANTS["rms"].placement
     model = parse_arm("ib:T:0.5:centered:learnable", "batch").apply(SmallNet())
     layers = [m for m in model.modules() if isinstance(m, IB_CLASSES)]
     assert len(layers) == 4 and all(m.placement == "centered" and m.learnable_lam for m in layers)

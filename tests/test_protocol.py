@@ -252,7 +252,8 @@ def test_the_default_arm_is_named_by_what_it_is():
     from ibnorm.lab.experiments.arms import ib_spec, parse_arm
 
     arm = parse_arm("ib", "batch")
-    assert arm.name == ib_spec(ibnorm.DEFAULT_COMPRESSION, ibnorm.DEFAULT_LAM, ibnorm.DEFAULT_PLACEMENT)
+    default = ibnorm.DEFAULT_VARIANTS["batch"]
+    assert arm.name == ib_spec(default.compression, default.lam, default.placement)
     again = parse_arm(arm.name, "batch")
     assert (again.compression, again.lam, again.placement) == (arm.compression, arm.lam, arm.placement)
     assert parse_arm("ib:S:0.5", "batch").placement == "standardized"  # a spec without placement never follows the default

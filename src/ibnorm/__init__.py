@@ -5,11 +5,10 @@ the tails toward the centre, and standardizes again, then applies the usual affi
 """
 
 from .compression import (
-    DEFAULT_COMPRESSION,
-    DEFAULT_LAM,
-    DEFAULT_PLACEMENT,
+    DEFAULT_VARIANTS,
     PLACEMENTS,
     Compression,
+    Variant,
     available_compressions,
     get_compression,
     register_compression,
@@ -38,11 +37,10 @@ from .timm_counterparts import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_COMPRESSION",
-    "DEFAULT_LAM",
-    "DEFAULT_PLACEMENT",
+    "DEFAULT_VARIANTS",
     "PLACEMENTS",
     "Compression",
+    "Variant",
     "register_compression",
     "get_compression",
     "available_compressions",

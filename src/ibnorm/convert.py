@@ -20,14 +20,12 @@ from torch import nn
 
 from ._norm_parts import NormBase
 from .compression import (
-    DEFAULT_COMPRESSION,
-    DEFAULT_LAM,
-    DEFAULT_PLACEMENT,
     PLACEMENTS,
     available_compressions,
     check_lam,
     check_placement,
     get_compression,
+    with_defaults,
 )
 from .modules import _IBNorm
 from .norms import SYNCHRONIZED, NormSpec, factory_kwargs, find_norm, norm_layer_classes
@@ -42,8 +40,9 @@ Selector = Union[str, type]
 class ConversionRecord:
     """What :func:`convert_norms` did: ``converted`` and ``skipped`` as
     ``(qualified_name, from_class, to_class_or_reason)`` rows, and the checked ``options`` the
-    new layers were built with (``compression``, ``lam``, ``learnable_lam``, ``placement``;
-    empty for other conversions); ``print()`` shows a summary."""
+    new layers were built with, per grouping of the converted layers (``{"layer":
+    {"compression": "S", "lam": 0.1, "learnable_lam": False, "placement": "centered"}}``; defaults
+    resolved; empty for other conversions); ``print()`` shows a summary."""
 
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
@@ -126,11 +125,11 @@ def _check_selectors(selectors: Optional[Iterable[Selector]], arg: str) -> Optio
 
 def convert_norms(
     model: nn.Module,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
     *,
     learnable_lam: bool = False,
-    placement: str = DEFAULT_PLACEMENT,
+    placement: Optional[str] = None,
     include: Optional[Iterable[Selector]] = None,
     exclude: Optional[Iterable[Selector]] = None,
 ) -> tuple[nn.Module, ConversionRecord]:
@@ -147,7 +146,10 @@ def convert_norms(
     (``"transformer.h.*.ln_1"``) or classes; a match selects the module and everything
     under it (``exclude=["transformer.h.0"]`` keeps that whole block as it is).
     ``include=None`` means every norm; ``exclude`` wins over ``include``.
-    ``compression``, ``lam``, ``learnable_lam`` and ``placement`` are the IB layers' own.
+    ``compression``, ``lam``, ``learnable_lam`` and ``placement`` are the IB layers' own;
+    ``compression``, ``lam`` or ``placement`` left as None take each layer's grouping default
+    (:data:`ibnorm.DEFAULT_VARIANTS`), so a model with BatchNorm and RMSNorm layers gets the
+    default of each.
 
     Returns ``(model, record)``: ``model`` is a new object only when ``model`` itself was a
     norm layer. ``print(record)`` lists what was converted and what was skipped and why.
@@ -155,17 +157,24 @@ def convert_norms(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ib = {
-        "compression": get_compression(compression).name,
-        "lam": check_lam(lam),
+        "compression": None if compression is None else get_compression(compression).name,
+        "lam": None if lam is None else check_lam(lam),
         "learnable_lam": bool(learnable_lam),
-        "placement": check_placement(placement),
+        "placement": None if placement is None else check_placement(placement),
     }
 
+    options: dict[str, dict[str, Any]] = {}
+
     def ib_counterpart(spec: NormSpec, args: dict[str, Any]) -> Union[nn.Module, str]:
-        return spec.ib(**args, **ib) if spec.ib is not None else spec.why_not
+        if spec.ib is None:
+            return spec.why_not
+        if spec.grouping not in options:
+            family, lam_, placement_ = with_defaults(spec.grouping, ib["compression"], ib["lam"], ib["placement"])
+            options[spec.grouping] = {**ib, "compression": family, "lam": lam_, "placement": placement_}
+        return spec.ib(**args, **options[spec.grouping])
 
     model, record = replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
-    record.options = ib
+    record.options = options
     return model, record
 
 

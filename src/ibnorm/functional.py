@@ -9,11 +9,13 @@ For one normalization group ``x`` of ``n`` elements (biased variances, as torch)
 
 RMS grouping drops both centerings: ``z = x / sqrt(mean(x²) + eps)``, ``u = ψ_λ(z)``,
 ``y = γ · u / sqrt(mean(u²) + eps)``. That is ``placement="standardized"``;
-``placement="centered"`` (the default, :data:`ibnorm.DEFAULT_PLACEMENT`) applies ψ to the centered input in its own units and standardizes
+``placement="centered"`` applies ψ to the centered input in its own units and standardizes
 once: ``u = ψ_λ(x − μ)`` (RMS: ``ψ_λ(x)``), ``û = (u − mean u) / sqrt(var u + eps)``, so the
 strength follows the activation scale (not scale-invariant, by design). With a float ``lam == 0`` ψ is the identity and
 the second standardization is skipped, so the result *is* the parent norm (LayerNorm,
-RMSNorm, BatchNorm, GroupNorm) and not a re-standardization of it.
+RMSNorm, BatchNorm, GroupNorm) and not a re-standardization of it. ``compression``, ``lam``
+or ``placement`` left as None take the grouping's default,
+:data:`ibnorm.DEFAULT_VARIANTS` (each on its own).
 
 Statistics are computed in float32 (float64 for float64 inputs) whatever the input
 dtype; the output has the input's dtype. Each function checks its arguments, names the
@@ -43,14 +45,12 @@ from ._validation import (
     normalize_shape,
 )
 from .compression import (
-    DEFAULT_COMPRESSION,
-    DEFAULT_LAM,
-    DEFAULT_PLACEMENT,
     Compression,
     Lam,
     check_lam,
     check_placement,
     get_compression,
+    with_defaults,
 )
 from .ops import GroupStats, is_identity, normalize
 
@@ -59,8 +59,11 @@ __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 _BATCH_STATISTICS = GroupStats()  # none given: each call reduces its own batch
 
 
-def _prepare(input: Tensor, compression: str | Compression, lam: Lam, placement: str) -> tuple[Compression, Lam, str]:
+def _prepare(
+    input: Tensor, grouping: str, compression: Optional[str | Compression], lam: Optional[Lam], placement: Optional[str]
+) -> tuple[Compression, Lam, str]:
     check_floating(input)
+    compression, lam, placement = with_defaults(grouping, compression, lam, placement)
     return get_compression(compression), check_lam(lam), check_placement(placement)
 
 
@@ -89,16 +92,16 @@ def ib_layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    compression: str | Compression = DEFAULT_COMPRESSION,
-    lam: Lam = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str | Compression] = None,
+    lam: Optional[Lam] = None,
+    placement: Optional[str] = None,
 ) -> Tensor:
     """IBNorm with layer grouping: each row over the trailing ``normalized_shape`` dims.
 
     Same arguments as :func:`torch.nn.functional.layer_norm`, plus ``compression``, ``lam``
     and ``placement``. ``y = weight · û + bias`` with û as in the module docstring.
     """
-    family, lam, placement = _prepare(input, compression, lam, placement)
+    family, lam, placement = _prepare(input, "layer", compression, lam, placement)
     shape = normalize_shape(normalized_shape)
     check_eps(eps)
     check_trailing_shape(input, shape)
@@ -127,16 +130,16 @@ def ib_rms_norm(
     normalized_shape: Sequence[int],
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
-    compression: str | Compression = DEFAULT_COMPRESSION,
-    lam: Lam = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str | Compression] = None,
+    lam: Optional[Lam] = None,
+    placement: Optional[str] = None,
 ) -> Tensor:
     """IBNorm with RMS grouping (no centering), as :func:`torch.nn.functional.rms_norm`.
 
     ``z = x / sqrt(mean(x²) + eps)``, ``u = ψ_λ(z)``, ``y = weight · u / sqrt(mean(u²) + eps)``.
     ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
     """
-    family, lam, placement = _prepare(input, compression, lam, placement)
+    family, lam, placement = _prepare(input, "rms", compression, lam, placement)
     shape = normalize_shape(normalized_shape)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -167,13 +170,13 @@ def ib_group_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    compression: str | Compression = DEFAULT_COMPRESSION,
-    lam: Lam = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str | Compression] = None,
+    lam: Optional[Lam] = None,
+    placement: Optional[str] = None,
 ) -> Tensor:
     """IBNorm with group grouping: per sample, over ``C / num_groups`` channels and all
     spatial positions, as :func:`torch.nn.functional.group_norm`; affine per channel."""
-    family, lam, placement = _prepare(input, compression, lam, placement)
+    family, lam, placement = _prepare(input, "group", compression, lam, placement)
     check_eps(eps)
     channels = _channels(input, weight, bias)
     num_groups = check_num_groups(num_groups, channels)
@@ -243,12 +246,12 @@ def ib_batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    compression: str | Compression = DEFAULT_COMPRESSION,
-    lam: Lam = DEFAULT_LAM,
+    compression: Optional[str | Compression] = None,
+    lam: Optional[Lam] = None,
     running_mean_psi: Optional[Tensor] = None,
     running_var_psi: Optional[Tensor] = None,
     process_group: Optional[object] = None,
-    placement: str = DEFAULT_PLACEMENT,
+    placement: Optional[str] = None,
 ) -> Tensor:
     """IBNorm with batch grouping: per channel over (N, *spatial), as
     :func:`torch.nn.functional.batch_norm`.
@@ -262,7 +265,7 @@ def ib_batch_norm(
     ``process_group`` (training only): reduce batch statistics across that group, so the
     result equals one process on the concatenated batch.
     """
-    family, lam, placement = _prepare(input, compression, lam, placement)
+    family, lam, placement = _prepare(input, "batch", compression, lam, placement)
     check_eps(eps)
     check_momentum(momentum, allow_none=False)  # a cumulative average needs the batch count the modules keep
     channels = _channels(input, weight, bias)

@@ -3,8 +3,8 @@
 Every layer takes its torch parent's arguments in the parent's order, then the keyword-only
 ``compression`` (a registered family name), ``lam`` (λ ≥ 0), ``learnable_lam`` (one scalar per
 layer, λ = softplus(lam_raw) ≥ 0) and ``placement`` (``"standardized"`` or ``"centered"``, see
-:mod:`ibnorm.functional`); the defaults are :data:`ibnorm.DEFAULT_COMPRESSION`,
-:data:`ibnorm.DEFAULT_LAM` and :data:`ibnorm.DEFAULT_PLACEMENT`. Parameter and
+:mod:`ibnorm.functional`); each one left as None takes the layer's grouping default,
+:data:`ibnorm.DEFAULT_VARIANTS`, and the layer keeps the resolved value. Parameter and
 buffer names are the parent's, so a parent's ``state_dict`` loads into the IB layer; the
 only additions are ``lam_raw`` (learnable λ) and, for batch grouping,
 ``running_mean_psi``/``running_var_psi``. These may be absent from a loaded state_dict
@@ -31,14 +31,12 @@ from ._validation import (
     normalize_shape,
 )
 from .compression import (
-    DEFAULT_COMPRESSION,
-    DEFAULT_LAM,
-    DEFAULT_PLACEMENT,
     Compression,
     check_lam,
     check_placement,
     gaussian_second_moment,
     get_compression,
+    with_defaults,
 )
 
 __all__ = [
@@ -65,8 +63,14 @@ class _IBNorm(NormBase):
     _optional_state: tuple[str, ...] = ("lam_raw",)
 
     def _init_compression(
-        self, compression: str | Compression, lam: float, learnable_lam: bool, placement: str, factory_kwargs: dict[str, Any]
+        self,
+        compression: Optional[str | Compression],
+        lam: Optional[float],
+        learnable_lam: bool,
+        placement: Optional[str],
+        factory_kwargs: dict[str, Any],
     ) -> None:
+        compression, lam, placement = with_defaults(self.grouping, compression, lam, placement)
         self.compression = compression
         self.placement = placement
         if isinstance(lam, Tensor):
@@ -154,10 +158,10 @@ class IBLayerNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: str = DEFAULT_COMPRESSION,
-        lam: float = DEFAULT_LAM,
+        compression: Optional[str] = None,
+        lam: Optional[float] = None,
         learnable_lam: bool = False,
-        placement: str = DEFAULT_PLACEMENT,
+        placement: Optional[str] = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -202,10 +206,10 @@ class IBRMSNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: str = DEFAULT_COMPRESSION,
-        lam: float = DEFAULT_LAM,
+        compression: Optional[str] = None,
+        lam: Optional[float] = None,
         learnable_lam: bool = False,
-        placement: str = DEFAULT_PLACEMENT,
+        placement: Optional[str] = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -249,10 +253,10 @@ class IBGroupNorm(_IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = DEFAULT_COMPRESSION,
-        lam: float = DEFAULT_LAM,
+        compression: Optional[str] = None,
+        lam: Optional[float] = None,
         learnable_lam: bool = False,
-        placement: str = DEFAULT_PLACEMENT,
+        placement: Optional[str] = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -300,10 +304,10 @@ class _IBBatchNorm(BatchNormBase, _IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = DEFAULT_COMPRESSION,
-        lam: float = DEFAULT_LAM,
+        compression: Optional[str] = None,
+        lam: Optional[float] = None,
         learnable_lam: bool = False,
-        placement: str = DEFAULT_PLACEMENT,
+        placement: Optional[str] = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -405,10 +409,10 @@ class SyncIBBatchNorm(_IBBatchNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: str = DEFAULT_COMPRESSION,
-        lam: float = DEFAULT_LAM,
+        compression: Optional[str] = None,
+        lam: Optional[float] = None,
         learnable_lam: bool = False,
-        placement: str = DEFAULT_PLACEMENT,
+        placement: Optional[str] = None,
     ) -> None:
         super().__init__(
             num_features,

@@ -13,18 +13,18 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..compression import DEFAULT_COMPRESSION, DEFAULT_LAM
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
 
 
 def convert_hf_model(
-    model: nn.Module, compression: str = DEFAULT_COMPRESSION, lam: float = DEFAULT_LAM, **convert_kwargs: Any
+    model: nn.Module, compression: Optional[str] = None, lam: Optional[float] = None, **convert_kwargs: Any
 ) -> tuple[nn.Module, ConversionRecord]:
     """:func:`ibnorm.convert_norms` for a ``transformers`` model, noting the settings in
-    ``model.config.ibnorm`` (``compression``, ``lam``, ``learnable_lam``, ``placement``,
-    ``converted``)."""
+    ``model.config.ibnorm``: per grouping of the converted layers, the options they were built
+    with (``record.options``, e.g. ``{"rms": {"compression": "T", "lam": 1.0, ...}}``), and
+    ``converted``, their number."""
     model, record = convert_norms(model, compression, lam, **convert_kwargs)
     config = getattr(model, "config", None)
     if config is not None:
@@ -34,8 +34,8 @@ def convert_hf_model(
 
 def ib_model_from_config(
     config: Any,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
     auto_class: Optional[type] = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, ConversionRecord]:

@@ -34,7 +34,7 @@ Model-step benchmark: one AdamW training step of tiny GPT-2, LLaMA and ResNet mo
 from ``transformers`` configs, with the parent norms vs converted to IBNorm, in interleaved
 pairs of steps (at least 5 s per arm); the overhead is the median of the pair ratios.
 
-Both time the library's default IBNorm (family, λ, placement) unless told otherwise.
+Both time each grouping's library default IBNorm (:data:`ibnorm.DEFAULT_VARIANTS`) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from tqdm import tqdm
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT
+from ibnorm.compression import get_compression, with_defaults
 from ibnorm.convert import convert_norms
 from ibnorm.ops import dispatch, use_backend
 
@@ -82,13 +82,15 @@ MODES_TIMED = (*MODES, "inference")
 DEFAULT_MIN_SECONDS = 0.3
 
 
-def _variant(compression: str, lam: float, placement: str) -> str:
-    """How the rows name the IB layer they timed, e.g. ``S:0.1:centered``."""
-    return f"{compression}:{lam}:{placement}"
+def _variant(grouping: str, compression: Optional[str], lam: Optional[float], placement: Optional[str]) -> str:
+    """How the rows name the IB layer they timed, e.g. ``S:0.1:centered`` (None: the grouping's default)."""
+    compression, lam, placement = with_defaults(grouping, compression, lam, placement)
+    return f"{get_compression(compression).name}:{lam}:{placement}"
 
 
 def layer_pair(
-    grouping: str, shape: Sequence[int], dtype: torch.dtype, compression: str, lam: float, placement: str
+    grouping: str, shape: Sequence[int], dtype: torch.dtype,
+    compression: Optional[str], lam: Optional[float], placement: Optional[str],
 ) -> tuple[nn.Module, nn.Module]:
     """The torch layer timed for ``grouping`` on input ``shape`` (rows: features last; images:
     (N, C, H, W), GroupNorm with 32 groups) and its IB counterpart from the table of norms
@@ -244,9 +246,9 @@ def kernel_benchmark(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 10,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
+    placement: Optional[str] = None,
     row_shapes: Sequence[Sequence[int]] = ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = IMAGE_SHAPES,
     min_seconds: float = 0.0,
@@ -281,7 +283,7 @@ def kernel_benchmark(
 
 def _kernel_case(
     grouping: str, shape: tuple[int, ...], dtype_name: str, chosen: dict[str, Optional[str]], repeats: int,
-    compression: str, lam: float, placement: str, min_seconds: float,
+    compression: Optional[str], lam: Optional[float], placement: Optional[str], min_seconds: float,
 ) -> list[dict[str, object]]:
     dtype = DTYPES[dtype_name]
     x, grad = layer_inputs(shape, dtype)
@@ -301,7 +303,7 @@ def _kernel_case(
             "shape": "x".join(map(str, shape)),
             "dtype": dtype_name,
             "impl": impl,
-            "variant": _variant(compression, lam, placement),
+            "variant": _variant(grouping, compression, lam, placement),
             **{f"{m}_s": round(statistics.median(timed[m][0][impl]), 6) for m in MODES_TIMED},
             "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
             "saved_bytes": saved_bytes[impl],
@@ -363,9 +365,9 @@ def cuda_kernel_benchmark(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     repeats: int = 50,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
+    placement: Optional[str] = None,
     row_shapes: Sequence[Sequence[int]] = CUDA_ROW_SHAPES,
     image_shapes: Sequence[Sequence[int]] = CUDA_IMAGE_SHAPES,
     on_case: Optional[Callable[[list[dict[str, object]]], object]] = None,
@@ -396,7 +398,7 @@ def cuda_kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
-                    "variant": _variant(compression, lam, placement),
+                    "variant": _variant(grouping, compression, lam, placement),
                     **{f"{m}_s": round(r[f"{m}_s"], 7) for m in MODES},
                     **{f"gbps_{m}": round(TRAFFIC[m] * moved / r[f"{m}_s"] / 1e9, 1) for m in MODES},
                     **{f"ratio_{m}": round(r[f"{m}_s"] / results["parent"][f"{m}_s"], 3) for m in MODES},
@@ -468,9 +470,9 @@ def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
 def model_step_benchmark(
     models: Sequence[str] = MODELS,
     repeats: int = 10,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
+    placement: Optional[str] = None,
     min_seconds: float = 5.0,
     runs: int = 1,
 ) -> list[dict[str, object]]:
@@ -495,7 +497,7 @@ def model_step_benchmark(
 
 def _model_step(
     name: str, build: Callable[[], nn.Module], loss_fn: Callable[[nn.Module], torch.Tensor], repeats: int,
-    compression: str, lam: float, placement: str, min_seconds: float,
+    compression: Optional[str], lam: Optional[float], placement: Optional[str], min_seconds: float,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     parent = build()
@@ -505,7 +507,7 @@ def _model_step(
     times = {arm: statistics.median(v) for arm, v in samples.items()}
     return {
         "model": name,
-        "variant": _variant(compression, lam, placement),
+        "variant": " ".join(_variant(g, o["compression"], o["lam"], o["placement"]) for g, o in record.options.items()),
         "backend": dispatch.resolve_backend(torch.device("cpu")),
         "norm_layers": len(record),
         "parent_step_s": round(times["parent"], 5),
@@ -587,9 +589,9 @@ def run_benchmarks(
     groupings: Sequence[str] = GROUPINGS,
     dtypes: Sequence[str] = tuple(DTYPES),
     models: Sequence[str] = MODELS,
-    compression: str = DEFAULT_COMPRESSION,
-    lam: float = DEFAULT_LAM,
-    placement: str = DEFAULT_PLACEMENT,
+    compression: Optional[str] = None,
+    lam: Optional[float] = None,
+    placement: Optional[str] = None,
     quick: bool = False,
     device: str = "cpu",
     min_seconds: Optional[float] = None,
@@ -635,8 +637,8 @@ def _shown(columns: Sequence[str], runs: int) -> list[str]:
 
 
 def _run_cuda(
-    out: Path, repeats: int, groupings: Sequence[str], dtypes: Sequence[str], compression: str, lam: float,
-    placement: str, shapes: dict
+    out: Path, repeats: int, groupings: Sequence[str], dtypes: Sequence[str], compression: Optional[str],
+    lam: Optional[float], placement: Optional[str], shapes: dict
 ) -> None:
     csv_path = out / "kernels_cuda.csv"
     kernels = cuda_kernel_benchmark(
@@ -649,7 +651,7 @@ def _run_cuda(
     plot = plot_kernels(
         kernels, out / "kernels_cuda.png", impls=CUDA_IMPLEMENTATIONS, value="gbps_fwd_bwd",
         ylabel="forward+backward GB/s (bytes that must move / time)",
-        title=f"IBNorm ({compression}, λ={lam}, {placement}) vs torch parent on {kernels[0]['device']} (higher is better)",
+        title=f"IBNorm ({', '.join(dict.fromkeys(r['variant'] for r in kernels))}) vs torch parent on {kernels[0]['device']} (higher is better)",
     )
     print(f"\nwrote {csv_path}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
     print(f"backend resolved for cuda: {dispatch.resolve_backend(torch.device('cuda'))}; torch {torch.__version__}")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ibnorm.analysis.capture import DEFAULT_MAX_EXAMPLES, SITES
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, PLACEMENTS, available_compressions, check_lam, get_compression
+from ibnorm.compression import DEFAULT_VARIANTS, PLACEMENTS, available_compressions, check_lam, get_compression
 
 from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, check_analysis_rows, merge_analysis_rows, output_folder
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
@@ -401,9 +401,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help=f"default: the library's, {DEFAULT_COMPRESSION}")
-    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"default: the library's, {DEFAULT_LAM}")
-    parser.add_argument("--placement", default=DEFAULT_PLACEMENT, choices=PLACEMENTS, help=f"default: the library's, {DEFAULT_PLACEMENT}")
+    defaults = ", ".join(f"{g} {v.compression}:{v.lam}:{v.placement}" for g, v in DEFAULT_VARIANTS.items())
+    grouping_default = f"default: each grouping's library default ({defaults})"
+    parser.add_argument("--compression", default=None, help=grouping_default)
+    parser.add_argument("--lam", type=float, default=None, help=grouping_default)
+    parser.add_argument("--placement", default=None, choices=PLACEMENTS, help=grouping_default)
     parser.add_argument(
         "--seconds", type=float, default=None,
         help=f"CPU: at least this many seconds of calls per implementation and mode, each against the parent "
@@ -428,8 +430,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
     try:
-        get_compression(args.compression)
-        check_lam(args.lam)
+        if args.compression is not None:
+            get_compression(args.compression)
+        if args.lam is not None:
+            check_lam(args.lam)
     except (ValueError, TypeError) as exc:
         _fail(parser, exc)
     if args.repeats is not None and args.repeats < 1:

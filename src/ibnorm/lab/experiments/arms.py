@@ -1,7 +1,8 @@
 """Arms of an A/B comparison: what each arm does to the task's parent model.
 
-Spec strings: ``parent``; ``ib`` (the library default family, λ and placement; the arm is
-named by its canonical spec, e.g. ``ib:S:0.1:centered``); ``ib-S`` /
+Spec strings: ``parent``; ``ib`` (the library default family, λ and placement of the task's
+parent grouping, :data:`ibnorm.DEFAULT_VARIANTS`; the arm is named by its canonical spec, e.g.
+``ib:S:0.1:centered``); ``ib-S`` /
 ``ib-L`` / ``ib-T`` (that family at λ = 1, standardized); ``ib-learnable`` (family L,
 learnable λ from 1, standardized); ``ib:<family>:<λ>[:<placement>][:learnable]`` for any
 registered family, λ and placement (``standardized``, the meaning when none is named, or
@@ -17,7 +18,7 @@ from typing import Optional
 from torch import nn
 
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS, convert_to_dyt, convert_to_normalnorm
-from ibnorm.compression import DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT, check_lam, check_placement, get_compression
+from ibnorm.compression import check_lam, check_placement, get_compression, with_defaults
 from ibnorm.convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
@@ -86,7 +87,8 @@ def parse_arm(spec: str, parent: str) -> Arm:
         return Arm(spec, spec)
     if spec == "ib":
         # named by what it is, so results keep their meaning when the library default changes
-        return Arm(ib_spec(DEFAULT_COMPRESSION, DEFAULT_LAM, DEFAULT_PLACEMENT), "ib", DEFAULT_COMPRESSION, DEFAULT_LAM, placement=DEFAULT_PLACEMENT)
+        family, lam, placement = with_defaults(parent)
+        return Arm(ib_spec(family, lam, placement), "ib", family, lam, placement=placement)
     if spec == "ib-learnable":
         return Arm(spec, "ib", "L", FAMILY_ARM_LAM, True)
     if spec.startswith("ib-") and len(spec) > 3:

@@ -18,6 +18,7 @@ from .arms import parse_arm
 from .campaign import DEFAULT_PLAN, best_variants, load_plan, sweep_grid
 from .compare import make_plans, read_results, run_plans
 from .report import write_report
+from .tasks import get_task
 
 SWEEPS = {"mnist1d-cnn": "sweep-mnist1d-cnn", "pydoc-gpt2": "sweep-mnist1d-mlp"}  # plan entries per grouping
 FALLBACK_CENTERED = "ib:S:0.1:centered"  # used only where the sweep folder is missing or unfinished
@@ -35,8 +36,9 @@ def demo_arms(task: str) -> list[str]:
     except (LookupError, StopIteration, FileNotFoundError) as exc:
         print(f"demo: {task}: no finished sweep {SWEEPS[task]} with a centered choice ({exc!r}); using {FALLBACK_CENTERED}")
         best = {"centered": (FALLBACK_CENTERED,)}
-    default = parse_arm("ib", "layer")
-    centered = parse_arm(best["centered"][0], "layer")
+    parent = get_task(task).parent
+    default = parse_arm("ib", parent)
+    centered = parse_arm(best["centered"][0], parent)
     same = (centered.compression, centered.lam, centered.placement) == (default.compression, default.lam, default.placement)
     third = best["standardized"][0] if same and "standardized" in best else best["centered"][0]
     return ["parent", "ib", third]
