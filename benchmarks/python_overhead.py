@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from ibnorm import DEFAULT_VARIANTS, convert_norms
+from ibnorm import convert_norms
 from ibnorm.compression import BUILTIN_COMPRESSIONS
 from ibnorm.lab import benchmark
 from ibnorm.modules import IBBatchNorm2d
@@ -60,10 +60,9 @@ def main() -> None:
     steps = {arm: benchmark._train_step(model, loss_fn) for arm, model in (("parent", parent), ("ibnorm", converted))}
     value, pairs = overhead(steps, args.seconds)
     print(f"library path:         {100 * value:+.1f}% step time ({pairs} pairs)")
-    lam = torch.tensor(float(DEFAULT_VARIANTS["batch"].lam))
     for layer in converted.modules():
         if isinstance(layer, IBBatchNorm2d):
-            layer.forward = direct_node_forward(layer, module, lam)
+            layer.forward = direct_node_forward(layer, module, torch.tensor(layer.lam_value()))
     value, pairs = overhead(steps, args.seconds)
     print(f"direct C++ node call: {100 * value:+.1f}% step time ({pairs} pairs)")
 

@@ -89,6 +89,8 @@ def test_bench_runs_reports_the_median_and_range_of_the_chosen_implementations(t
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert [r["impl"] for r in rows] == ["parent", "ib_eager"]
     assert all(r["runs"] == "2" for r in rows)
+    rms = ibnorm.DEFAULT_VARIANTS["rms"]
+    assert all(r["variant"] == f"{rms.compression}:{rms.lam}:{rms.placement}" for r in rows)  # the grouping's default
     eager = rows[1]
     assert float(eager["ratio_fwd_bwd_min"]) <= float(eager["ratio_fwd_bwd"]) <= float(eager["ratio_fwd_bwd_max"])
     assert "ratio_fwd_bwd_max" in capsys.readouterr().out.splitlines()[1]  # the table's header shows the range

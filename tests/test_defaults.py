@@ -97,6 +97,17 @@ def test_a_given_option_overrides_only_itself(build):
     other = "standardized" if default.placement == "centered" else "centered"
     layer = build(placement=other)
     assert (layer.compression, layer.lam, layer.placement) == (default.compression, default.lam, other)
+    family = "L" if default.compression != "L" else "S"
+    layer = build(compression=family)
+    assert (layer.compression, layer.lam, layer.placement) == (family, default.lam, default.placement)
+    layer = build(learnable_lam=True)
+    assert layer.learnable_lam and layer.lam_value() == pytest.approx(default.lam, rel=1e-6)
+
+
+def test_the_default_arm_of_an_rms_task_is_the_recorded_llama_arm():
+    from ibnorm.lab.experiments.arms import parse_arm
+
+    assert parse_arm("ib", "rms").name == "ib:T:1"
 
 
 class MixedNet(nn.Module):
@@ -128,8 +139,11 @@ def test_hugging_face_config_records_the_resolved_options():
     model.config = type("Config", (), {})()
     convert_hf_model(model, placement="centered")
     rms = ibnorm.DEFAULT_VARIANTS["rms"]
-    assert model.config.ibnorm["rms"] == {"compression": rms.compression, "lam": rms.lam, "learnable_lam": False, "placement": "centered"}
-    assert model.config.ibnorm["converted"] == 3
+    options = model.config.ibnorm["options"]
+    assert options["rms"] == {"compression": rms.compression, "lam": rms.lam, "learnable_lam": False, "placement": "centered"}
+    assert set(options) == {"batch", "layer", "rms"} and model.config.ibnorm["converted"] == 3
+    rebuilt, _ = ibnorm.convert_norms(nn.RMSNorm(8), **options["rms"])  # the recorded options build the layer again
+    assert (rebuilt.compression, rebuilt.lam, rebuilt.placement) == (rms.compression, rms.lam, "centered")
 
 
 def test_readme_states_the_default_of_every_grouping():
@@ -137,3 +151,55 @@ def test_readme_states_the_default_of_every_grouping():
     rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| ([\d.]+) \| `(\w+)` \|", readme, flags=re.M)
     stated = {g: ibnorm.Variant(c, float(lam), p) for g, c, lam, p in rows}
     assert stated == dict(ibnorm.DEFAULT_VARIANTS), "README's table of defaults must match ibnorm.DEFAULT_VARIANTS"
+
+
+DISTINCT = {
+    "batch": ibnorm.Variant("L", 0.3, "standardized"),
+    "group": ibnorm.Variant("T", 0.7, "centered"),
+    "layer": ibnorm.Variant("S", 0.2, "standardized"),
+    "rms": ibnorm.Variant("L", 1.5, "centered"),
+}
+
+
+def _options(layer: nn.Module) -> ibnorm.Variant:
+    return ibnorm.Variant(layer.compression, layer.lam_value(), layer.placement)
+
+
+def test_every_entry_point_takes_the_default_of_its_own_grouping(monkeypatch):
+    """With four different defaults, a layer given another grouping's default is caught."""
+    import ibnorm.compression
+    from ibnorm.functional import ib_batch_norm, ib_group_norm
+    from ibnorm.lab.benchmark import layer_pair
+
+    monkeypatch.setattr(ibnorm.compression, "DEFAULT_VARIANTS", DISTINCT)
+    layers = {
+        "batch": [ibnorm.IBBatchNorm1d(6), ibnorm.IBBatchNorm2d(6), ibnorm.IBBatchNorm3d(6), ibnorm.SyncIBBatchNorm(6),
+                  ibnorm.IBBatchNormAct2d(6), ibnorm.get_norm_layer("ib_batchnorm2d")(6)],
+        "group": [ibnorm.IBGroupNorm(2, 6), ibnorm.IBGroupNormAct(2, 6), ibnorm.get_norm_layer("ib_groupnorm")(2, 6)],
+        "layer": [ibnorm.IBLayerNorm(6), ibnorm.IBLayerNorm2d(6), ibnorm.IBLayerNormAct(6), ibnorm.get_norm_layer("ib_layernorm")(6)],
+        "rms": [ibnorm.IBRMSNorm(6), ibnorm.get_norm_layer("ib_rmsnorm")(6)],
+    }
+    for grouping, built in layers.items():
+        assert all(_options(layer) == DISTINCT[grouping] for layer in built), grouping
+    model, record = ibnorm.convert_norms(MixedNet())
+    assert {g: ibnorm.Variant(o["compression"], o["lam"], o["placement"]) for g, o in record.options.items()} == {
+        g: DISTINCT[g] for g in ("batch", "layer", "rms")
+    }
+    assert [_options(m) for m in (model.bn, model.ln, model.rms)] == [DISTINCT["batch"], DISTINCT["layer"], DISTINCT["rms"]]
+    assert _options(ibnorm.convert_sync_ibbatchnorm(model).bn) == DISTINCT["batch"]
+    assert _options(layer_pair("group", (2, 32, 3, 3), torch.float32, None, None, None)[1]) == DISTINCT["group"]
+
+    # The functional forms: each against the same call with its grouping's options spelled out.
+    torch.manual_seed(0)
+    x = 2 * torch.randn(4, 6, 5) + 1
+    for call, grouping in (
+        (lambda **o: ib_batch_norm(x, None, None, training=True, **o), "batch"),
+        (lambda **o: ib_group_norm(x, 2, **o), "group"),
+        (lambda **o: ibnorm.ib_layer_norm(x, (5,), **o), "layer"),
+        (lambda **o: ibnorm.ib_rms_norm(x, (5,), **o), "rms"),
+    ):
+        v = DISTINCT[grouping]
+        spelled = call(compression=v.compression, lam=v.lam, placement=v.placement)
+        torch.testing.assert_close(call(), spelled, atol=0, rtol=0)
+        others = [w for g, w in DISTINCT.items() if g != grouping]
+        assert all(not torch.allclose(call(), call(compression=w.compression, lam=w.lam, placement=w.placement)) for w in others)

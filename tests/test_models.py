@@ -335,7 +335,7 @@ def test_ib_model_from_config(name, tmp_path):
     assert len(record) == spec.n_norms
     grouping = spec.target_class.grouping
     options = {"compression": "T", "lam": 0.5, "learnable_lam": False, "placement": DEFAULT_VARIANTS[grouping].placement}
-    expected = {grouping: options, "converted": spec.n_norms}
+    expected = {"options": {grouping: options}, "converted": spec.n_norms}
     assert model.config.ibnorm == expected
     modules = ib_modules(model)
     assert len(modules) == spec.n_norms
@@ -350,7 +350,7 @@ def test_ib_model_from_config_with_auto_class():
     model, record = ib_model_from_config(gpt2_config(), "S", 0.25, auto_class=transformers.AutoModel)
     assert type(model).__name__ == "GPT2Model"
     assert len(record) == 5
-    assert model.config.ibnorm["layer"]["compression"] == "S" and model.config.ibnorm["layer"]["lam"] == 0.25
+    assert model.config.ibnorm["options"]["layer"]["compression"] == "S" and model.config.ibnorm["options"]["layer"]["lam"] == 0.25
 
 
 def test_convert_hf_model(originals):
@@ -359,7 +359,7 @@ def test_convert_hf_model(originals):
     assert converted is model
     assert len(record) == 4
     options = {"compression": "L", "lam": 0.3, "learnable_lam": True, "placement": "centered"}
-    assert converted.config.ibnorm == {"rms": options, "converted": 4}
+    assert converted.config.ibnorm == {"options": {"rms": options}, "converted": 4}
     assert type(converted.model.norm) is LlamaRMSNorm
     for module in ib_modules(converted):
         assert module.lam_raw is not None and module.lam_value() == pytest.approx(0.3, rel=1e-5)

@@ -13,6 +13,7 @@ import ibnorm.functional as IBF
 from ibnorm.ops import cpp, dispatch
 
 FAMILIES = ["S", "L", "T"]
+PLACEMENT = "centered"  # these tests compare backends; tests/test_placement.py covers both placements
 
 
 def case(kind, shape, dtype, seed=0):
@@ -29,14 +30,14 @@ def case(kind, shape, dtype, seed=0):
 
     def call(x, w, b, lam, family):
         if kind == "layer":
-            return IBF.ib_layer_norm(x, affine, w, b, 1e-5, family, lam)
+            return IBF.ib_layer_norm(x, affine, w, b, 1e-5, family, lam, PLACEMENT)
         if kind == "rms":
-            return IBF.ib_rms_norm(x, affine, w, 1e-5, family, lam)
+            return IBF.ib_rms_norm(x, affine, w, 1e-5, family, lam, PLACEMENT)
         if kind == "batch":
-            return IBF.ib_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, family, lam)
+            return IBF.ib_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, family, lam, placement=PLACEMENT)
         if kind == "batch_eval":
-            return IBF.ib_batch_norm(x, *stats[:2], w, b, False, 0.1, 1e-5, family, lam, *stats[2:])
-        return IBF.ib_group_norm(x, 3, w, b, 1e-5, family, lam)
+            return IBF.ib_batch_norm(x, *stats[:2], w, b, False, 0.1, 1e-5, family, lam, *stats[2:], placement=PLACEMENT)
+        return IBF.ib_group_norm(x, 3, w, b, 1e-5, family, lam, PLACEMENT)
 
     return x, w, (None if kind == "rms" else b), call
 

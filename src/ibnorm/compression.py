@@ -151,12 +151,10 @@ class Variant:
     placement: str
 
 
-# The library default per grouping follows the evidence (README "Evidence", docs/results/SUMMARY.md).
-# Batch and layer: the MNIST-1D validation sweeps (S/L/T × λ ∈ {0.1 … 4} × both placements) both
-# chose S, λ = 0.1, centered, and it was equivalent to the parent on the Fashion-MNIST ResNet and ViT.
-# RMS: the LLaMA sweep and its final-budget check chose T, λ = 1, standardized on validation, and
-# it was equivalent to RMSNorm in the final comparison (S, λ = 0.1, centered was not in it).
-# Group: no evidence of its own; it takes the batch/layer choice. No variant beat its parent.
+# The library default per grouping follows the evidence (README "Evidence", docs/results/SUMMARY.md):
+# for batch, layer and RMS grouping, the variant chosen on validation (MNIST-1D sweeps; the LLaMA
+# sweep and its final-budget check) that then matched its parent in the final comparison. Group
+# grouping has no evidence of its own and takes the batch/layer choice. No variant beat its parent.
 DEFAULT_VARIANTS: Mapping[str, Variant] = MappingProxyType(
     {
         "batch": Variant("S", 0.1, "centered"),

@@ -40,9 +40,9 @@ Selector = Union[str, type]
 class ConversionRecord:
     """What :func:`convert_norms` did: ``converted`` and ``skipped`` as
     ``(qualified_name, from_class, to_class_or_reason)`` rows, and the checked ``options`` the
-    new layers were built with, per grouping of the converted layers (``{"layer":
-    {"compression": "S", "lam": 0.1, "learnable_lam": False, "placement": "centered"}}``; defaults
-    resolved; empty for other conversions); ``print()`` shows a summary."""
+    new layers were built with, per grouping of the converted layers (e.g. ``{"rms":
+    {"compression": "L", "lam": 0.5, "learnable_lam": False, "placement": "centered"}}``, with the
+    defaults filled in; empty for other conversions); ``print()`` shows a summary."""
 
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
@@ -273,7 +273,10 @@ def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[...,
     rmsnorm, batchnorm (2d), batchnorm1d/2d/3d, syncbatchnorm, groupnorm, e.g.
     ``"ib_layernorm_t"`` → ``functools.partial(IBLayerNorm, compression="T")`` and
     ``"ib_rmsnorm_l_centered"`` → ``partial(IBRMSNorm, compression="L", placement="centered")``.
-    A class or a ``functools.partial`` passes through unchanged.
+    Options a name leaves out take the grouping's default each on its own
+    (:data:`ibnorm.DEFAULT_VARIANTS`), so ``"ib_rmsnorm_s"`` is S at the RMS default's λ and
+    placement: a combination the evidence did not choose. A class or a ``functools.partial``
+    passes through unchanged.
     """
     if isinstance(norm_layer, functools.partial) or (
         isinstance(norm_layer, type) and issubclass(norm_layer, nn.Module)

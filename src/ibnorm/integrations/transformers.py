@@ -22,13 +22,14 @@ def convert_hf_model(
     model: nn.Module, compression: Optional[str] = None, lam: Optional[float] = None, **convert_kwargs: Any
 ) -> tuple[nn.Module, ConversionRecord]:
     """:func:`ibnorm.convert_norms` for a ``transformers`` model, noting the settings in
-    ``model.config.ibnorm``: per grouping of the converted layers, the options they were built
-    with (``record.options``, e.g. ``{"rms": {"compression": "T", "lam": 1.0, ...}}``), and
-    ``converted``, their number."""
+    ``model.config.ibnorm``: ``options``, per grouping of the converted layers, the options
+    they were built with (``record.options``, e.g. ``{"rms": {"compression": "T", "lam": 1.0,
+    ...}}``; ``convert_norms(model, **options["rms"])`` builds them again), and ``converted``,
+    their number."""
     model, record = convert_norms(model, compression, lam, **convert_kwargs)
     config = getattr(model, "config", None)
     if config is not None:
-        config.ibnorm = {**record.options, "converted": len(record)}
+        config.ibnorm = {"options": record.options, "converted": len(record)}
     return model, record
 
 

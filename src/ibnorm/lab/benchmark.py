@@ -53,7 +53,6 @@ from tqdm import tqdm
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
-from ibnorm.compression import get_compression, with_defaults
 from ibnorm.convert import convert_norms
 from ibnorm.ops import dispatch, use_backend
 
@@ -82,10 +81,10 @@ MODES_TIMED = (*MODES, "inference")
 DEFAULT_MIN_SECONDS = 0.3
 
 
-def _variant(grouping: str, compression: Optional[str], lam: Optional[float], placement: Optional[str]) -> str:
-    """How the rows name the IB layer they timed, e.g. ``S:0.1:centered`` (None: the grouping's default)."""
-    compression, lam, placement = with_defaults(grouping, compression, lam, placement)
-    return f"{get_compression(compression).name}:{lam}:{placement}"
+def _variant(options: dict[str, object]) -> str:
+    """How the rows name the IB layers they timed: ``family:λ:placement`` of ``convert_norms``'s
+    options of one grouping."""
+    return f"{options['compression']}:{options['lam']}:{options['placement']}"
 
 
 def layer_pair(
@@ -98,6 +97,10 @@ def layer_pair(
     parent = _PARENTS[grouping](shape).to(dtype)
     converted, _ = convert_norms(copy.deepcopy(parent), compression, lam, placement=placement)
     return parent, converted
+
+
+def _layer_variant(layer: nn.Module) -> str:
+    return _variant({"compression": layer.compression, "lam": layer.lam_value(), "placement": layer.placement})
 
 
 def interleaved_times(
@@ -303,7 +306,7 @@ def _kernel_case(
             "shape": "x".join(map(str, shape)),
             "dtype": dtype_name,
             "impl": impl,
-            "variant": _variant(grouping, compression, lam, placement),
+            "variant": _layer_variant(layer),
             **{f"{m}_s": round(statistics.median(timed[m][0][impl]), 6) for m in MODES_TIMED},
             "first_call_s": round(first_call_s[impl], 6) if backend in ("compiled", "cpp") else float("nan"),
             "saved_bytes": saved_bytes[impl],
@@ -398,7 +401,7 @@ def cuda_kernel_benchmark(
                     "shape": "x".join(map(str, shape)),
                     "dtype": dtype_name,
                     "impl": impl,
-                    "variant": _variant(grouping, compression, lam, placement),
+                    "variant": _layer_variant(layer),
                     **{f"{m}_s": round(r[f"{m}_s"], 7) for m in MODES},
                     **{f"gbps_{m}": round(TRAFFIC[m] * moved / r[f"{m}_s"] / 1e9, 1) for m in MODES},
                     **{f"ratio_{m}": round(r[f"{m}_s"] / results["parent"][f"{m}_s"], 3) for m in MODES},
@@ -507,7 +510,7 @@ def _model_step(
     times = {arm: statistics.median(v) for arm, v in samples.items()}
     return {
         "model": name,
-        "variant": " ".join(_variant(g, o["compression"], o["lam"], o["placement"]) for g, o in record.options.items()),
+        "variant": " ".join(f"{g}={_variant(o)}" for g, o in record.options.items()),
         "backend": dispatch.resolve_backend(torch.device("cpu")),
         "norm_layers": len(record),
         "parent_step_s": round(times["parent"], 5),
@@ -616,7 +619,7 @@ def run_benchmarks(
         groupings, dtypes, repeats, compression, lam, placement, **shapes, min_seconds=min_seconds, impls=impls, runs=runs
     )
     atomic_write_csv(out / "kernels.csv", kernels)
-    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
+    columns = ["grouping", "shape", "dtype", "impl", "variant", "fwd_bwd_s", "ratio_forward", "ratio_backward", "ratio_fwd_bwd",
                "ratio_inference", "ratio_fwd_bwd_min", "ratio_fwd_bwd_max", "ratio_inference_min", "ratio_inference_max",
                "runs", "saved_bytes_ratio", "first_call_s"]
     print(format_table(kernels, _shown(columns, runs)))
@@ -645,7 +648,7 @@ def _run_cuda(
         groupings, dtypes, repeats, compression, lam, placement,
         on_case=lambda rows: atomic_write_csv(csv_path, rows), **shapes,
     )
-    columns = ["grouping", "shape", "dtype", "impl", "fwd_bwd_s", "gbps_forward", "gbps_backward", "gbps_fwd_bwd",
+    columns = ["grouping", "shape", "dtype", "impl", "variant", "fwd_bwd_s", "gbps_forward", "gbps_backward", "gbps_fwd_bwd",
                "ratio_fwd_bwd", "ratio_fwd_bwd_vs_compiled", "first_call_s"]
     print(format_table(kernels, columns))
     plot = plot_kernels(
