@@ -11,7 +11,7 @@ from scipy import stats
 
 from ibnorm.analysis.significance import holm, paired_difference
 from ibnorm.lab.cli import main
-from ibnorm.lab.experiments.report import plot_sweep, summarize, verdict, write_report
+from ibnorm.lab.experiments.report import evidence_points, plot_evidence, plot_sweep, summarize, verdict, write_report
 from ibnorm.lab.experiments.roi import compute_equivalent_gain, net_gain, roi_table
 from ibnorm.lab.experiments.timing import measure_step_times, read_timing, write_timing
 
@@ -179,6 +179,40 @@ def test_sweep_plot_draws_one_line_per_family_and_placement(monkeypatch):
     assert plot_sweep(summarize(rows)["t"], "t") == b"png"
     # no placement means the default (standardized); a learnable λ is no sweep point
     assert drawn == {"IBNorm-S (standardized)": [0.0, 0.5, 2.0], "IBNorm-S (centered)": [0.0, 0.5, 2.0], "IBNorm-T (standardized)": [0.0, 1.0]}
+
+
+def test_evidence_points_put_every_task_on_one_scale_with_right_as_better():
+    acc = summarize(ab_rows([1.0, 1.2, 0.8, 1.1, 0.9], task="acc", step_time=0.02))  # margin 0.5 pt
+    bpc = ab_rows([0.04, 0.05, 0.03, 0.04, 0.04], task="bpc", base=1.5, metric="test_bpc", higher=False)  # margin 0.02
+    for r in bpc[5:]:
+        r["step_time_s"] = 0.011
+    points = evidence_points([acc, summarize(bpc)])
+    assert [(p["task"], p["label"]) for p in points] == [("acc", "ib"), ("bpc", "ib")]
+    gain, loss = points
+    assert gain["delta"] == pytest.approx(1.0 / 0.5) and gain["low"] < gain["delta"] < gain["high"]
+    assert gain["decision"] == "better" and gain["overhead_pct"] == pytest.approx(0.0)
+    # +0.04 bits/char is worse: two margins to the left
+    assert loss["delta"] == pytest.approx(-0.04 / 0.02) and loss["low"] < loss["delta"] < loss["high"] < 0
+    assert loss["decision"] == "WORSE" and loss["overhead_pct"] == pytest.approx(10.0)
+    assert all(p["quiet"] is False for p in points)  # step times from the training rows
+
+
+def test_evidence_plot_draws_one_interval_per_comparison(monkeypatch):
+    import ibnorm.lab.experiments.report as report
+
+    summary = summarize(ab_rows([1.0, 1.2, 0.8, 1.1, 0.9]) + ab_rows([0.1, -0.1, 0.0, 0.05, -0.05], arm="ib2"))
+    drawn = {}
+
+    def capture(fig):
+        effect, cost = fig.axes
+        drawn["labels"] = [t.get_text() for t in effect.get_yticklabels()]
+        drawn["bars"] = len(cost.patches)
+        return b"png"
+
+    monkeypatch.setattr(report, "figure_png", capture)
+    assert plot_evidence([summary]) == b"png"
+    assert drawn == {"labels": ["t  ib", "t  ib2"], "bars": 2}
+    assert plot_evidence([]) is None
 
 
 # ------------------------------------------------------------------ cost/benefit

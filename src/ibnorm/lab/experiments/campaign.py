@@ -29,11 +29,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
 
-from .._io import atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 from .arms import SPEC_PLACEMENT, parse_arm
 from .compare import Shard, read_results, sweep_arms
 from .groups import run_device
-from .report import _table_md, at_a_glance, evidence_table, summarize, verdict, write_report
+from .report import _table_md, at_a_glance, evidence_table, plot_evidence, summarize, verdict, write_report
 from .tasks import get_task
 from .timing import measure_step_times, read_timing, write_timing
 
@@ -305,6 +305,7 @@ def _time_arms(entry: Entry, argv: Sequence[str], root: Path) -> None:
 
 
 SUMMARY = "SUMMARY.md"
+EVIDENCE_FIGURE = "evidence.png"
 
 
 def mean_validation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -395,8 +396,17 @@ EVIDENCE_SECTION = "## Final comparisons at a glance"
 
 
 def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
-    """``SUMMARY.md`` beside the plan (:func:`summary_text`)."""
+    """``SUMMARY.md`` beside the plan (:func:`summary_text`) and, where there are final
+    comparisons, their figure ``evidence.png`` (:func:`~.report.plot_evidence`)."""
+    png = plot_evidence(_final_summaries(plan))
+    if png is not None:
+        atomic_write_bytes(Path(plan).parent / EVIDENCE_FIGURE, png)
     return atomic_write_text(Path(plan).parent / SUMMARY, summary_text(plan))
+
+
+def _final_summaries(plan: Path) -> list[dict[str, list[dict[str, Any]]]]:
+    root = Path(plan).parent
+    return [summarize(rows, read_timing(e.out(root))) for e in load_plan(plan) if e.stage == "final" and (rows := read_results(e.out(root)))]
 
 
 def summary_text(plan: Path = DEFAULT_PLAN) -> str:
@@ -406,12 +416,12 @@ def summary_text(plan: Path = DEFAULT_PLAN) -> str:
     per comparison its headline lines and table."""
     root = Path(plan).parent
     entries = load_plan(plan)
-    finals = [summarize(rows, read_timing(e.out(root))) for e in entries if e.stage == "final" and (rows := read_results(e.out(root)))]
+    finals = _final_summaries(plan)
     md = ["# Evidence campaign: summary", "", f"Made by `ibnorm results` from `{plan}`; each section names its folder.", ""]
     md += [
         EVIDENCE_SECTION,
         "",
-        "Final entries; seeds 100–104; each arm at its own learning rate tuned on validation; test metric "
+        "Final entries; seeds from 100 on (n per arm in the table); each arm at its own learning rate tuned on validation; test metric "
         "(accuracy in %, bits/char in bpc); Δ = arm − parent paired over seeds; Holm over each task's comparisons "
         "with its parent; verdict at α = 0.05 or equivalence when the Δ interval lies inside the task's margin "
         "(±0.5 pt, ±0.02 bpc); step time: overhead against the parent from the entry's quiet interleaved timing "

@@ -258,6 +258,78 @@ def evidence_table(summaries: Iterable[Mapping[str, list[dict[str, Any]]]]) -> l
     return lines
 
 
+def evidence_points(summaries: Iterable[Mapping[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The compared rows of several :func:`summarize` results on one scale: the seed-paired Δ and
+    its 95% interval divided by the task's equivalence margin and signed so that positive is
+    better than the parent (``delta``, ``low``, ``high``), with ``task``, ``label``, the
+    :func:`decision`, ``overhead_pct`` (step time) and ``quiet`` (from a quiet timing)."""
+    points = []
+    for summary in summaries:
+        for task, table in summary.items():
+            for r in table:
+                if not r["compared"] or not is_finite_number(r["margin"]) or not is_finite_number(r["diff"]):
+                    continue
+                sign = 1.0 if r["higher_is_better"] else -1.0
+                ends = sorted(sign * v / r["margin"] for v in (r["diff_low"], r["diff_high"]))
+                points.append(
+                    {
+                        "task": task,
+                        "label": r["label"],
+                        "delta": sign * r["diff"] / r["margin"],
+                        "low": ends[0],
+                        "high": ends[1],
+                        "decision": decision(r),
+                        "overhead_pct": r["time_overhead_pct"],
+                        "quiet": r["step_time_source"] == QUIET_TIMES,
+                    }
+                )
+    return points
+
+
+_DECISION_COLOURS = {"equivalent": "tab:green", "WORSE": "tab:red", "better": "tab:blue"}
+
+
+def plot_evidence(summaries: Iterable[Mapping[str, list[dict[str, Any]]]]) -> Optional[bytes]:
+    """Every final comparison in one figure (:func:`evidence_points`): left, Δ against the parent
+    with its 95% interval in units of the task's equivalence margin, right = better, the
+    shaded band is "equivalent"; right, the step-time overhead (hatched where it comes from
+    the training runs). Colour: the decision. Both axes are linear near 0 and logarithmic
+    beyond, so that a DyT far off and an IBNorm arm near 0 both stay readable."""
+    points = evidence_points(summaries)
+    if not points:
+        return None
+    plt = pyplot()
+    fig, (effect, cost) = plt.subplots(
+        1, 2, figsize=(10, 1.6 + 0.32 * len(points)), sharey=True, gridspec_kw={"width_ratios": [3, 1.3]}
+    )
+    ys = list(range(len(points)))[::-1]
+    effect.axvspan(-1, 1, color="0.9", label="equivalent (inside ±margin)")
+    effect.axvline(0, color="k", lw=0.8)
+    for y, pt in zip(ys, points):
+        colour = _DECISION_COLOURS.get(pt["decision"], "grey")
+        effect.errorbar(pt["delta"], y, xerr=[[pt["delta"] - pt["low"]], [pt["high"] - pt["delta"]]], fmt="o", color=colour, capsize=3)
+        if is_finite_number(pt["overhead_pct"]):
+            cost.barh(y, pt["overhead_pct"], color=colour, hatch="" if pt["quiet"] else "//", alpha=0.8)
+    for y, (above, below) in zip(ys[1:], zip(points, points[1:])):
+        if above["task"] != below["task"]:
+            for ax in (effect, cost):
+                ax.axhline(y + 0.5, color="0.6", lw=0.6)
+    effect.set_yticks(ys)
+    effect.set_yticklabels([f"{pt['task']}  {pt['label']}" for pt in points], fontsize=8)
+    effect.set_xscale("symlog", linthresh=2)
+    effect.set_xlabel("Δ vs parent in equivalence margins (95% CI; right = better)")
+    for decision_name, colour in _DECISION_COLOURS.items():
+        effect.plot([], [], "o", color=colour, label=decision_name)
+    effect.plot([], [], "o", color="grey", label="inconclusive")
+    effect.legend(fontsize=7, loc="upper left")
+    cost.axvline(0, color="k", lw=0.8)
+    cost.set_xscale("symlog", linthresh=10)
+    cost.set_xlabel("step-time overhead, %")
+    fig.suptitle("Final comparisons: effect and cost of each arm against its parent norm")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def _table_md(table: list[dict[str, Any]]) -> list[str]:
     metric = table[0]["metric"]
     lines = [
