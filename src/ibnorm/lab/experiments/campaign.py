@@ -398,10 +398,11 @@ EVIDENCE_SECTION = "## Final comparisons at a glance"
 def write_summary(plan: Path = DEFAULT_PLAN) -> Path:
     """``SUMMARY.md`` beside the plan (:func:`summary_text`) and, where there are final
     comparisons, their figure ``evidence.png`` (:func:`~.report.plot_evidence`)."""
-    png = plot_evidence(_final_summaries(plan))
+    finals = _final_summaries(plan)
+    png = plot_evidence(finals)
     if png is not None:
         atomic_write_bytes(Path(plan).parent / EVIDENCE_FIGURE, png)
-    return atomic_write_text(Path(plan).parent / SUMMARY, summary_text(plan))
+    return atomic_write_text(Path(plan).parent / SUMMARY, _summary_text(plan, finals))
 
 
 def _final_summaries(plan: Path) -> list[dict[str, list[dict[str, Any]]]]:
@@ -414,9 +415,12 @@ def summary_text(plan: Path = DEFAULT_PLAN) -> str:
     (:func:`~.report.evidence_table`, which README's evidence table copies), then per sweep
     the validation and test tables and the variant chosen per placement (on validation), and
     per comparison its headline lines and table."""
+    return _summary_text(plan, _final_summaries(plan))
+
+
+def _summary_text(plan: Path, finals: list[dict[str, list[dict[str, Any]]]]) -> str:
     root = Path(plan).parent
     entries = load_plan(plan)
-    finals = _final_summaries(plan)
     md = ["# Evidence campaign: summary", "", f"Made by `ibnorm results` from `{plan}`; each section names its folder.", ""]
     md += [
         EVIDENCE_SECTION,
