@@ -81,10 +81,9 @@ MODES_TIMED = (*MODES, "inference")
 DEFAULT_MIN_SECONDS = 0.3
 
 
-def _variant(options: dict[str, object]) -> str:
-    """How the rows name the IB layers they timed: ``family:λ:placement`` of ``convert_norms``'s
-    options of one grouping."""
-    return f"{options['compression']}:{options['lam']}:{options['placement']}"
+def _variant(compression: str, lam: float, placement: str) -> str:
+    """How the rows name the IB layers they timed, e.g. ``S:0.1:centered``."""
+    return f"{compression}:{lam}:{placement}"
 
 
 def layer_pair(
@@ -100,7 +99,7 @@ def layer_pair(
 
 
 def _layer_variant(layer: nn.Module) -> str:
-    return _variant({"compression": layer.compression, "lam": layer.lam_value(), "placement": layer.placement})
+    return _variant(layer.compression, layer.lam_value(), layer.placement)
 
 
 def interleaved_times(
@@ -510,7 +509,7 @@ def _model_step(
     times = {arm: statistics.median(v) for arm, v in samples.items()}
     return {
         "model": name,
-        "variant": " ".join(f"{g}={_variant(o)}" for g, o in record.options.items()),
+        "variant": " ".join(f"{g}={_variant(o['compression'], o['lam'], o['placement'])}" for g, o in record.options.items()),
         "backend": dispatch.resolve_backend(torch.device("cpu")),
         "norm_layers": len(record),
         "parent_step_s": round(times["parent"], 5),
