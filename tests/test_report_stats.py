@@ -1,6 +1,7 @@
 """Statistics of the A/B report (paired Δ, Holm, equivalence, divergence, budgets), the
 cost/benefit figure and the quiet timing, on synthetic results rows."""
 
+import itertools
 import json
 import math
 import time
@@ -12,7 +13,7 @@ from scipy import stats
 from ibnorm.analysis.significance import holm, paired_difference
 from ibnorm.lab.cli import main
 from ibnorm.lab.experiments.report import evidence_points, plot_evidence, plot_sweep, summarize, verdict, write_report
-from ibnorm.lab.experiments.roi import compute_equivalent_gain, net_gain, roi_table
+from ibnorm.lab.experiments.roi import compute_equivalent_gain, format_roi, gain_interval, net_gain, roi_table
 from ibnorm.lab.experiments.timing import measure_step_times, read_timing, write_timing
 
 
@@ -226,6 +227,10 @@ def test_equivalent_gain_interpolates_the_parent_curve():
     assert between.reached_step == pytest.approx(750)
     lower = compute_equivalent_gain(steps, [1 - s / 1000 for s in steps], 0.3, False)
     assert lower.gain == pytest.approx(-0.3)
+    assert not (got.at_first_eval or between.at_first_eval or lower.at_first_eval)
+    # below the first point the curve cannot tell where s* lies: the gain is an upper bound
+    first = compute_equivalent_gain(steps, [s / 1000 for s in steps], 0.05, True)
+    assert first.at_first_eval and first.gain == pytest.approx(-0.9) and first.reached_step == 100
 
 
 def test_equivalent_gain_extrapolates_past_the_curve():
@@ -234,6 +239,57 @@ def test_equivalent_gain_extrapolates_past_the_curve():
     assert got.extrapolated and got.gain == pytest.approx(1.0) and got.reached_step == pytest.approx(2000)
     away = compute_equivalent_gain(steps, [-s / 1000 for s in steps], 0.5, True)
     assert away.extrapolated and away.gain == math.inf
+
+
+def _linear_curves(finals):
+    """Seed → a curve rising linearly through the origin to ``finals[seed]`` at step 100."""
+    return {seed: {float(s): v * s / 100 for s in (25, 50, 75, 100)} for seed, v in enumerate(finals)}
+
+
+def test_gain_interval_is_the_exact_seed_paired_bootstrap_for_three_seeds():
+    # Every curve is linear through the origin, so a resample's gain is
+    # mean(arm finals) / mean(parent finals) − 1. Of the 27 equally likely draws of three
+    # seeds each has probability 1/27 > 2.5 %, so the exact 95 % interval runs from the
+    # smallest to the largest ratio: both seeds 0 (70/80) and both seeds 2 (79/82) when
+    # the draw pairs the arms' seeds. Unpaired resampling would reach 70/82.
+    parent, arm = _linear_curves([80.0, 81.0, 82.0]), _linear_curves([70.0, 75.0, 79.0])
+    ratios = [
+        sum(arm[i][100.0] for i in draw) / sum(parent[i][100.0] for i in draw) - 1
+        for draw in itertools.product(range(3), repeat=3)
+    ]
+    low, high = gain_interval(parent, arm, higher_is_better=True)
+    assert (low, high) == (pytest.approx(min(ratios)), pytest.approx(max(ratios)))
+    assert low == pytest.approx(70 / 80 - 1) and high == pytest.approx(79 / 82 - 1)
+    # seeds only the arm ran are left out; under three paired seeds there is no interval
+    assert gain_interval(parent, {**arm, 7: {s: 0.0 for s in arm[0]}}, True) == (low, high)
+    assert all(math.isnan(b) for b in gain_interval(parent, {0: arm[0], 1: arm[1]}, True))
+    with pytest.raises(ValueError, match="confidence must lie in"):
+        gain_interval(parent, arm, True, confidence=1.0)
+
+
+def test_gain_interval_collapses_when_seeds_agree_and_reaches_inf_past_a_flat_curve():
+    same = _linear_curves([80.0] * 4)
+    low, high = gain_interval(same, _linear_curves([60.0] * 4), True)
+    assert low == pytest.approx(-0.25) and high == pytest.approx(-0.25)
+    # a parent whose curve falls at its end never reaches an arm above it: the upper bound is inf
+    flat = {seed: {**c, 100.0: c[75.0] - 1} for seed, c in _linear_curves([80.0, 81.0, 82.0]).items()}
+    low, high = gain_interval(flat, _linear_curves([62.0, 62.5, 61.0]), True)
+    assert high == math.inf and low < 0
+
+
+def test_roi_table_shows_intervals_and_bounds(tmp_path):
+    rows = ab_rows([-1.0, -2.0, -3.0], base=80.0) + [make_row("t", "poor", s, 10.0 + s) for s in range(3)]
+    table = roi_table(_results(tmp_path, rows))
+    got = {r["arm"]: r for r in table}
+    parent = _linear_curves([80.0, 81.0, 82.0])
+    assert (got["ib"]["gain_low"], got["ib"]["gain_high"]) == gain_interval(parent, _linear_curves([79.0, 79.0, 79.0]), True)
+    assert got["ib"]["gain_low"] < got["ib"]["gain"] < got["ib"]["gain_high"]
+    assert got["ib"]["net_low"] == pytest.approx(net_gain(got["ib"]["gain_low"], got["ib"]["time_overhead"]))
+    assert math.isnan(got["parent"]["gain_low"]) and not got["ib"]["at_first_eval"]
+    assert got["poor"]["at_first_eval"] and got["poor"]["gain"] == pytest.approx(-0.75)  # the parent's first point is 25 % of the way
+    text = format_roi(table)
+    assert "| t | poor | 3/3 | val_acc 11 | ≤ -75.0% [-75.0%, -75.0%] |" in text
+    assert "seed-paired percentile bootstrap" in text and "≤: the parent's first evaluation" in text
 
 
 def test_net_gain_formula():

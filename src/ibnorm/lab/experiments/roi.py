@@ -14,8 +14,11 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+
+from ...analysis.significance import CONFIDENCE, MIN_PAIRED_SEEDS
 from .compare import read_results
-from .groups import Group, group_runs, parent_group, step_times
+from .groups import Group, group_runs, is_finite_number, parent_group, step_times
 from .timing import read_timing
 
 CAVEAT = (
@@ -24,16 +27,29 @@ CAVEAT = (
     "Approximate: intermediate points of a cosine schedule are not what a shorter-budget run would reach."
 )
 EXTRAPOLATED = "* extrapolated past the parent's curve with a least-squares fit v = a + b·log(step) over its last half."
+AT_FIRST_EVAL = "≤: the parent's first evaluation already reaches the arm's value, so gain and net are at most this (the curve is not measured before it)."
+#: Resamples of the seed bootstrap behind the intervals of gain and net (fixed RNG seed, so
+#: a report is reproduced exactly).
+BOOTSTRAP_RESAMPLES = 2000
+INTERVALS = (
+    f"[ ]: {CONFIDENCE:.0%} seed-paired percentile bootstrap ({BOOTSTRAP_RESAMPLES} resamples of the seeds both arms ran, "
+    f"at least {MIN_PAIRED_SEEDS}); the net's at the measured step time. With few seeds such intervals are too narrow."
+)
+
+Curves = Mapping[int, Mapping[float, float]]
 
 
 @dataclass(frozen=True)
 class EquivalentGain:
     """``gain`` = s*/S − 1; ``reached_step`` = s*; ``extrapolated`` when s* lies past the
-    parent's curve (inf: the fit never reaches the target; NaN: too few points to fit)."""
+    parent's curve (inf: the fit never reaches the target; NaN: too few points to fit);
+    ``at_first_eval`` when the curve's first point already reaches the target, so that the
+    true s* may lie anywhere before it and ``gain`` is an upper bound."""
 
     gain: float
     extrapolated: bool
     reached_step: float
+    at_first_eval: bool = False
 
 
 def compute_equivalent_gain(
@@ -43,7 +59,8 @@ def compute_equivalent_gain(
     needed to first reach ``target``, minus one: gain = s*/S − 1.
 
     s* interpolates linearly between the curve points (s_i, v_i) around the first point
-    that reaches the target (s* = s_0 if the first point already does). If no point does,
+    that reaches the target (s* = s_0 if the first point already does: then the gain is an
+    upper bound, as the curve says nothing of the steps before s_0). If no point does,
     v = a + b·log s is fitted by least squares over the last half of the curve and
     s* = exp((target − a)/b), but never below S, since the curve itself stayed short of
     the target; a slope pointing away from the target gives gain = inf.
@@ -63,7 +80,7 @@ def compute_equivalent_gain(
     for i, (s, v) in enumerate(zip(steps, values)):
         if sign * (v - target) >= 0:
             if i == 0:
-                return EquivalentGain(s / total - 1, False, s)
+                return EquivalentGain(s / total - 1, False, s, at_first_eval=True)
             s0, v0 = steps[i - 1], values[i - 1]
             reached = s0 + (target - v0) / (v - v0) * (s - s0)
             return EquivalentGain(reached / total - 1, False, reached)
@@ -86,14 +103,63 @@ def net_gain(gain: float, time_overhead: float) -> float:
     return (1 + gain) / (1 + time_overhead) - 1
 
 
-def _mean_curve(group: Group, key: str) -> tuple[list[float], list[float]]:
-    """Steps every non-diverged run evaluated with a finite value, and the mean there."""
-    curves = [{p["step"]: p[key] for p in r.get("curve") or () if isinstance(p.get(key), (int, float)) and math.isfinite(p[key])} for r in group.valid]
-    curves = [c for c in curves if c]
+def _seed_curves(group: Group, key: str) -> dict[int, dict[float, float]]:
+    """Seed → {step: finite ``key`` value} of the group's non-diverged runs that have any."""
+    curves = {}
+    for r in group.valid:
+        curve = {float(p["step"]): float(p[key]) for p in r.get("curve") or () if is_finite_number(p.get(key))}
+        if curve:
+            curves[r["seed"]] = curve
+    return curves
+
+
+def _curve_matrix(curves: Sequence[Mapping[float, float]]) -> tuple[list[float], np.ndarray]:
+    """The steps every curve evaluated, and a (curves × steps) array of their values there."""
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, np.array([[c[s] for s in steps] for c in curves], dtype=np.float64).reshape(len(curves), len(steps))
+
+
+def _mean_curve(curves: Curves) -> tuple[list[float], list[float]]:
+    """Steps every curve evaluated, and the mean over the curves there."""
     if not curves:
         return [], []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return [float(s) for s in steps], [fmean(c[s] for c in curves) for s in steps]
+    steps, values = _curve_matrix(list(curves.values()))
+    return steps, values.mean(axis=0).tolist()
+
+
+def gain_interval(
+    parent_curves: Curves,
+    arm_curves: Curves,
+    higher_is_better: bool,
+    confidence: float = CONFIDENCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Seed-paired percentile bootstrap interval of the compute-equivalent gain.
+
+    Over the n seeds both groups ran (NaN bounds when n < MIN_PAIRED_SEEDS), each resample
+    draws n seeds with replacement, the same draw for the parent and the arm (a seed fixes
+    initialization and data order for both), and computes :func:`compute_equivalent_gain`
+    from the parent's mean curve to the last point of the arm's mean curve. The bounds are
+    the (1 − c)/2 and (1 + c)/2 quantiles of the resampled gains, taken as order statistics
+    (the lower and the higher neighbour), since a gain may be inf; a NaN gain (too few
+    curve points to extrapolate) gives NaN bounds."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    paired = sorted(set(parent_curves) & set(arm_curves))
+    if len(paired) < MIN_PAIRED_SEEDS:
+        return float("nan"), float("nan")
+    steps, parent = _curve_matrix([parent_curves[s] for s in paired])
+    arm_steps, arm = _curve_matrix([arm_curves[s] for s in paired])
+    if not steps or not arm_steps:
+        return float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, len(paired), size=(resamples, len(paired)))
+    parent_means, targets = parent[draws].mean(axis=1), arm[draws, -1].mean(axis=1)
+    gains = np.array([compute_equivalent_gain(steps, m, t, higher_is_better).gain for m, t in zip(parent_means, targets)])
+    if np.isnan(gains).any():
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    return float(np.quantile(gains, tail, method="lower")), float(np.quantile(gains, 1 - tail, method="higher"))
 
 
 def _check_money(gpu_hours: Optional[float], price_per_hour: Optional[float]) -> None:
@@ -120,15 +186,21 @@ def roi_rows(
             # The target is read off the arm's own mean curve, not its final metric: the curve
             # may be evaluated on a fixed slice of the validation split (eval_items) while the
             # final metric covers all of it, and only equal measurements can be compared.
-            own_steps, own_values = _mean_curve(g, key)
+            own_curves = _seed_curves(g, key)
+            own_steps, own_values = _mean_curve(own_curves)
             final = own_values[-1] if own_steps else nan
             parent = parent_group(g, groups)
+            interval = (nan, nan)
             if g.arm == "parent":
                 gain = EquivalentGain(0.0, False, float(g.config.get("steps", nan)))
             else:
-                steps, values = _mean_curve(parent, key) if parent else ([], [])
+                higher = g.runs[0]["higher_is_better"]
+                parent_curves = _seed_curves(parent, key) if parent else {}
+                steps, values = _mean_curve(parent_curves)
                 ok = bool(steps) and math.isfinite(final)
-                gain = compute_equivalent_gain(steps, values, final, g.runs[0]["higher_is_better"]) if ok else EquivalentGain(nan, False, nan)
+                gain = compute_equivalent_gain(steps, values, final, higher) if ok else EquivalentGain(nan, False, nan)
+                if ok:
+                    interval = gain_interval(parent_curves, own_curves, higher)
             reference = parent or g
             time_overhead = times[g] / times[reference] - 1 if times[reference] > 0 else nan
             memory = reference.median("activation_bytes")
@@ -141,11 +213,16 @@ def roi_rows(
                 "runs": len(g.runs),
                 "val_mean": final,
                 "gain": gain.gain,
+                "gain_low": interval[0],
+                "gain_high": interval[1],
                 "extrapolated": gain.extrapolated,
+                "at_first_eval": gain.at_first_eval,
                 "reached_step": gain.reached_step,
                 "time_overhead": time_overhead,
                 "memory_overhead": g.median("activation_bytes") / memory - 1 if memory > 0 else nan,
                 "net": net_gain(gain.gain, time_overhead),
+                "net_low": net_gain(interval[0], time_overhead),
+                "net_high": net_gain(interval[1], time_overhead),
                 "step_time_source": source,
             }
             if gpu_hours is not None and price_per_hour is not None:
@@ -159,8 +236,9 @@ def roi_rows(
 def roi_table(out_dir: Path, gpu_hours: Optional[float] = None, price_per_hour: Optional[float] = None) -> list[dict[str, Any]]:
     """Per task × arm (× budget) of ``out_dir/results.jsonl``: the last point of the mean
     validation curve over non-diverged seeds (``val_mean``), the compute-equivalent gain against the parent of the same
-    budget, time and memory overheads (fractions; step times from ``timing.json`` when it
-    covers the task) and net. With ``gpu_hours`` H and ``price_per_hour`` P also
+    budget with its seed-bootstrap interval (``gain_low``, ``gain_high``; see
+    :func:`gain_interval`), time and memory overheads (fractions; step times from
+    ``timing.json`` when it covers the task) and net (``net_low``, ``net_high``). With ``gpu_hours`` H and ``price_per_hour`` P also
     extra_cost = H·overhead·P, gain_value = H·gain·P and net_value = gain_value − extra_cost."""
     return roi_rows(read_results(out_dir), read_timing(out_dir), gpu_hours, price_per_hour)
 
@@ -169,6 +247,10 @@ def _pct(x: float) -> str:
     if math.isnan(x):
         return "–"
     return "+∞" if math.isinf(x) else f"{100 * x:+.1f}%"
+
+
+def _interval(low: float, high: float) -> str:
+    return "" if math.isnan(low) else f" [{_pct(low)}, {_pct(high)}]"
 
 
 def _money(x: float) -> str:
@@ -191,10 +273,12 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, rule]
     for r in rows:
         value = "–" if math.isnan(r["val_mean"]) else f"{r['metric']} {r['val_mean']:.4g}"
-        gain = _pct(r["gain"]) + ("*" if r["extrapolated"] else "")
+        bound = "≤ " if r["at_first_eval"] else ""
+        gain = bound + _pct(r["gain"]) + ("*" if r["extrapolated"] else "") + _interval(r["gain_low"], r["gain_high"])
+        net = bound + _pct(r["net"]) + _interval(r["net_low"], r["net_high"])
         line = (
             f"| {r['task']} | {r['arm']} | {r['n']}/{r['runs']} | {value} | {gain} | {_pct(r['time_overhead'])} "
-            f"| {_pct(r['memory_overhead'])} | {_pct(r['net'])} |"
+            f"| {_pct(r['memory_overhead'])} | {net} |"
         )
         if money:
             line += f" {_money(r['extra_cost'])} | {_money(r['gain_value'])} | {_money(r['net_value'])} |"
@@ -202,5 +286,9 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
     notes = ["", CAVEAT]
     if any(r["extrapolated"] for r in rows):
         notes.append(EXTRAPOLATED)
+    if any(r["at_first_eval"] for r in rows):
+        notes.append(AT_FIRST_EVAL)
+    if any(not math.isnan(r["gain_low"]) for r in rows):
+        notes.append(INTERVALS)
     notes += [f"{task}: {source}." for task, source in dict.fromkeys((r["task"], r["step_time_source"]) for r in rows)]
     return "\n".join(lines + notes)
