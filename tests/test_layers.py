@@ -371,6 +371,36 @@ def test_custom_family_works_in_every_layer():
     assert ibnorm.get_norm_layer("ib_groupnorm_asinh")(3, 6).compression == "asinh"
 
 
+UNREGISTERED_ASINH = ibnorm.Compression("asinh_unregistered", ibnorm.get_compression("asinh").psi, ibnorm.get_compression("asinh").dpsi)
+
+
+def test_layers_keep_their_family_registered_or_not(monkeypatch):
+    lam, eps = 0.9, 1e-5
+    x = randn(4, 6, 3, dtype=torch.float32) * 2
+    reference = ref_layer(x, 1, "asinh", lam, eps)
+    # an unregistered family, given directly or through convert_norms, is called as it is
+    direct = ibnorm.IBLayerNorm(3, compression=UNREGISTERED_ASINH, lam=lam, placement="standardized")
+    assert direct.compression == "asinh_unregistered" and direct.family is UNREGISTERED_ASINH
+    torch.testing.assert_close(direct(x), reference, rtol=1e-5, atol=1e-5)
+    model, record = ibnorm.convert_norms(nn.Sequential(nn.LayerNorm(3)), UNREGISTERED_ASINH, lam, placement="standardized")
+    torch.testing.assert_close(model[0](x), reference, rtol=1e-5, atol=1e-5)
+    assert record.options["layer"]["compression"] == "asinh_unregistered"
+    # re-registering a name later leaves the layers already built with it as they were
+    monkeypatch.setitem(ibnorm.compression._REGISTRY, "asinh", UNREGISTERED_ASINH)
+    named = ibnorm.IBLayerNorm(3, compression="ASINH", lam=lam, placement="standardized")
+    monkeypatch.setitem(ibnorm.compression._REGISTRY, "asinh", ibnorm.get_compression("S"))
+    torch.testing.assert_close(named(x), reference, rtol=1e-5, atol=1e-5)
+    # a module pickled when layers kept the family's name loads with the registered family
+    monkeypatch.undo()
+    old = copy.deepcopy(ibnorm.IBLayerNorm(3, compression="asinh", lam=lam, placement="standardized"))
+    state = old.__dict__.copy()
+    state["_compression"] = state.pop("_family").name
+    loaded = ibnorm.IBLayerNorm.__new__(ibnorm.IBLayerNorm)
+    loaded.__setstate__(state)
+    assert loaded.family is ibnorm.get_compression("asinh")
+    torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_get_norm_layer_names_classes_and_partials():
     layer = ibnorm.get_norm_layer("ib_layernorm_t")(16)
     assert isinstance(layer, ibnorm.IBLayerNorm) and layer.compression == "T"

@@ -39,6 +39,8 @@ __all__ = [
     "register_compression",
     "get_compression",
     "available_compressions",
+    "BUILTIN_COMPRESSIONS",
+    "builtin_index",
     "gaussian_second_moment",
     "check_lam",
     "check_placement",
@@ -310,3 +312,10 @@ BUILTIN_COMPRESSIONS: tuple[Compression, ...] = tuple(
         ("T", _psi_t, _dpsi_t, _dpsi_dlam_t),
     )
 )
+
+
+def builtin_index(family: Compression) -> Optional[int]:
+    """The position of ``family`` in :data:`BUILTIN_COMPRESSIONS` (S 0, L 1, T 2), compared by
+    value, so a user family registered under a built-in name is not taken for the built-in;
+    None for any other family. The hand-written kernels select their formulas by it."""
+    return next((i for i, builtin in enumerate(BUILTIN_COMPRESSIONS) if family == builtin), None)

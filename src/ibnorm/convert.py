@@ -21,6 +21,7 @@ from torch import nn
 from ._norm_parts import NormBase
 from .compression import (
     PLACEMENTS,
+    Compression,
     available_compressions,
     check_lam,
     check_placement,
@@ -33,7 +34,6 @@ from .norms import SYNCHRONIZED, NormSpec, factory_kwargs, find_norm, norm_layer
 __all__ = ["convert_norms", "convert_sync_ibbatchnorm", "get_norm_layer", "replace_modules", "norm_replacer", "ConversionRecord"]
 
 Selector = Union[str, type]
-
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _check_selectors(selectors: Optional[Iterable[Selector]], arg: str) -> Optio
 
 def convert_norms(
     model: nn.Module,
-    compression: Optional[str] = None,
+    compression: Optional[str | Compression] = None,
     lam: Optional[float] = None,
     *,
     learnable_lam: bool = False,
@@ -156,22 +156,23 @@ def convert_norms(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ib = {
-        "compression": None if compression is None else get_compression(compression).name,
-        "lam": None if lam is None else check_lam(lam),
-        "learnable_lam": bool(learnable_lam),
-        "placement": None if placement is None else check_placement(placement),
-    }
+    family = None if compression is None else get_compression(compression)
+    lam = None if lam is None else check_lam(lam)
+    placement = None if placement is None else check_placement(placement)
+    learnable_lam = bool(learnable_lam)
 
-    options: dict[str, dict[str, Any]] = {}
+    layer_options: dict[str, dict[str, Any]] = {}  # per grouping: the IB layers' keyword arguments
+    options: dict[str, dict[str, Any]] = {}  # the same, naming the family (the record's form)
 
     def ib_counterpart(spec: NormSpec, args: dict[str, Any]) -> Union[nn.Module, str]:
         if spec.ib is None:
             return spec.why_not
-        if spec.grouping not in options:
-            family, lam_, placement_ = with_defaults(spec.grouping, ib["compression"], ib["lam"], ib["placement"])
-            options[spec.grouping] = {**ib, "compression": family, "lam": lam_, "placement": placement_}
-        return spec.ib(**args, **options[spec.grouping])
+        if spec.grouping not in layer_options:
+            family_, lam_, placement_ = with_defaults(spec.grouping, family, lam, placement)
+            family_ = get_compression(family_)
+            layer_options[spec.grouping] = {"compression": family_, "lam": lam_, "learnable_lam": learnable_lam, "placement": placement_}
+            options[spec.grouping] = {**layer_options[spec.grouping], "compression": family_.name}
+        return spec.ib(**args, **layer_options[spec.grouping])
 
     model, record = replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
     record.options = options
@@ -251,7 +252,7 @@ def convert_sync_ibbatchnorm(module: nn.Module, process_group: Optional[Any] = N
 
 def _ib_options(layer: _IBNorm) -> dict[str, Any]:
     return {
-        "compression": layer.compression,
+        "compression": layer.family,
         "lam": layer.lam_value(),
         "learnable_lam": layer.learnable_lam,
         "placement": layer.placement,

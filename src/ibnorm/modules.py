@@ -50,14 +50,15 @@ __all__ = [
 ]
 
 
-
 def _inverse_softplus(value: float) -> float:
     # softplus(r) = log1p(exp(r)); its inverse, written to stay finite for small and large values
     return value + math.log(-math.expm1(-value))
 
 
 class _IBNorm(NormBase):
-    """Shared compression/λ handling: the family name, a fixed or learnable λ and its repr.
+    """Shared compression/λ handling: the family, a fixed or learnable λ and its repr.
+    The layer keeps the :class:`Compression` itself, not its name, so an unregistered family
+    works and re-registering a name later does not change layers already built.
     A parent's checkpoint has no IB-only entries (``_optional_state``); they keep their values."""
 
     _optional_state: tuple[str, ...] = ("lam_raw",)
@@ -89,18 +90,27 @@ class _IBNorm(NormBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A whole module pickled before ``placement`` became a validated property holds it as a
-        # plain attribute, and one pickled before placements existed computed the standardized form.
+        # plain attribute, and one pickled before placements existed computed the standardized form;
+        # one pickled before layers kept their family object holds the family's name.
         if "_placement" not in state:
             state["_placement"] = check_placement(state.pop("placement", "standardized"))
+        if "_compression" in state:
+            state["_family"] = get_compression(state.pop("_compression"))
         super().__setstate__(state)
 
     @property
     def compression(self) -> str:
-        return self._compression
+        """The compression family's name; set it to a name or a :class:`Compression`."""
+        return self._family.name
 
     @compression.setter
     def compression(self, value: str | Compression) -> None:
-        self._compression = get_compression(value).name
+        self._family = get_compression(value)
+
+    @property
+    def family(self) -> Compression:
+        """The compression family this layer calls (read-only; set ``compression`` to change it)."""
+        return self._family
 
     @property
     def placement(self) -> str:
@@ -158,7 +168,7 @@ class IBLayerNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: Optional[str] = None,
+        compression: Optional[str | Compression] = None,
         lam: Optional[float] = None,
         learnable_lam: bool = False,
         placement: Optional[str] = None,
@@ -178,7 +188,7 @@ class IBLayerNorm(_IBNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, self.compression, self.lam, self.placement
+            input, self.normalized_shape, self.weight, self.bias, self.eps, self._family, self.lam, self.placement
         )
 
     def extra_repr(self) -> str:
@@ -206,7 +216,7 @@ class IBRMSNorm(_IBNorm):
         device=None,
         dtype=None,
         *,
-        compression: Optional[str] = None,
+        compression: Optional[str | Compression] = None,
         lam: Optional[float] = None,
         learnable_lam: bool = False,
         placement: Optional[str] = None,
@@ -227,7 +237,7 @@ class IBRMSNorm(_IBNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_rms_norm(
-            input, self.normalized_shape, self.weight, self.eps, self.compression, self.lam, self.placement
+            input, self.normalized_shape, self.weight, self.eps, self._family, self.lam, self.placement
         )
 
     def extra_repr(self) -> str:
@@ -253,7 +263,7 @@ class IBGroupNorm(_IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: Optional[str] = None,
+        compression: Optional[str | Compression] = None,
         lam: Optional[float] = None,
         learnable_lam: bool = False,
         placement: Optional[str] = None,
@@ -279,7 +289,7 @@ class IBGroupNorm(_IBNorm):
                 f"got shape {tuple(input.shape)}"
             )
         return IBF.ib_group_norm(
-            input, self.num_groups, self.weight, self.bias, self.eps, self.compression, self.lam, self.placement
+            input, self.num_groups, self.weight, self.bias, self.eps, self._family, self.lam, self.placement
         )
 
     def extra_repr(self) -> str:
@@ -304,7 +314,7 @@ class _IBBatchNorm(BatchNormBase, _IBNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: Optional[str] = None,
+        compression: Optional[str | Compression] = None,
         lam: Optional[float] = None,
         learnable_lam: bool = False,
         placement: Optional[str] = None,
@@ -321,7 +331,7 @@ class _IBBatchNorm(BatchNormBase, _IBNorm):
         super().reset_running_stats()
         if self.track_running_stats:
             self.running_mean_psi.zero_()
-            self.running_var_psi.fill_(gaussian_second_moment(self.compression, self.lam_value()))
+            self.running_var_psi.fill_(gaussian_second_moment(self._family, self.lam_value()))
 
     def _process_group(self) -> Optional[object]:
         return None
@@ -349,7 +359,7 @@ class _IBBatchNorm(BatchNormBase, _IBNorm):
             use_batch_stats,
             factor,
             self.eps,
-            get_compression(self._compression),
+            self._family,
             self.lam,
             running[2],
             running[3],
@@ -409,7 +419,7 @@ class SyncIBBatchNorm(_IBBatchNorm):
         dtype=None,
         *,
         bias: bool = True,
-        compression: Optional[str] = None,
+        compression: Optional[str | Compression] = None,
         lam: Optional[float] = None,
         learnable_lam: bool = False,
         placement: Optional[str] = None,

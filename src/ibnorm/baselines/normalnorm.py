@@ -183,7 +183,6 @@ class _NormalNorm(NormBase):
         return u + (self._xi * scale) * torch.randn_like(u)
 
 
-
 class NormalBatchNorm(BatchNormBase, _NormalNorm):
     r"""NormalNorm with batch grouping: a drop-in for :class:`torch.nn.BatchNorm1d`/``2d``/``3d``.
 

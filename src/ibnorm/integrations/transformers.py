@@ -13,13 +13,14 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..compression import Compression
 from ..convert import ConversionRecord, convert_norms
 
 __all__ = ["convert_hf_model", "ib_model_from_config"]
 
 
 def convert_hf_model(
-    model: nn.Module, compression: Optional[str] = None, lam: Optional[float] = None, **convert_kwargs: Any
+    model: nn.Module, compression: Optional[str | Compression] = None, lam: Optional[float] = None, **convert_kwargs: Any
 ) -> tuple[nn.Module, ConversionRecord]:
     """:func:`ibnorm.convert_norms` for a ``transformers`` model, noting the settings in
     ``model.config.ibnorm``: ``options``, per grouping of the converted layers, the options
@@ -35,7 +36,7 @@ def convert_hf_model(
 
 def ib_model_from_config(
     config: Any,
-    compression: Optional[str] = None,
+    compression: Optional[str | Compression] = None,
     lam: Optional[float] = None,
     auto_class: Optional[type] = None,
     **convert_kwargs: Any,

@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._running_stats import RunningUpdate
-from ..compression import Compression
+from ..compression import Compression, builtin_index
 from .function import Bodies, IBNormFunction, KernelConfig, backward_body, eager_bodies, forward_body
 from .reference import (
     GroupStats,
@@ -375,14 +375,13 @@ def _triton_or_fallback(x: Tensor, family: Compression) -> str:
     other than float32/bfloat16/float16 (``compiled``)."""
     if x.numel() == 0:
         return "eager"
-    kernels = _triton_kernels()
-    if kernels.family_id(family) is None:
+    if builtin_index(family) is None:
         _warn_once(
             ("family", family.name),
             f"ibnorm: compression {family.name!r} has no Triton kernel (only the built-ins do); using 'compiled'",
         )
         return "compiled"
-    return "triton" if x.dtype in kernels.SUPPORTED_DTYPES else "compiled"
+    return "triton" if x.dtype in _triton_kernels().SUPPORTED_DTYPES else "compiled"
 
 
 def _implementation(

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..._running_stats import RunningUpdate
-from ...compression import BUILTIN_COMPRESSIONS, Compression
+from ...compression import Compression, builtin_index
 from ..function import KernelConfig
 from ..reference import GroupStats
 
@@ -150,12 +150,11 @@ def function(
 
 
 def _family_code(family: Compression) -> int:
-    """The C++ family code: the position in BUILTIN_COMPRESSIONS (S, L, T), compared by value so
-    that a user family registered under a built-in name is not taken for the built-in."""
-    for code, builtin in enumerate(BUILTIN_COMPRESSIONS):
-        if family == builtin:
-            return code
-    raise Unsupported(f"ibnorm C++ CPU kernels implement the built-in families S, L, T, not {family.name!r}")
+    """The C++ family code: :func:`~ibnorm.compression.builtin_index`."""
+    code = builtin_index(family)
+    if code is None:
+        raise Unsupported(f"ibnorm C++ CPU kernels implement the built-in families S, L, T, not {family.name!r}")
+    return code
 
 
 _NO_RUNNING = RunningUpdate((None, None, None, None), 0.0, (1.0, 1.0, 1.0, 1.0))

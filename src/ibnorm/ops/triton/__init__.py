@@ -14,9 +14,8 @@ import torch
 
 from ..function import Bodies, KernelConfig
 from . import channels, rows
-from .psi import family_id
 
-__all__ = ["SUPPORTED_DTYPES", "family_id", "triton_bodies"]
+__all__ = ["SUPPORTED_DTYPES", "triton_bodies"]
 
 # Input dtypes the kernels take; statistics are float32 for all of them.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -25,12 +25,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...compression import builtin_index
 from ..function import Bodies, KernelConfig
 from ..reference import GroupStats, keepdim_shape
 from . import launch
 from .chain import grad_u, grad_x, recompute
 from .moments import block_moments, finalize_kernel, merge_moments
-from .psi import compress, family_id
+from .psi import compress
 
 # Elements per tile (a power of two), spread over up to MAX_BLOCK // length lines. Tests lower it.
 MAX_BLOCK = 2048
@@ -238,7 +239,7 @@ def _plan(x: Tensor, cfg: KernelConfig) -> _Plan:
     pieces = max(1, min(line_tiles, launch.program_budget(x.device) // layout.groups))
     lines_per_program = triton.cdiv(line_tiles, pieces) * block_lines
     meta = dict(
-        FAMILY=family_id(cfg.family),
+        FAMILY=builtin_index(cfg.family),
         STANDARDIZED=cfg.placement == "standardized",
         BLOCK_LINES=block_lines,
         BLOCK_LENGTH=block_length,

@@ -1,7 +1,8 @@
 r"""ψ_λ of the built-in families as one Triton template.
 
 ``compress(z, lam, FAMILY)`` returns (ψ_λ(z), ∂ψ/∂z, ∂ψ/∂λ) in float32; the constexpr
-``FAMILY`` (the family's position in :data:`ibnorm.compression.BUILTIN_COMPRESSIONS`)
+``FAMILY`` (:func:`ibnorm.compression.builtin_index`, the family's position in
+:data:`ibnorm.compression.BUILTIN_COMPRESSIONS`)
 selects the formulas at compile time, and the compiler drops whichever outputs a kernel
 does not use. With t = λ|z|:
 
@@ -17,20 +18,8 @@ of L and T switch to their Taylor series where the closed form cancels (as
 
 from __future__ import annotations
 
-from typing import Optional
-
 import triton
 import triton.language as tl
-
-from ...compression import BUILTIN_COMPRESSIONS, Compression
-
-
-def family_id(family: Compression) -> Optional[int]:
-    """The ``FAMILY`` constexpr of a built-in family; ``None`` for a user-registered one."""
-    for index, builtin in enumerate(BUILTIN_COMPRESSIONS):
-        if family == builtin:
-            return index
-    return None
 
 
 @triton.jit

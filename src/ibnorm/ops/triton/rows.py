@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...compression import builtin_index
 from ..function import Bodies, KernelConfig
 from ..reference import GroupStats
 from . import launch
 from .chain import grad_u, grad_x, recompute
 from .moments import block_moments, merge_moments
-from .psi import compress, family_id
+from .psi import compress
 
 # Elements of a row per loop step (a power of two); wider rows loop. Tests lower it.
 MAX_BLOCK = 4096
@@ -207,7 +208,7 @@ def _block(n: int) -> int:
 
 
 def _flags(cfg: KernelConfig) -> dict:
-    return dict(FAMILY=family_id(cfg.family), CENTER=cfg.center, STANDARDIZED=cfg.placement == "standardized")
+    return dict(FAMILY=builtin_index(cfg.family), CENTER=cfg.center, STANDARDIZED=cfg.placement == "standardized")
 
 
 def forward(
