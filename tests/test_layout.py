@@ -1,5 +1,7 @@
-"""The package's two layers: the library (``ibnorm`` without ``ibnorm.lab``) needs torch alone
-and never imports the lab; no ibnorm module takes part in an import cycle.
+"""The package's layers: the library (``ibnorm`` without ``ibnorm.lab``) needs torch alone
+and never imports the lab; inside each, imports only flow down the order of
+:data:`LAYER_ORDER` (compression → ops → functional → modules → convert → integrations, …);
+no ibnorm module takes part in an import cycle.
 
 The import graph is read from the sources with ``ast`` (imports inside functions included,
 relative imports resolved), so an import hidden in a function body counts like any other.
@@ -28,6 +30,44 @@ LAB_DEPENDENCIES = ("numpy", "tqdm", "matplotlib", "scipy", "sklearn", "mnist1d"
 # Third-party packages a library module may import when it is loaded: torch everywhere;
 # triton only in the Triton kernels, which are loaded on CUDA when triton imports.
 IMPORT_TIME_PACKAGES = {"torch": "ibnorm", "triton": "ibnorm.ops.triton"}
+
+
+# The architecture, lowest first: a module may import modules of its own unit (the longest
+# prefix listed here) or of units in earlier rows, never of a unit in its own row or a later one.
+LAYER_ORDER = (
+    ("ibnorm._validation", "ibnorm._running_stats"),
+    ("ibnorm.compression",),
+    ("ibnorm.ops",),
+    ("ibnorm.functional",),
+    ("ibnorm._norm_parts",),
+    ("ibnorm.modules",),
+    ("ibnorm.timm_counterparts",),
+    ("ibnorm.norms",),
+    ("ibnorm.convert",),
+    ("ibnorm.integrations", "ibnorm.baselines", "ibnorm.analysis"),
+    ("ibnorm",),
+    ("ibnorm.lab._io", "ibnorm.lab._measure", "ibnorm.lab._plotting"),
+    ("ibnorm.lab.analysis_plots",),
+    ("ibnorm.lab.experiments", "ibnorm.lab.benchmark"),
+    ("ibnorm.lab.analysis_run",),
+    ("ibnorm.lab.cli", "ibnorm.lab"),
+)
+
+
+def unit_of(module: str, order: tuple[tuple[str, ...], ...]) -> str:
+    """The longest unit of ``order`` that is ``module`` or contains it."""
+    return max((u for row in order for u in row if module == u or module.startswith(u + ".")), key=len, default="")
+
+
+def layer_violations(graph: dict[str, set[str]], order: tuple[tuple[str, ...], ...]) -> list[tuple[str, str]]:
+    """The edges of ``graph`` that do not flow down ``order``: ``(importer, imported)``."""
+    rank = {unit: i for i, row in enumerate(order) for unit in row}
+    return sorted(
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
+        if unit_of(a, order) != unit_of(b, order) and rank[unit_of(b, order)] >= rank[unit_of(a, order)]
+    )
 
 
 # =============================================================================== graph helpers
@@ -127,6 +167,22 @@ def test_the_graph_helpers_find_a_cycle_hidden_in_a_function_and_resolve_relativ
     assert find_cycle(import_graph(_synthetic(files), "pkg")) is None
     names = imported_names("import numpy.linalg\ndef f():\n    from tqdm import tqdm\n", "pkg.a", False, set())
     assert names == {"numpy.linalg", "tqdm"}
+
+
+def test_layer_violations_flag_an_upward_or_sideways_import():
+    files = {"pkg/": "", "pkg.low": "", "pkg.mid/": "", "pkg.mid.x": "from ..low import y\n", "pkg.side": "", "pkg.top": ""}
+    order = (("pkg.low",), ("pkg.mid", "pkg.side"), ("pkg.top", "pkg"))
+    assert layer_violations(import_graph(_synthetic(files), "pkg"), order) == []
+    files["pkg.low"] = "def f():\n    from .mid import x\n"
+    files["pkg.side"] = "from .mid import x\n"
+    assert layer_violations(import_graph(_synthetic(files), "pkg"), order) == [("pkg.low", "pkg.mid.x"), ("pkg.side", "pkg.mid.x")]
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_flow_down():
+    # the root unit holds the package's __init__ alone: a new module needs a row of its own
+    assert [m for m in SOURCES if unit_of(m, LAYER_ORDER) == "ibnorm" and m != "ibnorm"] == []
+    graph = import_graph(SOURCES, "ibnorm")
+    assert layer_violations(graph, LAYER_ORDER) == []
 
 
 def test_the_package_has_both_layers():
