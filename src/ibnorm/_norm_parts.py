@@ -40,7 +40,8 @@ class NormBase(nn.Module):
         for name, wanted in (("weight", affine), ("bias", affine and bias)):
             self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory_kwargs)) if wanted else None)
 
-    def _reset_affine(self) -> None:
+    def reset_parameters(self) -> None:
+        """``weight`` 1 and ``bias`` 0 where the layer has them (subclasses add their own state)."""
         if self.weight is not None:
             nn.init.ones_(self.weight)
         if self.bias is not None:
@@ -115,7 +116,7 @@ class BatchNormBase(NormBase):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        self._reset_affine()
+        super().reset_parameters()
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_floating(input)

@@ -183,9 +183,6 @@ class IBLayerNorm(_IBNorm):
         self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        self._reset_affine()
-
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, self._family, self.lam, self.placement
@@ -232,19 +229,12 @@ class IBRMSNorm(_IBNorm):
         self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        self._reset_affine()
-
     def forward(self, input: Tensor) -> Tensor:
         return IBF.ib_rms_norm(
             input, self.normalized_shape, self.weight, self.eps, self._family, self.lam, self.placement
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            + self._compression_repr()
-        )
+    extra_repr = IBLayerNorm.extra_repr
 
 
 class IBGroupNorm(_IBNorm):
@@ -278,9 +268,6 @@ class IBGroupNorm(_IBNorm):
         self._init_affine(num_channels, affine, bias, factory_kwargs)
         self._init_compression(compression, lam, learnable_lam, placement, factory_kwargs)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:

@@ -21,7 +21,7 @@ from .._validation import _shape_t, check_floating, check_trailing_shape, normal
 from .._norm_parts import NormBase
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
 from ..norms import NormSpec
-from ..ops.reference import compute_dtype
+from ..ops.reference import affine, compute_dtype
 
 __all__ = ["DyT", "convert_to_dyt", "GROUPINGS", "DEFAULT_ALPHA_INIT"]
 
@@ -78,18 +78,14 @@ class DyT(NormBase):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.alpha.fill_(self.alpha_init)
-        self._reset_affine()
+        super().reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)
         check_trailing_shape(input, self.normalized_shape)
         dtype = compute_dtype(input.dtype)
         y = torch.tanh(self.alpha.to(dtype) * input.to(dtype))
-        if self.weight is not None:
-            y = y * self.weight.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(input.dtype)
+        return affine(y, self.weight, self.bias).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, alpha_init={self.alpha_init}, elementwise_affine={self.elementwise_affine}"

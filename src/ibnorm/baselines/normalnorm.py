@@ -64,7 +64,7 @@ from .._norm_parts import BatchNormBase, NormBase
 from .._running_stats import count_batch, unbiased_variance, update_running
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
 from ..norms import NormSpec
-from ..ops.reference import compute_dtype
+from ..ops.reference import affine, compute_dtype
 
 __all__ = [
     "NormalBatchNorm",
@@ -251,11 +251,8 @@ class NormalBatchNorm(BatchNormBase, _NormalNorm):
             lam = self.running_lam.to(x.dtype).reshape(stat_shape)
             z = (x - mean) * torch.rsqrt(var + self.eps)
         u = self._add_noise(yeo_johnson(z, lam), dims)
-        if self.weight is not None:
-            u = u * self.weight.to(x.dtype).reshape(stat_shape)
-        if self.bias is not None:
-            u = u + self.bias.to(x.dtype).reshape(stat_shape)
-        return u.reshape(input.shape).to(input.dtype)
+        weight, bias = (None if param is None else param.reshape(stat_shape) for param in (self.weight, self.bias))
+        return affine(u, weight, bias).reshape(input.shape).to(input.dtype)
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, lam: Tensor, count: int) -> None:
         factor = count_batch(self.momentum, self.num_batches_tracked)
@@ -305,9 +302,6 @@ class NormalLayerNorm(_NormalNorm):
         self._init_affine(self.normalized_shape, elementwise_affine, bias, factory_kwargs)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        self._reset_affine()
-
     def forward(self, input: Tensor) -> Tensor:
         check_floating(input)
         check_trailing_shape(input, self.normalized_shape)
@@ -316,11 +310,7 @@ class NormalLayerNorm(_NormalNorm):
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         z = (x - mean) * torch.rsqrt(var + self.eps)
         u = self._add_noise(yeo_johnson(z, yeo_johnson_newton_lambda(z, dims, keepdim=True)), dims)
-        if self.weight is not None:
-            u = u * self.weight.to(x.dtype)
-        if self.bias is not None:
-            u = u + self.bias.to(x.dtype)
-        return u.to(input.dtype)
+        return affine(u, self.weight, self.bias).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, xi={self.xi}"
