@@ -423,6 +423,8 @@ BAD_INPUTS = [
     ("groups do not divide", lambda: ibnorm.IBGroupNorm(3, 8), ValueError, r"num_channels=8 must be divisible by num_groups=3"),
     ("functional groups", lambda: IBF.ib_group_norm(torch.randn(2, 8, 3), 3), ValueError, r"num_channels=8 must be divisible by num_groups=3"),
     ("functional zero groups", lambda: IBF.ib_group_norm(torch.randn(2, 8, 3), 0), ValueError, r"num_groups must be a positive int, got 0"),
+    ("float groups", lambda: ibnorm.IBGroupNorm(2.5, 8), TypeError, r"num_groups must be a positive int, got float 2.5"),
+    ("int input", lambda: ibnorm.IBLayerNorm(8)(torch.ones(2, 8, dtype=torch.long)), TypeError, r"floating dtype \(one of float16, bfloat16, float32, float64\), got torch.int64"),
     ("functional momentum None", lambda: IBF.ib_batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None), ValueError, r"momentum must be a real number in \[0, 1\], got None"),
     ("functional momentum range", lambda: IBF.ib_batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=5.0), ValueError, r"momentum must be a real number in \[0, 1\], got 5.0"),
     ("trailing shape", lambda: ibnorm.IBLayerNorm(8)(torch.randn(4, 7)), ValueError, r"shape \(4, 7\) does not end with normalized_shape=\(8,\)"),

@@ -24,9 +24,8 @@ def check_floating(input: Tensor) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in FLOATING_DTYPES:
-        raise TypeError(
-            f"input must have a floating dtype (one of float16, bfloat16, float32, float64), got {input.dtype}"
-        )
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in FLOATING_DTYPES)
+        raise TypeError(f"input must have a floating dtype (one of {accepted}), got {input.dtype}")
 
 
 def check_nonnegative_real(value: object, name: str, note: str = "", also: str = "") -> float:
@@ -76,7 +75,10 @@ def check_affine_shape(param: Tensor | None, shape: Sequence[int], name: str) ->
 
 
 def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    """An int ≥ 1 (TypeError for a non-int, bools included; ValueError for one ≤ 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
