@@ -176,15 +176,15 @@ def test_kurtosis_matches_scipy_and_hoyer_extremes():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
     data = np.concatenate([rng.standard_normal((500, 3)), rng.exponential(size=(500, 3)), rng.standard_t(5, (500, 3))], 1)
-    np.testing.assert_allclose(excess_kurtosis(data, axis=0), stats.kurtosis(data, axis=0), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(excess_kurtosis(torch.from_numpy(data.T), axis=1), stats.kurtosis(data.T, axis=1), rtol=1e-10)
+    np.testing.assert_allclose(excess_kurtosis(data, dim=0), stats.kurtosis(data, axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(excess_kurtosis(torch.from_numpy(data.T), dim=1), stats.kurtosis(data.T, axis=1), rtol=1e-10)
 
     assert hoyer_sparsity(np.eye(7)[3]) == pytest.approx(1.0)
     assert hoyer_sparsity(-2.5 * np.eye(7)[0]) == pytest.approx(1.0)
     assert hoyer_sparsity(np.full(7, 3.0)) == pytest.approx(0.0, abs=1e-12)
     assert hoyer_sparsity(np.array([1.0, -1, 1, -1])) == pytest.approx(0.0, abs=1e-12)
     assert 0.0 < hoyer_sparsity(np.array([1.0, 0.5, 0, 0])) < 1.0
-    np.testing.assert_allclose(hoyer_sparsity(np.stack([np.eye(5)[1], np.ones(5)]), axis=1), [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(hoyer_sparsity(np.stack([np.eye(5)[1], np.ones(5)]), dim=1), [1.0, 0.0], atol=1e-12)
 
     gauss = rng.standard_normal((20000, 5)) * 3 + 1
     assert near_zero_fraction(gauss) == pytest.approx(0.0797, abs=0.005)

@@ -62,26 +62,26 @@ STAT_KEYS = (
 _DEAD_STD = 1e-8
 
 
-def excess_kurtosis(x: ArrayLike, axis: int = 0) -> Tensor:
-    """Fisher's excess kurtosis ``m4/m2² − 3`` (biased moments) along ``axis``, as
+def excess_kurtosis(x: ArrayLike, dim: int = 0) -> Tensor:
+    """Fisher's excess kurtosis ``m4/m2² − 3`` (biased moments) along ``dim``, as
     ``scipy.stats.kurtosis`` with its defaults; NaN where the variance is 0."""
     x = as_float64(x)
-    d = x - x.mean(dim=axis, keepdim=True)
-    m2 = (d**2).mean(dim=axis)
-    m4 = (d**4).mean(dim=axis)
+    d = x - x.mean(dim=dim, keepdim=True)
+    m2 = (d**2).mean(dim=dim)
+    m4 = (d**4).mean(dim=dim)
     live = m2 > 0
     return torch.where(live, m4 / torch.where(live, m2, 1.0) ** 2 - 3.0, float("nan"))
 
 
-def hoyer_sparsity(x: ArrayLike, axis: int = -1) -> Tensor:
-    """Hoyer's sparsity ``(√n − ‖x‖₁/‖x‖₂)/(√n − 1)`` along ``axis`` (n ≥ 2 entries):
+def hoyer_sparsity(x: ArrayLike, dim: int = -1) -> Tensor:
+    """Hoyer's sparsity ``(√n − ‖x‖₁/‖x‖₂)/(√n − 1)`` along ``dim`` (n ≥ 2 entries):
     1 for one non-zero entry, 0 when all ``|x|`` are equal; 0 for an all-zero vector."""
     x = as_float64(x).abs()
-    n = x.shape[axis]
+    n = x.shape[dim]
     if n < 2:
-        raise ValueError(f"Hoyer sparsity needs at least 2 entries along axis {axis}, got {n}")
-    l1 = x.sum(dim=axis)
-    l2 = (x**2).sum(dim=axis).sqrt()
+        raise ValueError(f"Hoyer sparsity needs at least 2 entries along dim {dim}, got {n}")
+    l1 = x.sum(dim=dim)
+    l2 = (x**2).sum(dim=dim).sqrt()
     root = math.sqrt(n)
     ratio = torch.where(l2 > 0, l1 / torch.where(l2 > 0, l2, 1.0), root)
     return ((root - ratio) / (root - 1.0)).clamp(0.0, 1.0)
@@ -99,14 +99,18 @@ def _fraction(mask: Tensor) -> float:
     return float(mask.double().mean()) if mask.numel() else float("nan")
 
 
-def near_zero_fraction(x: ArrayLike, threshold: float = 0.1) -> float:
+#: the thresholds of ``near_zero_fraction`` and ``tail_mass_3sigma`` in :func:`activation_stats`
+NEAR_ZERO, TAIL_K = 0.1, 3.0
+
+
+def near_zero_fraction(x: ArrayLike, threshold: float = NEAR_ZERO) -> float:
     """Fraction of entries with ``|z| < threshold`` after standardizing each unit (column)
     over the examples (rows); dead units are left out. 0.080 for Gaussian data at 0.1."""
     z, _ = _standardized(as_float64(x))
     return _fraction(z.abs() < threshold)
 
 
-def tail_mass(x: ArrayLike, k: float = 3.0) -> float:
+def tail_mass(x: ArrayLike, k: float = TAIL_K) -> float:
     """Fraction of entries with ``|z| > k`` after standardizing each unit (column) over
     the examples (rows); dead units are left out. 0.0027 for Gaussian data at k = 3."""
     z, _ = _standardized(as_float64(x))
@@ -131,7 +135,7 @@ def activation_stats(x: ArrayLike) -> dict[str, float]:
     n, u = x.shape
     means, stds = x.mean(dim=0), x.std(dim=0, correction=0)
     live = stds > _DEAD_STD
-    kurt = excess_kurtosis(x[:, live], axis=0)
+    kurt = excess_kurtosis(x[:, live], dim=0)
     z, _ = _standardized(x)
     nan = float("nan")
     return {
@@ -139,9 +143,9 @@ def activation_stats(x: ArrayLike) -> dict[str, float]:
         "n_units": float(u),
         "kurtosis": float(kurt.mean()) if kurt.numel() else nan,
         "kurtosis_median": _median(kurt) if kurt.numel() else nan,
-        "hoyer": float(hoyer_sparsity(x, axis=1).mean()) if u >= 2 else nan,
-        "near_zero_fraction": _fraction(z.abs() < 0.1),
-        "tail_mass_3sigma": _fraction(z.abs() > 3.0),
+        "hoyer": float(hoyer_sparsity(x, dim=1).mean()) if u >= 2 else nan,
+        "near_zero_fraction": _fraction(z.abs() < NEAR_ZERO),
+        "tail_mass_3sigma": _fraction(z.abs() > TAIL_K),
         "unit_mean_mean": float(means.mean()),
         "unit_mean_std": float(means.std(correction=0)),
         "unit_std_mean": float(stds.mean()),
