@@ -52,6 +52,11 @@ def test_every_grouping_with_an_ib_layer_has_a_valid_read_only_default():
         ibnorm.DEFAULT_VARIANTS["rms"] = ibnorm.Variant("S", 0.1, "centered")
 
 
+def test_a_variant_prints_as_family_lam_placement():
+    assert str(ibnorm.Variant("S", 0.1, "centered")) == "S:0.1:centered"
+    assert str(ibnorm.DEFAULT_VARIANTS["rms"]) == "T:1.0:standardized"
+
+
 def test_with_defaults_fills_each_missing_option_on_its_own():
     rms = ibnorm.DEFAULT_VARIANTS["rms"]
     assert with_defaults("rms") == (rms.compression, rms.lam, rms.placement)

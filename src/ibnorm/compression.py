@@ -152,6 +152,10 @@ class Variant:
     lam: float
     placement: str
 
+    def __str__(self) -> str:
+        """``compression:lam:placement``, e.g. ``S:0.1:centered``."""
+        return f"{self.compression}:{self.lam}:{self.placement}"
+
 
 # The library default per grouping follows the evidence (README "Evidence", docs/results/SUMMARY.md):
 # for batch, layer and RMS grouping, the variant chosen on validation (MNIST-1D sweeps; the LLaMA

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
+from ibnorm.compression import Variant
 from ibnorm.convert import convert_norms
 from ibnorm.ops import dispatch, use_backend
 
@@ -81,11 +82,6 @@ MODES_TIMED = (*MODES, "inference")
 DEFAULT_MIN_SECONDS = 0.3
 
 
-def _variant(compression: str, lam: float, placement: str) -> str:
-    """How the rows name the IB layers they timed, e.g. ``S:0.1:centered``."""
-    return f"{compression}:{lam}:{placement}"
-
-
 def layer_pair(
     grouping: str, shape: Sequence[int], dtype: torch.dtype,
     compression: Optional[str], lam: Optional[float], placement: Optional[str],
@@ -99,7 +95,8 @@ def layer_pair(
 
 
 def _layer_variant(layer: nn.Module) -> str:
-    return _variant(layer.compression, layer.lam_value(), layer.placement)
+    """How the rows name the IB layer they timed, e.g. ``S:0.1:centered``."""
+    return str(Variant(layer.compression, layer.lam_value(), layer.placement))
 
 
 def interleaved_times(
@@ -509,7 +506,7 @@ def _model_step(
     times = {arm: statistics.median(v) for arm, v in samples.items()}
     return {
         "model": name,
-        "variant": " ".join(f"{g}={_variant(o['compression'], o['lam'], o['placement'])}" for g, o in record.options.items()),
+        "variant": " ".join(f"{g}={Variant(o['compression'], o['lam'], o['placement'])}" for g, o in record.options.items()),
         "backend": dispatch.resolve_backend(torch.device("cpu")),
         "norm_layers": len(record),
         "parent_step_s": round(times["parent"], 5),

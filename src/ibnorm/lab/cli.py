@@ -401,7 +401,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    defaults = ", ".join(f"{g} {v.compression}:{v.lam}:{v.placement}" for g, v in DEFAULT_VARIANTS.items())
+    defaults = ", ".join(f"{g} {v}" for g, v in DEFAULT_VARIANTS.items())
     grouping_default = f"default: each grouping's library default ({defaults})"
     parser.add_argument("--compression", default=None, help=grouping_default)
     parser.add_argument("--lam", type=float, default=None, help=grouping_default)
