@@ -53,6 +53,7 @@ from .compression import (
     with_defaults,
 )
 from .ops import GroupStats, is_identity, normalize
+from .ops.views import BATCH, GROUPS, ROWS
 
 __all__ = ["ib_layer_norm", "ib_rms_norm", "ib_batch_norm", "ib_group_norm"]
 
@@ -113,8 +114,8 @@ def ib_layer_norm(
         bias,
         lam,
         shape=_rows(input, shape),
-        dims=(1,),
-        dynamic_dims=(0,),
+        dims=ROWS.dims,
+        dynamic_dims=ROWS.dynamic_dims,
         eps=eps,
         family=family,
         center=True,
@@ -152,8 +153,8 @@ def ib_rms_norm(
         None,
         lam,
         shape=_rows(input, shape),
-        dims=(1,),
-        dynamic_dims=(0,),
+        dims=ROWS.dims,
+        dynamic_dims=ROWS.dynamic_dims,
         eps=eps,
         family=family,
         center=False,
@@ -186,8 +187,8 @@ def ib_group_norm(
         bias,
         lam,
         shape=(input.shape[0], num_groups, channels // num_groups, _spatial(input)),
-        dims=(2, 3),
-        dynamic_dims=(0, 3),
+        dims=GROUPS.dims,
+        dynamic_dims=GROUPS.dynamic_dims,
         eps=eps,
         family=family,
         center=True,
@@ -232,7 +233,7 @@ def _cross_process_mean(local_count: int, device: torch.device, process_group: o
     total = int(count.item())
 
     def reduce_mean(t: Tensor) -> Tensor:
-        return _AllReduceSum.apply(t.sum(dim=(0, 2), keepdim=True), process_group) / total
+        return _AllReduceSum.apply(t.sum(dim=BATCH.dims, keepdim=True), process_group) / total
 
     return reduce_mean, total
 
@@ -324,8 +325,8 @@ def _batch_norm(
         bias,
         lam,
         shape=shape,
-        dims=(0, 2),
-        dynamic_dims=(0, 2),
+        dims=BATCH.dims,
+        dynamic_dims=BATCH.dynamic_dims,
         eps=eps,
         family=family,
         center=True,

@@ -1,8 +1,9 @@
 r"""The fused IBNorm autograd Function with an analytic backward, for every grouping.
 
 Every grouping is a view of the input in which each group's statistics are a mean over
-fixed ``dims`` (layer/RMS: the trailing dim of an (R, n) view; batch: dims (0, 2) of an
-(N, C, L) view; group: dims (2, 3) of an (N, G, C/G, L) view), so one Function serves all.
+fixed ``dims`` (:mod:`ibnorm.ops.views`: layer/RMS: the trailing dim of an (R, n) view;
+batch: dims (0, 2) of an (N, C, L) view; group: dims (2, 3) of an (N, G, C/G, L) view), so
+one Function serves all.
 
 Derivation of the backward. One standardization ``ŝ = (t − mean t)·r`` with
 ``r = (mean((t − mean t)²) + eps)^(−1/2)`` (biased variance, means over the group) has,

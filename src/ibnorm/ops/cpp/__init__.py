@@ -43,6 +43,7 @@ from ..._running_stats import RunningUpdate
 from ...compression import Compression, builtin_index
 from ..function import KernelConfig
 from ..reference import GroupStats
+from ..views import BATCH, GROUPS, ROWS
 
 __all__ = ["BUILD_ENV", "CACHE_ENV", "DTYPES", "Unsupported", "available", "extension_name", "function", "load"]
 
@@ -52,7 +53,7 @@ CACHE_ENV = "IBNORM_CACHE_DIR"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # The C++ codes of the grouping views built by ibnorm.functional (statistics over `dims`).
-_GROUPINGS = {(1,): 0, (0, 2): 1, (2, 3): 2}
+_GROUPINGS = {ROWS.dims: 0, BATCH.dims: 1, GROUPS.dims: 2}
 _AVX512 = ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"]
 _ISA_FLAGS = {
     # AVX512_BF16: one instruction rounds 16 floats to bfloat16 (ATen's AVX512 build uses ~9)

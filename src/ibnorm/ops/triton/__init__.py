@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..function import Bodies, KernelConfig
+from ..views import ROWS
 from . import channels, rows
 
 __all__ = ["SUPPORTED_DTYPES", "triton_bodies"]
@@ -23,4 +24,4 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def triton_bodies(cfg: KernelConfig) -> Bodies:
     """Forward and backward bodies for :class:`~ibnorm.ops.function.IBNormFunction`."""
-    return (rows if cfg.dims == (1,) else channels).bodies(cfg)
+    return (rows if cfg.dims == ROWS.dims else channels).bodies(cfg)

@@ -28,6 +28,7 @@ from torch import Tensor
 from ...compression import builtin_index
 from ..function import Bodies, KernelConfig
 from ..reference import GroupStats, keepdim_shape
+from ..views import BATCH
 from . import launch
 from .chain import grad_u, grad_x, recompute
 from .moments import block_moments, finalize_kernel, merge_moments
@@ -60,7 +61,7 @@ class _Layout(NamedTuple):
 
 
 def _layout(shape: torch.Size, dims: tuple[int, ...]) -> _Layout:
-    if dims == (0, 2):
+    if dims == BATCH.dims:
         samples, channels, length = shape
         return _Layout(channels, samples, length, channels * length, length, channels, 1)
     samples, groups, per_group, length = shape
