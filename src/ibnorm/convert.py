@@ -259,7 +259,7 @@ def _ib_options(layer: _IBNorm) -> dict[str, Any]:
     }
 
 
-def _norm_layer_names() -> list[str]:
+def _accepted_norm_layer_names() -> list[str]:
     return [f"ib_{kind}[_<compression>[_<placement>]]" for kind in norm_layer_classes()] + [
         f"compression one of {available_compressions()}",
         f"placement one of {list(PLACEMENTS)}",
@@ -307,4 +307,4 @@ def get_norm_layer(norm_layer: Union[str, type, functools.partial, Callable[...,
                 return classes[kind]
             if options:
                 return functools.partial(classes[kind], **options)
-    raise ValueError(f"norm_layer={norm_layer!r} is not a known name; accepted: {_norm_layer_names()}")
+    raise ValueError(f"norm_layer={norm_layer!r} is not a known name; accepted: {_accepted_norm_layer_names()}")

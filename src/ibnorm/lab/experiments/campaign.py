@@ -33,7 +33,7 @@ from .._io import atomic_write_bytes, atomic_write_text
 from .arms import SPEC_PLACEMENT, parse_arm
 from .compare import Shard, read_results, sweep_arms
 from .groups import run_device
-from .report import _table_md, at_a_glance, evidence_table, plot_evidence, summarize, verdict, write_report
+from .report import at_a_glance, comparison_table_md, evidence_table, plot_evidence, summarize, verdict, write_report
 from .tasks import get_task
 from .timing import measure_step_times, read_timing, write_timing
 
@@ -461,5 +461,5 @@ def _summary_text(plan: Path, finals: list[dict[str, list[dict[str, Any]]]]) -> 
             summary = summarize(rows, read_timing(entry.out(root)))
             md += [f"- {line}" for line in at_a_glance(summary)] + [""]
             for table in summary.values():
-                md += [*_table_md(table), ""] + [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]
+                md += [*comparison_table_md(table), ""] + [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]
     return "\n".join(md) + "\n"

@@ -330,7 +330,10 @@ def plot_evidence(summaries: Iterable[Mapping[str, list[dict[str, Any]]]]) -> Op
     return figure_png(fig)
 
 
-def _table_md(table: list[dict[str, Any]]) -> list[str]:
+def comparison_table_md(table: list[dict[str, Any]]) -> list[str]:
+    """The markdown lines of one task's comparison table (a :func:`summarize` entry): per arm
+    its budget, rate, seeds, divergences, metric with its interval, paired Δ with its
+    interval, p and Holm p, step time and activation memory with their overheads."""
     metric = table[0]["metric"]
     lines = [
         f"| arm | steps | lr | n | diverged k/n | {metric} mean ± std | 95% CI | Δ vs parent (paired) | Δ 95% CI | p | Holm p "
@@ -495,7 +498,7 @@ def write_report(out: Path, title: str = "ibnorm comparison") -> Path:
             "",
             f"{first['step_time_source']}.",
             "",
-            *_table_md(table),
+            *comparison_table_md(table),
             "",
         ]
         md += [f"- {v}" for v in (verdict(r) for r in table) if v] + [""]
