@@ -7,7 +7,9 @@ Each training step with ``track_running_stats`` counts one batch in ``num_batche
     f = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average)
 
 The variance of x is stored unbiased, ``var · n / (n − 1)`` for ``n`` values per channel.
-Used by the IB batch layers, :func:`ibnorm.functional.ib_batch_norm` and NormalNorm.
+Used by the IB batch layers, :func:`ibnorm.functional.ib_batch_norm`, NormalNorm and the
+kernels of :mod:`ibnorm.ops`, which apply a :class:`RunningUpdate` to the batch statistics
+they compute.
 """
 
 from __future__ import annotations

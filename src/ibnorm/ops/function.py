@@ -36,7 +36,7 @@ The backward is not itself differentiable (``once_differentiable``); double back
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -132,6 +132,8 @@ Bodies = tuple[Callable[..., tuple[Tensor, GroupStats]], Callable[..., tuple]]
 
 
 def eager_bodies(cfg: KernelConfig) -> Bodies:
+    """The reference bodies bound to ``cfg``, run as they are: the "eager" backend, and what the
+    "compiled" one falls back to where compiling fails."""
     return functools.partial(forward_body, cfg=cfg), functools.partial(backward_body, cfg=cfg)
 
 
@@ -143,7 +145,19 @@ class IBNormFunction(torch.autograd.Function):
     between an eval forward and its backward) differentiates the forward that ran."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lam, mean, var, mean_psi, var_psi, cfg: KernelConfig, bodies: Bodies):
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        lam: Tensor,
+        mean: Optional[Tensor],
+        var: Optional[Tensor],
+        mean_psi: Optional[Tensor],
+        var_psi: Optional[Tensor],
+        cfg: KernelConfig,
+        bodies: Bodies,
+    ) -> tuple[Optional[Tensor], ...]:
         forward, backward = bodies
         y, stats = forward(x, weight, bias, lam, GroupStats(mean=mean, var=var, mean_psi=mean_psi, var_psi=var_psi))
         means = (stats.mean, stats.mean_psi)
@@ -158,7 +172,7 @@ class IBNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, *unused_stat_grads):
+    def backward(ctx: Any, grad_y: Tensor, *unused_stat_grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         x, weight, lam, mean, rstd, mean_psi, rstd_psi = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g_x, g_weight, g_bias, g_lam = ctx.backward_body(

@@ -45,6 +45,7 @@ def keepdim_shape(shape: Sequence[int], dims: Sequence[int]) -> list[int]:
 
 
 def mean_over(dims: tuple[int, ...]) -> ReduceMean:
+    """The group mean over ``dims`` of the view, kept broadcastable (``keepdim=True``)."""
     return lambda t: t.mean(dim=dims, keepdim=True)
 
 
