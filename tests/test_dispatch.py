@@ -458,3 +458,16 @@ def test_a_cached_cpp_route_is_taken_only_where_the_full_decision_takes_it() -> 
     with ibnorm.use_backend("auto"):
         y = compiled(x)
     assert not _runs_the_function(y)  # inside torch.compile: the reference composite
+
+
+def test_normalize_rejects_running_buffers_with_given_statistics():
+    from ibnorm._running_stats import RunningUpdate
+
+    x = torch.randn(4, 3, 5)
+    buffers = (torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3))
+    given = ibnorm.ops.GroupStats(mean=torch.zeros(3), var=torch.ones(3), mean_psi=torch.zeros(3), var_psi=torch.ones(3))
+    with pytest.raises(ValueError, match=r"pass running .* or given statistics \(given.var\), not both"):
+        dispatch.normalize(
+            x, None, None, 0.5, dims=(0, 2), dynamic_dims=(0, 2), eps=1e-5, family=get_compression("S"), center=True,
+            placement="centered", given=given, running=RunningUpdate(buffers, 0.1, (1.0, 1.0, 1.0, 1.0)),
+        )  # fmt: skip

@@ -439,7 +439,7 @@ def normalize(
     (torch's norm updates any running buffers itself) or ``statistics`` is False (which spares
     the C++ node the outputs' cost)."""
     if running is not None and given.var is not None:
-        raise ValueError("normalize: running buffers are updated from batch statistics, not with given ones")
+        raise ValueError("normalize: pass running (buffers updated from batch statistics) or given statistics (given.var), not both")
     requested = get_backend()
     if parent is not None and is_identity(lam) and reduce_mean is None and requested != "reference":
         return parent(), None
