@@ -207,6 +207,18 @@ def test_fashion_mnist_search_order(tmp_path, monkeypatch):
     assert D.find_fashion_mnist(tmp_path / "env")["test_labels"].parent == env_dir
 
 
+def test_the_checkouts_data_folder_is_searched_from_any_working_directory(tmp_path, monkeypatch):
+    from ibnorm.lab.experiments.data import locations
+
+    checkout = Path(__file__).resolve().parents[1]
+    if not Path(locations.__file__).resolve().is_relative_to(checkout):
+        pytest.skip("ibnorm is installed, not imported from this checkout")
+    monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    dirs = locations._candidate_dirs("fashion-mnist", None, [Path("/system")])
+    assert dirs == [checkout / ".data" / "fashion-mnist", tmp_path / ".data" / "fashion-mnist", Path("/system")]
+
+
 def test_fashion_mnist_missing_data_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         D.load_fashion_mnist(tmp_path / "nowhere")
