@@ -322,7 +322,7 @@ def test_analysis_keeps_earlier_rows_names_missing_models_and_trains_them_again(
 def test_compare_analyze_finals_analyses_each_final_run_while_its_model_is_here(tmp_path, capsys, monkeypatch):
     import ibnorm.lab.cli as cli
     from ibnorm.lab.cli import main
-    from ibnorm.lab.experiments.compare import read_results
+    from ibnorm.lab.experiments.results_file import read_results
 
     # smaller probes for speed, in the hook's analyses and `ibnorm analyze`'s alike; every other setting is each path's own
     monkeypatch.setattr(cli, "analyze_run", lambda *a, **k: analyze_run(*a, **{**k, "max_examples": 64, "probe_epochs": 5}))
@@ -351,7 +351,7 @@ def test_compare_analyze_finals_analyses_each_final_run_while_its_model_is_here(
 def test_shards_analyse_their_own_final_runs_and_merge_the_rows(tmp_path, monkeypatch):
     import ibnorm.lab.cli as cli
     from ibnorm.lab.cli import main
-    from ibnorm.lab.experiments.compare import read_results
+    from ibnorm.lab.experiments.results_file import read_results
 
     monkeypatch.setattr(cli, "analyze_run", lambda *a, **k: analyze_run(*a, **{**k, "max_examples": 64, "probe_epochs": 5}))
     argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "ib-L", "--seeds", "1", "--steps", "3"]
@@ -400,7 +400,7 @@ def test_concurrent_merges_of_analysis_rows_keep_every_row(tmp_path):
 def test_a_failed_analysis_after_a_final_run_warns_and_training_goes_on(tmp_path, capsys, monkeypatch):
     import ibnorm.lab.cli as cli
     from ibnorm.lab.cli import main
-    from ibnorm.lab.experiments.compare import read_results
+    from ibnorm.lab.experiments.results_file import read_results
 
     def broken(*args, **kwargs):
         raise ValueError("probe data unreadable")

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from ibnorm.lab.experiments import data as D
 from ibnorm.lab.experiments.arms import DEFAULT_ARMS, parse_arm
-from ibnorm.lab.experiments.compare import make_plans, read_results, run_plans, sweep_arms
+from ibnorm.lab.experiments.compare import make_plans, run_plans, sweep_arms
+from ibnorm.lab.experiments.results_file import read_results
 from ibnorm.lab.experiments.report import summarize, write_report
 from ibnorm.lab.experiments.tasks import get_task
 from ibnorm.lab.experiments.train import INTERRUPT_ENV, TrainConfig, train_run
@@ -247,7 +248,7 @@ def test_shards_run_at_once_make_the_runs_of_one_process(tmp_path):
 
 
 def test_merge_adds_only_the_runs_a_results_file_lacks(tmp_path):
-    from ibnorm.lab.experiments.compare import merge_results
+    from ibnorm.lab.experiments.results_file import merge_results
 
     def row(arm, seed, phase="final", value=1.0):
         return {"task": "t", "arm": arm, "seed": seed, "phase": phase, "config_key": "k", "value": value}

@@ -226,7 +226,8 @@ def test_the_recorded_plan_is_valid():
 
 
 def test_run_folders_are_single_safe_path_components(tmp_path):
-    from ibnorm.lab.experiments.compare import make_plans, read_results, run_plans
+    from ibnorm.lab.experiments.compare import make_plans, run_plans
+    from ibnorm.lab.experiments.results_file import read_results
 
     text = tmp_path / "my corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

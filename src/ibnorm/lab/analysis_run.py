@@ -65,7 +65,8 @@ from ibnorm.analysis.stats import activation_stats, paired_comparison
 from ._io import atomic_write_bytes, atomic_write_text
 from .analysis_plots import plot_information_plane, plot_layer_stats
 from .experiments.arms import parse_arm
-from .experiments.compare import RETRAINED, folder_lock, read_results, read_results_file, retrain_model
+from .experiments.compare import RETRAINED, retrain_model
+from .experiments.results_file import folder_lock, read_results, read_results_file
 from .experiments.probe import finite_or_none, probe_set
 from .experiments.tasks import get_task
 
@@ -256,7 +257,7 @@ def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
     none for with the same settings, or has only from a model trained again (rows made where
     the run was trained, e.g. on a GPU machine whose models stay there, replace those); returns
     how many rows were added. Rows of runs the results file lacks are refused. Holds the
-    folder's lock (:func:`~ibnorm.lab.experiments.compare.folder_lock`), so that shards merging
+    folder's lock (:func:`~ibnorm.lab.experiments.results_file.folder_lock`), so that shards merging
     the analyses of their final runs at once keep each other's rows. ``analysis.md`` follows at
     the next analysis."""
     with folder_lock(out):

@@ -36,18 +36,10 @@ from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, check_analy
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
 from .experiments.arms import DEFAULT_ARMS, SPEC_PLACEMENT, default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
-from .experiments.compare import (
-    RESULTS,
-    Shard,
-    check_results_rows,
-    make_plans,
-    merge_results,
-    read_results_file,
-    run_plans,
-    sweep_arms,
-)
+from .experiments.compare import Shard, make_plans, run_plans, sweep_arms
 from .experiments.demo import run_demo
 from .experiments.report import write_report
+from .experiments.results_file import RESULTS, check_results_rows, merge_results, read_results_file
 from .experiments.roi import format_roi, roi_table
 from .experiments.tasks import get_task
 

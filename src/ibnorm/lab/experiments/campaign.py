@@ -31,9 +31,10 @@ from ibnorm.analysis.significance import MIN_PAIRED_SEEDS
 
 from .._io import atomic_write_bytes, atomic_write_text
 from .arms import SPEC_PLACEMENT, parse_arm
-from .compare import Shard, read_results, sweep_arms
+from .compare import Shard, sweep_arms
 from .groups import run_device
 from .report import at_a_glance, comparison_table_md, evidence_table, plot_evidence, summarize, verdict, write_report
+from .results_file import read_results
 from .tasks import get_task
 from .timing import measure_step_times, read_timing, write_timing
 

@@ -11,7 +11,6 @@ appends hold a lock on the folder, and an arm's final runs wait for its rate tun
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
@@ -23,24 +22,18 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: one process per results folder
-    fcntl = None
 
 from ibnorm import __version__
 from .._io import atomic_write_bytes, atomic_write_text
 from .arms import SPEC_PLACEMENT, Arm, ib_spec, parse_arm
 from .probe import finite_or_none
+from .results_file import RESULTS, merge_results, read_results, run_key
 from .tasks import Task, get_task
 from .train import TrainConfig, train_run
 
-RESULTS = "results.jsonl"
-_LOCK = ".results.lock"
 TUNE_POLL_SECONDS = 10.0
 TUNE_WAIT_SECONDS = 6 * 3600.0  # a final run waits this long for other shards' tuning runs
 
@@ -146,65 +139,6 @@ def make_plans(
 def _config_key(cfg: TrainConfig, arm: Arm) -> str:
     blob = json.dumps({"config": cfg.as_dict(), "arm": arm.__dict__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def read_results(out: Path) -> list[dict[str, Any]]:
-    """The rows of ``out``/results.jsonl (none where it does not exist)."""
-    path = Path(out) / RESULTS
-    return read_results_file(path) if path.exists() else []
-
-
-def read_results_file(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file, one JSON object per line."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-RUN_KEY = ("task", "arm", "seed", "phase", "config_key")
-
-
-def run_key(row: dict[str, Any]) -> tuple:
-    """What identifies a run in results.jsonl: task, arm, seed, phase and config key."""
-    return tuple(row[k] for k in RUN_KEY)
-
-
-def check_results_rows(rows: Iterable[Any]) -> list[dict[str, Any]]:
-    """``rows`` as a list, each an object with the fields of :data:`RUN_KEY`, else a ValueError."""
-    rows = list(rows)
-    for row in rows:
-        if not isinstance(row, dict) or any(k not in row for k in RUN_KEY):
-            raise ValueError(f"results rows need {', '.join(RUN_KEY)}; got {str(row)[:120]}")
-    return rows
-
-
-@contextlib.contextmanager
-def folder_lock(out: Path) -> Iterator[None]:
-    """Holds the results folder's lock (where ``fcntl`` exists): shards and the analyses of
-    their final runs read, extend and rewrite the folder's files one process at a time."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / _LOCK, "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def merge_results(out: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Add to ``out``'s results.jsonl the rows whose runs it lacks (e.g. runs trained on another
-    machine from the same starting file), holding the folder's lock so that shards appending at
-    once never drop each other's rows; returns how many were added. Rows are checked
-    (:func:`check_results_rows`) before anything is written."""
-    rows = check_results_rows(rows)
-    with folder_lock(out):
-        existing = read_results(out)
-        known = {run_key(r) for r in existing}
-        added = []
-        for row in rows:
-            if run_key(row) not in known:
-                known.add(run_key(row))
-                added.append(row)
-        if added:
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing + added)
-            atomic_write_text(Path(out) / RESULTS, text)
-    return len(added)
 
 
 def _device_name(device: Optional[str]) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .arms import parse_arm
 from .campaign import DEFAULT_PLAN, best_variants, load_plan, sweep_grid
-from .compare import make_plans, read_results, run_plans
+from .compare import make_plans, run_plans
+from .results_file import read_results
 from .report import write_report
 from .tasks import get_task
 

@@ -28,7 +28,7 @@ from .._io import atomic_write_bytes, atomic_write_text
 from .._plotting import figure_png, pyplot
 from ..analysis_plots import plot_information_plane, plot_layer_stats
 from .arms import Arm, parse_arm
-from .compare import read_results
+from .results_file import read_results
 from .groups import QUIET_TIMES, Group, group_runs, is_finite_number, parent_group, step_times
 from .roi import format_roi, roi_rows
 from .timing import read_timing

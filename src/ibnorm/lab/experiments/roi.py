@@ -16,9 +16,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ...analysis.significance import CONFIDENCE, MIN_PAIRED_SEEDS
-from .compare import read_results
+from ibnorm.analysis.significance import CONFIDENCE, MIN_PAIRED_SEEDS
+
 from .groups import Group, group_runs, is_finite_number, parent_group, step_times
+from .results_file import read_results
 from .timing import read_timing
 
 CAVEAT = (
