@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import ibnorm
-from ibnorm.compression import PLACEMENTS, available_compressions, with_defaults
+from ibnorm.compression import PLACEMENTS, available_compressions
+from ibnorm.defaults import with_defaults
 from ibnorm.integrations.transformers import convert_hf_model
 from ibnorm.norms import norm_layer_classes
 
@@ -172,11 +173,11 @@ def _options(layer: nn.Module) -> ibnorm.Variant:
 
 def test_every_entry_point_takes_the_default_of_its_own_grouping(monkeypatch):
     """With four different defaults, a layer given another grouping's default is caught."""
-    import ibnorm.compression
+    import ibnorm.defaults
     from ibnorm.functional import ib_batch_norm, ib_group_norm
     from ibnorm.lab.benchmark import layer_pair
 
-    monkeypatch.setattr(ibnorm.compression, "DEFAULT_VARIANTS", DISTINCT)
+    monkeypatch.setattr(ibnorm.defaults, "DEFAULT_VARIANTS", DISTINCT)
     layers = {
         "batch": [ibnorm.IBBatchNorm1d(6), ibnorm.IBBatchNorm2d(6), ibnorm.IBBatchNorm3d(6), ibnorm.SyncIBBatchNorm(6),
                   ibnorm.IBBatchNormAct2d(6), ibnorm.get_norm_layer("ib_batchnorm2d")(6)],

@@ -37,6 +37,7 @@ IMPORT_TIME_PACKAGES = {"torch": "ibnorm", "triton": "ibnorm.ops.triton"}
 LAYER_ORDER = (
     ("ibnorm._validation", "ibnorm._running_stats"),
     ("ibnorm.compression",),
+    ("ibnorm.defaults",),
     ("ibnorm.ops",),
     ("ibnorm.functional",),
     ("ibnorm._norm_parts",),

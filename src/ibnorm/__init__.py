@@ -4,15 +4,8 @@ IBNorm standardizes each normalization group, compresses it with a bounded ψ_λ
 the tails toward the centre, and standardizes again, then applies the usual affine.
 """
 
-from .compression import (
-    DEFAULT_VARIANTS,
-    PLACEMENTS,
-    Compression,
-    Variant,
-    available_compressions,
-    get_compression,
-    register_compression,
-)
+from .compression import PLACEMENTS, Compression, available_compressions, get_compression, register_compression
+from .defaults import DEFAULT_VARIANTS, Variant
 from .convert import ConversionRecord, convert_norms, convert_sync_ibbatchnorm, get_norm_layer
 from .functional import ib_batch_norm, ib_group_norm, ib_layer_norm, ib_rms_norm
 from .ops import get_backend, set_backend, use_backend

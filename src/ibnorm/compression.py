@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,10 +30,7 @@ from torch import Tensor
 from ._validation import check_nonnegative_real
 
 __all__ = [
-    "DEFAULT_VARIANTS",
     "PLACEMENTS",
-    "Variant",
-    "with_defaults",
     "Compression",
     "register_compression",
     "get_compression",
@@ -142,51 +138,6 @@ _REGISTRY: dict[str, Compression] = {}
 # ("standardized"), or on the centered input in its own units, then standardized once
 # ("centered"; RMS grouping: on x itself). Not scale-invariant by design.
 PLACEMENTS = ("standardized", "centered")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One IBNorm variant: a registered family name, λ ≥ 0 and a placement."""
-
-    compression: str
-    lam: float
-    placement: str
-
-    def __str__(self) -> str:
-        """``compression:lam:placement``, e.g. ``S:0.1:centered``."""
-        return f"{self.compression}:{self.lam}:{self.placement}"
-
-
-# The library default per grouping follows the evidence (README "Evidence", docs/results/SUMMARY.md):
-# for batch, layer and RMS grouping, the variant chosen on validation (MNIST-1D sweeps; the LLaMA
-# sweep and its final-budget check) that then matched its parent in the final comparison. Group
-# grouping has no evidence of its own and takes the batch/layer choice. No variant beat its parent.
-DEFAULT_VARIANTS: Mapping[str, Variant] = MappingProxyType(
-    {
-        "batch": Variant("S", 0.1, "centered"),
-        "group": Variant("S", 0.1, "centered"),
-        "layer": Variant("S", 0.1, "centered"),
-        "rms": Variant("T", 1.0, "standardized"),
-    }
-)
-
-
-def with_defaults(
-    grouping: str,
-    compression: Optional[Union[str, Compression]] = None,
-    lam: Optional[Lam] = None,
-    placement: Optional[str] = None,
-) -> tuple[Union[str, Compression], Lam, str]:
-    """``(compression, lam, placement)`` with each one given as None replaced by the default of
-    ``grouping`` (:data:`DEFAULT_VARIANTS`); the given ones are returned as they are."""
-    if grouping not in DEFAULT_VARIANTS:
-        raise ValueError(f"grouping must be one of {list(DEFAULT_VARIANTS)}, got {grouping!r}")
-    default = DEFAULT_VARIANTS[grouping]
-    return (
-        default.compression if compression is None else compression,
-        default.lam if lam is None else lam,
-        default.placement if placement is None else placement,
-    )
 
 
 def check_lam(lam: object) -> Lam:

@@ -26,8 +26,8 @@ from .compression import (
     check_lam,
     check_placement,
     get_compression,
-    with_defaults,
 )
+from .defaults import with_defaults
 from .modules import _IBNorm
 from .norms import SYNCHRONIZED, NormSpec, factory_kwargs, find_norm, norm_layer_classes
 

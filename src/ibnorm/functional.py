@@ -51,8 +51,8 @@ from .compression import (
     check_lam,
     check_placement,
     get_compression,
-    with_defaults,
 )
+from .defaults import with_defaults
 from .ops import GroupStats, is_identity, normalize
 from .ops.views import BATCH, GROUPS, ROWS
 

@@ -36,8 +36,8 @@ from .compression import (
     check_placement,
     gaussian_second_moment,
     get_compression,
-    with_defaults,
 )
+from .defaults import with_defaults
 
 __all__ = [
     "IBLayerNorm",

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from ._io import atomic_write_bytes, atomic_write_csv
 from ._measure import saved_tensor_bytes
 from ._plotting import figure_png, pyplot
-from ibnorm.compression import Variant
+from ibnorm.defaults import Variant
 from ibnorm.convert import convert_norms
 from ibnorm.ops import dispatch, use_backend
 

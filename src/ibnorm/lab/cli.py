@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from ibnorm.analysis.capture import DEFAULT_MAX_EXAMPLES, SITES
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS
-from ibnorm.compression import DEFAULT_VARIANTS, PLACEMENTS, available_compressions, check_lam, get_compression
+from ibnorm.compression import PLACEMENTS, available_compressions, check_lam, get_compression
+from ibnorm.defaults import DEFAULT_VARIANTS
 
 from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, check_analysis_rows, merge_analysis_rows, output_folder
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks

@@ -18,7 +18,8 @@ from typing import Optional
 from torch import nn
 
 from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS, convert_to_dyt, convert_to_normalnorm
-from ibnorm.compression import check_lam, check_placement, get_compression, with_defaults
+from ibnorm.compression import check_lam, check_placement, get_compression
+from ibnorm.defaults import with_defaults
 from ibnorm.convert import convert_norms
 
 # The placement an arm spec means when it names none. Fixed, not the library default, so that
