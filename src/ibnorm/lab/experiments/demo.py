@@ -17,8 +17,8 @@ from pathlib import Path
 from .arms import parse_arm
 from .campaign import DEFAULT_PLAN, best_variants, load_plan, sweep_grid
 from .compare import make_plans, run_plans
-from .results_file import read_results
 from .report import write_report
+from .results_file import read_results
 from .tasks import get_task
 
 SWEEPS = {"mnist1d-cnn": "sweep-mnist1d-cnn", "pydoc-gpt2": "sweep-mnist1d-mlp"}  # plan entries per grouping
@@ -46,6 +46,8 @@ def demo_arms(task: str) -> list[str]:
 
 
 def run_demo(out: Path, progress: bool = True) -> Path:
+    """Train (or resume) the demo's runs in ``out``, write ``out/report.md`` and ``.html``, print
+    the report and return its path."""
     plans = make_plans(
         ["mnist1d-cnn"], demo_arms("mnist1d-cnn"), seeds=5, steps=1500, eval_every=250
     ) + make_plans(
