@@ -401,6 +401,22 @@ def test_layers_keep_their_family_registered_or_not(monkeypatch):
     torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_a_layers_family_survives_copies_and_pickles():
+    import pickle
+
+    model = nn.Sequential(ibnorm.IBLayerNorm(3, compression="asinh", lam=0.9), ibnorm.IBRMSNorm(3))
+    # a registered family (here made of lambdas) pickles by name and comes back as itself
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), copy.copy(model)):
+        assert copied[0].family is ibnorm.get_compression("asinh") and copied[1].family is ibnorm.get_compression("T")
+    # an unregistered one pickles by value
+    s = ibnorm.get_compression("S")
+    layer = ibnorm.IBGroupNorm(2, 4, compression=ibnorm.Compression("S_unregistered", s.psi, s.dpsi, s.dpsi_dlam))
+    again = pickle.loads(pickle.dumps(layer))
+    assert again.family == layer.family and again.compression == "S_unregistered"
+    x = randn(2, 4, 3)
+    torch.testing.assert_close(again(x), layer(x))
+
+
 def test_get_norm_layer_names_classes_and_partials():
     layer = ibnorm.get_norm_layer("ib_layernorm_t")(16)
     assert isinstance(layer, ibnorm.IBLayerNorm) and layer.compression == "T"

@@ -257,38 +257,53 @@ def test_gain_interval_is_the_exact_seed_paired_bootstrap_for_three_seeds():
         sum(arm[i][100.0] for i in draw) / sum(parent[i][100.0] for i in draw) - 1
         for draw in itertools.product(range(3), repeat=3)
     ]
-    low, high = gain_interval(parent, arm, higher_is_better=True)
-    assert (low, high) == (pytest.approx(min(ratios)), pytest.approx(max(ratios)))
+    low, high, low_is_bound = gain_interval(parent, arm, higher_is_better=True)
+    assert (low, high) == (pytest.approx(min(ratios)), pytest.approx(max(ratios))) and not low_is_bound
     assert low == pytest.approx(70 / 80 - 1) and high == pytest.approx(79 / 82 - 1)
     # seeds only the arm ran are left out; under three paired seeds there is no interval
-    assert gain_interval(parent, {**arm, 7: {s: 0.0 for s in arm[0]}}, True) == (low, high)
-    assert all(math.isnan(b) for b in gain_interval(parent, {0: arm[0], 1: arm[1]}, True))
+    assert gain_interval(parent, {**arm, 7: {s: 0.0 for s in arm[0]}}, True) == (low, high, False)
+    assert all(math.isnan(b) for b in gain_interval(parent, {0: arm[0], 1: arm[1]}, True)[:2])
     with pytest.raises(ValueError, match="confidence must lie in"):
         gain_interval(parent, arm, True, confidence=1.0)
 
 
 def test_gain_interval_collapses_when_seeds_agree_and_reaches_inf_past_a_flat_curve():
     same = _linear_curves([80.0] * 4)
-    low, high = gain_interval(same, _linear_curves([60.0] * 4), True)
+    low, high, _ = gain_interval(same, _linear_curves([60.0] * 4), True)
     assert low == pytest.approx(-0.25) and high == pytest.approx(-0.25)
     # a parent whose curve falls at its end never reaches an arm above it: the upper bound is inf
     flat = {seed: {**c, 100.0: c[75.0] - 1} for seed, c in _linear_curves([80.0, 81.0, 82.0]).items()}
-    low, high = gain_interval(flat, _linear_curves([62.0, 62.5, 61.0]), True)
+    low, high, _ = gain_interval(flat, _linear_curves([62.0, 62.5, 61.0]), True)
     assert high == math.inf and low < 0
+
+
+def test_a_lower_bound_from_resamples_below_the_parents_first_evaluation_is_marked():
+    # The parent's curves start at 25 % of their finals (about 20); an arm ending at 10 on
+    # seed 0 lies below that, so the draw of seed 0 three times (probability 1/27 > 2.5 %)
+    # sets the lower bound at the first evaluation's −75 %, which is only an upper bound.
+    parent = _linear_curves([80.0, 81.0, 82.0])
+    low, high, low_is_bound = gain_interval(parent, _linear_curves([10.0, 60.0, 70.0]), True)
+    assert low == pytest.approx(-0.75) and low_is_bound and high < 0
+    assert not gain_interval(parent, _linear_curves([70.0, 75.0, 79.0]), True).low_is_bound
 
 
 def test_roi_table_shows_intervals_and_bounds(tmp_path):
     rows = ab_rows([-1.0, -2.0, -3.0], base=80.0) + [make_row("t", "poor", s, 10.0 + s) for s in range(3)]
+    rows += [make_row("t", "mixed", s, v) for s, v in enumerate([10.0, 60.0, 70.0])]
     table = roi_table(_results(tmp_path, rows))
     got = {r["arm"]: r for r in table}
     parent = _linear_curves([80.0, 81.0, 82.0])
-    assert (got["ib"]["gain_low"], got["ib"]["gain_high"]) == gain_interval(parent, _linear_curves([79.0, 79.0, 79.0]), True)
+    assert (got["ib"]["gain_low"], got["ib"]["gain_high"], got["ib"]["gain_low_is_bound"]) == gain_interval(
+        parent, _linear_curves([79.0, 79.0, 79.0]), True
+    )
     assert got["ib"]["gain_low"] < got["ib"]["gain"] < got["ib"]["gain_high"]
     assert got["ib"]["net_low"] == pytest.approx(net_gain(got["ib"]["gain_low"], got["ib"]["time_overhead"]))
     assert math.isnan(got["parent"]["gain_low"]) and not got["ib"]["at_first_eval"]
     assert got["poor"]["at_first_eval"] and got["poor"]["gain"] == pytest.approx(-0.75)  # the parent's first point is 25 % of the way
     text = format_roi(table)
-    assert "| t | poor | 3/3 | val_acc 11 | ≤ -75.0% [-75.0%, -75.0%] |" in text
+    assert "| t | poor | 3/3 | val_acc 11 | ≤ -75.0% |" in text  # bounded: no interval
+    mixed = next(line for line in text.splitlines() if line.startswith("| t | mixed |"))
+    assert got["mixed"]["gain_low_is_bound"] and "[≤ -75.0%, " in mixed
     assert "seed-paired percentile bootstrap" in text and "≤: the parent's first evaluation" in text
 
 

@@ -61,6 +61,20 @@ class Compression:
     dpsi: PsiFn
     dpsi_dlam: Optional[PsiFn] = None
 
+    # Immutable: copies are the family itself, so a copied layer keeps calling the very object
+    # (kernel caches key on it). Pickled by name where this is the family registered under it
+    # (pickles then hold no functions, not even lambdas), else by value.
+    def __copy__(self) -> "Compression":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Compression":
+        return self
+
+    def __reduce__(self) -> Union[str, tuple]:
+        if _REGISTRY.get(self.name.lower()) is self:
+            return get_compression, (self.name,)
+        return Compression, (self.name, self.psi, self.dpsi, self.dpsi_dlam)
+
 
 def _ratio(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
     """fn(t) / t with its limit 1 at t = 0 (fn(t) ~ t near 0)."""

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ AT_FIRST_EVAL = "≤: the parent's first evaluation already reaches the arm's va
 BOOTSTRAP_RESAMPLES = 2000
 INTERVALS = (
     f"[ ]: {CONFIDENCE:.0%} seed-paired percentile bootstrap ({BOOTSTRAP_RESAMPLES} resamples of the seeds both arms ran, "
-    f"at least {MIN_PAIRED_SEEDS}); the net's at the measured step time. With few seeds such intervals are too narrow."
+    f"at least {MIN_PAIRED_SEEDS}; the point estimate uses all of each arm's); the net's at the measured step time; "
+    "a lower bound marked ≤ comes from resamples the parent's first evaluation already reaches. With few seeds such intervals are too narrow."
 )
 
 Curves = Mapping[int, Mapping[float, float]]
@@ -135,7 +136,7 @@ def gain_interval(
     confidence: float = CONFIDENCE,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> GainInterval:
     """Seed-paired percentile bootstrap interval of the compute-equivalent gain.
 
     Over the n seeds both groups ran (NaN bounds when n < MIN_PAIRED_SEEDS), each resample
@@ -144,23 +145,38 @@ def gain_interval(
     from the parent's mean curve to the last point of the arm's mean curve. The bounds are
     the (1 − c)/2 and (1 + c)/2 quantiles of the resampled gains, taken as order statistics
     (the lower and the higher neighbour), since a gain may be inf; a NaN gain (too few
-    curve points to extrapolate) gives NaN bounds."""
+    curve points to extrapolate) gives NaN bounds. A resample whose target the parent's
+    first evaluation already reaches has only an upper bound for its gain
+    (``at_first_eval``); where one lies at or below the lower bound, that bound is itself
+    only an upper bound (``low_is_bound``). The upper bound stays conservative either way."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    none = GainInterval(float("nan"), float("nan"), False)
     paired = sorted(set(parent_curves) & set(arm_curves))
     if len(paired) < MIN_PAIRED_SEEDS:
-        return float("nan"), float("nan")
+        return none
     steps, parent = _curve_matrix([parent_curves[s] for s in paired])
     arm_steps, arm = _curve_matrix([arm_curves[s] for s in paired])
     if not steps or not arm_steps:
-        return float("nan"), float("nan")
+        return none
     draws = np.random.default_rng(seed).integers(0, len(paired), size=(resamples, len(paired)))
     parent_means, targets = parent[draws].mean(axis=1), arm[draws, -1].mean(axis=1)
-    gains = np.array([compute_equivalent_gain(steps, m, t, higher_is_better).gain for m, t in zip(parent_means, targets)])
+    results = [compute_equivalent_gain(steps, m, t, higher_is_better) for m, t in zip(parent_means, targets)]
+    gains = np.array([r.gain for r in results])
     if np.isnan(gains).any():
-        return float("nan"), float("nan")
+        return none
     tail = (1 - confidence) / 2
-    return float(np.quantile(gains, tail, method="lower")), float(np.quantile(gains, 1 - tail, method="higher"))
+    low, high = float(np.quantile(gains, tail, method="lower")), float(np.quantile(gains, 1 - tail, method="higher"))
+    return GainInterval(low, high, any(r.at_first_eval and r.gain <= low for r in results))
+
+
+class GainInterval(NamedTuple):
+    """Bounds of the compute-equivalent gain (NaN where there is no interval); ``low_is_bound``
+    when the lower one is only an upper bound on the true lower bound (see :func:`gain_interval`)."""
+
+    low: float
+    high: float
+    low_is_bound: bool
 
 
 def _check_money(gpu_hours: Optional[float], price_per_hour: Optional[float]) -> None:
@@ -191,7 +207,7 @@ def roi_rows(
             own_steps, own_values = _mean_curve(own_curves)
             final = own_values[-1] if own_steps else nan
             parent = parent_group(g, groups)
-            interval = (nan, nan)
+            interval = GainInterval(nan, nan, False)
             if g.arm == "parent":
                 gain = EquivalentGain(0.0, False, float(g.config.get("steps", nan)))
             else:
@@ -214,16 +230,17 @@ def roi_rows(
                 "runs": len(g.runs),
                 "val_mean": final,
                 "gain": gain.gain,
-                "gain_low": interval[0],
-                "gain_high": interval[1],
+                "gain_low": interval.low,
+                "gain_high": interval.high,
+                "gain_low_is_bound": interval.low_is_bound,
                 "extrapolated": gain.extrapolated,
                 "at_first_eval": gain.at_first_eval,
                 "reached_step": gain.reached_step,
                 "time_overhead": time_overhead,
                 "memory_overhead": g.median("activation_bytes") / memory - 1 if memory > 0 else nan,
                 "net": net_gain(gain.gain, time_overhead),
-                "net_low": net_gain(interval[0], time_overhead),
-                "net_high": net_gain(interval[1], time_overhead),
+                "net_low": net_gain(interval.low, time_overhead),
+                "net_high": net_gain(interval.high, time_overhead),
                 "step_time_source": source,
             }
             if gpu_hours is not None and price_per_hour is not None:
@@ -250,10 +267,6 @@ def _pct(x: float) -> str:
     return "+∞" if math.isinf(x) else f"{100 * x:+.1f}%"
 
 
-def _interval(low: float, high: float) -> str:
-    return "" if math.isnan(low) else f" [{_pct(low)}, {_pct(high)}]"
-
-
 def _money(x: float) -> str:
     if math.isnan(x):
         return "–"
@@ -274,9 +287,14 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, rule]
     for r in rows:
         value = "–" if math.isnan(r["val_mean"]) else f"{r['metric']} {r['val_mean']:.4g}"
-        bound = "≤ " if r["at_first_eval"] else ""
-        gain = bound + _pct(r["gain"]) + ("*" if r["extrapolated"] else "") + _interval(r["gain_low"], r["gain_high"])
-        net = bound + _pct(r["net"]) + _interval(r["net_low"], r["net_high"])
+        # a gain the parent's first evaluation already reaches is only bounded, and so is its interval: not shown
+        bound, shown = ("≤ ", False) if r["at_first_eval"] else ("", not math.isnan(r["gain_low"]))
+        low_bound = "≤ " if r["gain_low_is_bound"] else ""
+        gain = bound + _pct(r["gain"]) + ("*" if r["extrapolated"] else "")
+        net = bound + _pct(r["net"])
+        if shown:
+            gain += f" [{low_bound}{_pct(r['gain_low'])}, {_pct(r['gain_high'])}]"
+            net += f" [{low_bound}{_pct(r['net_low'])}, {_pct(r['net_high'])}]"
         line = (
             f"| {r['task']} | {r['arm']} | {r['n']}/{r['runs']} | {value} | {gain} | {_pct(r['time_overhead'])} "
             f"| {_pct(r['memory_overhead'])} | {net} |"
@@ -289,7 +307,7 @@ def format_roi(rows: Sequence[Mapping[str, Any]]) -> str:
         notes.append(EXTRAPOLATED)
     if any(r["at_first_eval"] for r in rows):
         notes.append(AT_FIRST_EVAL)
-    if any(not math.isnan(r["gain_low"]) for r in rows):
+    if any(not (math.isnan(r["gain_low"]) or r["at_first_eval"]) for r in rows):
         notes.append(INTERVALS)
     notes += [f"{task}: {source}." for task, source in dict.fromkeys((r["task"], r["step_time_source"]) for r in rows)]
     return "\n".join(lines + notes)
