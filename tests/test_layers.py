@@ -414,7 +414,8 @@ def test_a_layers_family_survives_copies_and_pickles():
     again = pickle.loads(pickle.dumps(layer))
     assert again.family == layer.family and again.compression == "S_unregistered"
     x = randn(2, 4, 3)
-    torch.testing.assert_close(again(x), layer(x))
+    with ibnorm.use_backend("eager"):  # a family the C++ kernels lack would be compiled: slow, and beside the point
+        torch.testing.assert_close(again(x), layer(x))
 
 
 def test_get_norm_layer_names_classes_and_partials():
