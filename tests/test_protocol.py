@@ -114,6 +114,13 @@ def test_best_variants_are_chosen_on_validation_only():
     assert value == 80.0 and not arm.endswith("centered") and arm not in _SCORES
 
 
+def test_equal_validation_means_go_to_the_first_arm_of_the_grid():
+    arms = sweep_arms(["S", "L", "T"], [0.1], ["centered"])  # grid order: S, L, T
+    rows = [_row(arm, seed, 90.0 if arm != "ib:L:0.1:centered" else 80.0, 80.0, "centered") for seed in range(3) for arm in reversed(arms)]
+    assert C.ranked_variants(rows)[0][0] == "ib:T:0.1:centered"  # no grid given: the rows' order
+    assert C.ranked_variants(rows, (arms, 3))[0][0] == "ib:S:0.1:centered"
+
+
 def test_best_variants_wait_for_an_unfinished_sweep():
     rows = _sweep_rows()[:-1]  # one arm is a seed short
     with pytest.raises(LookupError, match="not finished"):

@@ -112,7 +112,9 @@ def ranked_variants(
     min_seeds: int = MIN_PAIRED_SEEDS,
 ) -> list[tuple[str, float, int, str]]:
     """``(arm spec, mean validation metric, seeds, placement)`` of every fixed-λ IB arm whose
-    seeds all finished without diverging, best first.
+    seeds all finished without diverging, best first; equal means keep the order of
+    ``expected``'s arms (the sweep's grid: placement, then family S, L, T, then λ), or of the
+    rows where there is none.
 
     Raises ``LookupError`` while the sweep is not finished: an arm of ``expected`` (arm
     specs, seeds per arm) has fewer finished seeds, or any arm has fewer than ``min_seeds``
@@ -142,7 +144,8 @@ def ranked_variants(
             continue  # a variant that diverged on any seed is not a candidate
         sign = 1 if runs[0]["higher_is_better"] else -1
         ranked.append((arm, statistics.fmean(values), len(values), spec.get("placement", SPEC_PLACEMENT)))
-    return sorted(ranked, key=lambda item: -sign * item[1])
+    grid = {arm: i for i, arm in enumerate(expected[0])} if expected is not None else {}
+    return sorted(ranked, key=lambda item: (-sign * item[1], grid.get(item[0], len(grid))))
 
 
 def best_variants(
