@@ -1,6 +1,7 @@
 """IB layers for the four groupings against their torch parents and an independent reference."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,15 +391,16 @@ def test_layers_keep_their_family_registered_or_not(monkeypatch):
     named = ibnorm.IBLayerNorm(3, compression="ASINH", lam=lam, placement="standardized")
     monkeypatch.setitem(ibnorm.compression._REGISTRY, "asinh", ibnorm.get_compression("S"))
     torch.testing.assert_close(named(x), reference, rtol=1e-5, atol=1e-5)
-    # a module pickled when layers kept the family's name loads with the registered family
-    monkeypatch.undo()
-    old = copy.deepcopy(ibnorm.IBLayerNorm(3, compression="asinh", lam=lam, placement="standardized"))
-    state = old.__dict__.copy()
-    state["_compression"] = state.pop("_family").name
-    loaded = ibnorm.IBLayerNorm.__new__(ibnorm.IBLayerNorm)
-    loaded.__setstate__(state)
-    assert loaded.family is ibnorm.get_compression("asinh")
-    torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_saved_when_layers_kept_the_familys_name_loads_and_computes_the_same():
+    # tests/data/ib_layers_3165cb3.pt: torch.save of a model and of its eval output at commit
+    # 3165cb3, whose layers held the family's name (a registered built-in) instead of the family
+    saved = torch.load(Path(__file__).with_name("data") / "ib_layers_3165cb3.pt", weights_only=False)
+    model = saved["model"]
+    assert [layer.family for layer in model] == [ibnorm.get_compression(name) for name in ("L", "T", "S")]
+    assert [layer.placement for layer in model] == ["centered", "standardized", "centered"]
+    torch.testing.assert_close(model(saved["input"]), saved["output"])
 
 
 def test_a_layers_family_survives_copies_and_pickles():
