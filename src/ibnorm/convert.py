@@ -162,20 +162,20 @@ def convert_norms(
     learnable_lam = bool(learnable_lam)
 
     layer_options: dict[str, dict[str, Any]] = {}  # per grouping: the IB layers' keyword arguments
-    options: dict[str, dict[str, Any]] = {}  # the same, naming the family (the record's form)
 
     def ib_counterpart(spec: NormSpec, args: dict[str, Any]) -> Union[nn.Module, str]:
         if spec.ib is None:
             return spec.why_not
         if spec.grouping not in layer_options:
             family_, lam_, placement_ = with_defaults(spec.grouping, family, lam, placement)
-            family_ = get_compression(family_)
-            layer_options[spec.grouping] = {"compression": family_, "lam": lam_, "learnable_lam": learnable_lam, "placement": placement_}
-            options[spec.grouping] = {**layer_options[spec.grouping], "compression": family_.name}
+            layer_options[spec.grouping] = {
+                "compression": get_compression(family_), "lam": lam_, "learnable_lam": learnable_lam, "placement": placement_
+            }
         return spec.ib(**args, **layer_options[spec.grouping])
 
     model, record = replace_modules(model, norm_replacer(ib_counterpart), include=include, exclude=exclude)
-    record.options = options
+    # the record names the family, so that it can go into a JSON config
+    record.options = {g: {**o, "compression": o["compression"].name} for g, o in layer_options.items()}
     return model, record
 
 
