@@ -129,6 +129,15 @@ def _mean_curve(curves: Curves) -> tuple[list[float], list[float]]:
     return steps, values.mean(axis=0).tolist()
 
 
+class GainInterval(NamedTuple):
+    """Bounds of the compute-equivalent gain (NaN where there is no interval); ``low_is_bound``
+    when the lower one is only an upper bound on the true lower bound (see :func:`gain_interval`)."""
+
+    low: float
+    high: float
+    low_is_bound: bool
+
+
 def gain_interval(
     parent_curves: Curves,
     arm_curves: Curves,
@@ -170,15 +179,6 @@ def gain_interval(
     return GainInterval(low, high, any(r.at_first_eval and r.gain <= low for r in results))
 
 
-class GainInterval(NamedTuple):
-    """Bounds of the compute-equivalent gain (NaN where there is no interval); ``low_is_bound``
-    when the lower one is only an upper bound on the true lower bound (see :func:`gain_interval`)."""
-
-    low: float
-    high: float
-    low_is_bound: bool
-
-
 def _check_money(gpu_hours: Optional[float], price_per_hour: Optional[float]) -> None:
     for name, value in (("gpu_hours", gpu_hours), ("price_per_hour", price_per_hour)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -198,12 +198,13 @@ def roi_rows(
     table = []
     for task, groups in group_runs(rows).items():
         times, source = step_times(groups, timing)
+        key = groups[0].runs[0]["metric"].replace("test_", "val_")
+        curves = {g: _seed_curves(g, key) for g in groups}  # read once: every arm meets its parent's
         for g in groups:
-            key = g.runs[0]["metric"].replace("test_", "val_")
             # The target is read off the arm's own mean curve, not its final metric: the curve
             # may be evaluated on a fixed slice of the validation split (eval_items) while the
             # final metric covers all of it, and only equal measurements can be compared.
-            own_curves = _seed_curves(g, key)
+            own_curves = curves[g]
             own_steps, own_values = _mean_curve(own_curves)
             final = own_values[-1] if own_steps else nan
             parent = parent_group(g, groups)
@@ -212,7 +213,7 @@ def roi_rows(
                 gain = EquivalentGain(0.0, False, float(g.config.get("steps", nan)))
             else:
                 higher = g.runs[0]["higher_is_better"]
-                parent_curves = _seed_curves(parent, key) if parent else {}
+                parent_curves = curves[parent] if parent else {}
                 steps, values = _mean_curve(parent_curves)
                 ok = bool(steps) and math.isfinite(final)
                 gain = compute_equivalent_gain(steps, values, final, higher) if ok else EquivalentGain(nan, False, nan)
