@@ -83,11 +83,10 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
-def check_batch_count(count: int, input: Tensor) -> None:
-    """Batch statistics need more than one value per channel (``count``: values per channel,
-    across processes when synchronized), as torch's BatchNorm says when training."""
-    if count <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+def batch_count_error(input: Tensor) -> ValueError:
+    """What batch statistics raise when training sees at most one value per channel, in torch's
+    BatchNorm words. The callers test the count inline: it sits on the per-call path."""
+    return ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
 
 
 def check_num_groups(num_groups: object, num_channels: int) -> int:

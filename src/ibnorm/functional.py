@@ -36,8 +36,8 @@ from torch import Tensor
 
 from ._running_stats import RunningUpdate, unbiased_factor
 from ._validation import (
+    batch_count_error,
     check_affine_shape,
-    check_batch_count,
     check_eps,
     check_floating,
     check_momentum,
@@ -311,8 +311,8 @@ def _batch_norm(
     reduce_mean, count = None, shape[0] * shape[2]
     if training and process_group is not None:
         reduce_mean, count = _cross_process_mean(count, input.device, process_group)
-    if training:
-        check_batch_count(count, input)
+    if training and count <= 1:
+        raise batch_count_error(input)
     given, running = _BATCH_STATISTICS, None
     if not training:
         given = GroupStats(mean=running_mean, var=running_var, mean_psi=running_mean_psi, var_psi=running_var_psi)

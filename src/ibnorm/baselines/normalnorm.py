@@ -59,7 +59,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._validation import _shape_t, check_batch_count, check_eps, check_floating, check_nonnegative_real, check_trailing_shape, normalize_shape
+from .._validation import _shape_t, batch_count_error, check_eps, check_floating, check_nonnegative_real, check_trailing_shape, normalize_shape
 from .._norm_parts import BatchNormBase, NormBase
 from .._running_stats import count_batch, unbiased_variance, update_running
 from ..convert import ConversionRecord, Selector, norm_replacer, replace_modules
@@ -236,8 +236,8 @@ class NormalBatchNorm(BatchNormBase, _NormalNorm):
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             count = x.shape[0] * x.shape[2]
-            if self.training:
-                check_batch_count(count, input)
+            if self.training and count <= 1:
+                raise batch_count_error(input)
             var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
             z = (x - mean) * torch.rsqrt(var + self.eps)
             lam = yeo_johnson_newton_lambda(z, dims, keepdim=True)
