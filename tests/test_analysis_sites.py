@@ -235,6 +235,7 @@ def test_paired_site_table_matches_scipy_ttest_rel():
     assert paired_comparison([1.0, float("nan"), 2.0, 4.0], [0.0, 0.0, 1.0, 1.0])["n"] == 3
 
 
+@pytest.mark.slow
 def test_analyze_run_reports_every_site(tmp_path):
     from ibnorm.lab.experiments.compare import make_plans, run_plans
 
@@ -380,6 +381,7 @@ def _merge_rows_repeatedly(out: str, run_dirs: list[str], start) -> None:
         merge_analysis_rows(Path(out), [{"run_dir": run_dir, "task": "t", "arm": "a", "seed": 0, "site": "norm_out"}])
 
 
+@pytest.mark.slow
 def test_concurrent_merges_of_analysis_rows_keep_every_row(tmp_path):
     import multiprocessing
 

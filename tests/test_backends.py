@@ -1,32 +1,19 @@
-"""Every backend against IBNorm written here in plain torch, through the public functional API.
+"""Every backend against IBNorm written in the tests in plain torch, through the public functional API.
 
 For each backend that runs on this machine — ``reference``, ``eager``, ``compiled``, ``cpp``
 (where the C++ extension builds), ``triton`` (Triton's interpreter on CPU, or CUDA) and
 ``auto``, the default — every grouping (layer, RMS, batch in training and in eval, group)
-× family (S, L, T) × placement × dtype is compared with the reference below, computed in
-float64 on the same input values, with tolerances per dtype. The output, the batch running
-statistics and, for a subset, the gradients of x, γ, β and a learnable λ are checked, and the
-test asserts that the requested implementation is the one that ran.
-
-The reference (DESIGN §1) for one group, biased variances::
-
-    standardized:  z = (x − μ) / sqrt(σ² + eps)        centered:  z = x − μ
-    u = ψ_λ(z)     û = (u − m) / sqrt(v + eps)          y = γ·û + β
-
-RMS grouping has μ = m = 0 and mean squares for σ², v; batch grouping in eval takes μ, σ²,
-m, v from the running buffers. ψ is written here from the family table::
-
-    S: sign(z)·2|z| / (sqrt(1 + λ|z|) + 1)     L: sign(z)·log1p(λ|z|)/λ     T: tanh(λz)/λ
-
-(S without the form (2/λ)(sqrt(1 + λ|z|) − 1), whose cancellation would make the reference's
-own ∂ψ/∂λ inexact at small λ.)
+× family (S, L, T) × placement × dtype is compared with ``references.ib_norm`` (DESIGN §1 and
+the family table, in references.py), computed in float64 on the same input values, with
+tolerances per dtype. The output, the batch running statistics and, for a subset, the
+gradients of x, γ, β and a learnable λ are checked, and the test asserts that the requested
+implementation is the one that ran.
 
 A float λ = 0 is the parent norm: one standardization, then the affine.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import shutil
@@ -39,6 +26,8 @@ from torch import Tensor
 import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.ops import cpp
+import references
+from autograd_graph import implementation
 from triton_interpreter import import_interpreted_kernels
 
 GROUPINGS = ("layer", "rms", "batch", "batch_eval", "group")
@@ -99,61 +88,9 @@ def run_on(monkeypatch):
 # --------------------------------------------------------------------------- the reference
 
 
-def psi(family: str, z: Tensor, lam: Tensor) -> Tensor:
-    if family == "S":
-        return torch.sign(z) * 2 * z.abs() / (torch.sqrt(1 + lam * z.abs()) + 1)
-    if family == "L":
-        return torch.sign(z) * torch.log1p(lam * z.abs()) / lam
-    return torch.tanh(lam * z) / lam
-
-
-def _grouped(grouping: str, t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """``t`` viewed so that each group's statistics are a mean over the returned dims."""
-    if grouping in ("layer", "rms"):
-        return t, (-1,)
-    if grouping == "group":
-        return t.reshape(t.shape[0], GROUPS, -1), (2,)
-    return t.reshape(t.shape[0], t.shape[1], -1), (0, 2)
-
-
-def _moments(t: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor]:
-    """(mean, biased variance); without centering (0, mean square)."""
-    mean = t.mean(dims, keepdim=True) if center else torch.zeros((), dtype=t.dtype, device=t.device)
-    return mean, ((t - mean) ** 2).mean(dims, keepdim=True)
-
-
-def reference(
-    grouping: str,
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lam: Optional[Tensor],
-    family: str,
-    placement: str,
-    running: tuple[Tensor, ...],
-) -> tuple[Tensor, list[Tensor]]:
-    """y in float64 and the batch statistics (μ, σ², m, v) per channel; ``lam=None`` is the
-    parent norm. Differentiable in x, γ, β and λ."""
-    t, dims = _grouped(grouping, x.double())
-    center = grouping != "rms"
-    channel_shape = (1, -1, 1)
-    if grouping == "batch_eval":
-        mean, var, mean_u, var_u = (r.double().reshape(channel_shape) for r in running)
-    else:
-        mean, var = _moments(t, dims, center)
-    z = (t - mean) / torch.sqrt(var + EPS)
-    if lam is None:
-        u_hat, mean_u, var_u = z, None, None
-    else:
-        u = psi(family, t - mean if placement == "centered" else z, lam.double())
-        if grouping != "batch_eval":
-            mean_u, var_u = _moments(u, dims, center)
-        u_hat = (u - mean_u) / torch.sqrt(var_u + EPS)
-    affine_shape = weight.shape if grouping in ("layer", "rms") else (1, -1) + (1,) * (x.dim() - 2)
-    y = u_hat.reshape(x.shape) * weight.double().reshape(affine_shape)
-    if bias is not None:
-        y = y + bias.double().reshape(affine_shape)
-    return y, [mean, var, mean_u, var_u]
+def reference(grouping, x, weight, bias, lam, family, placement, running):
+    """references.ib_norm at this file's group count and eps: y in float64 and (μ, σ², m, v)."""
+    return references.ib_norm(grouping, x, weight, bias, lam, family, placement, running, groups=GROUPS, eps=EPS)
 
 
 # --------------------------------------------------------------------------- the library
@@ -204,27 +141,6 @@ class Case:
 
 def _leaves(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
     return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def implementation(y: Tensor) -> str:
-    """Which implementation computed ``y``: the C++ autograd node (C++), or the IBNormFunction's
-    backward body (eager, Triton, or the compiled body behind its fallback guard); none: the
-    reference."""
-    stack = [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None:
-            continue
-        if "IBNormNode" in node.name():
-            return "cpp"
-        if "IBNormFunction" in type(node).__name__:
-            body = node.backward_body
-            if not isinstance(body, functools.partial):
-                return "compiled"
-            module = body.func.__module__
-            return {"ibnorm.ops.function": "eager"}.get(module, module.split(".")[2])
-        stack.extend(n for n, _ in node.next_functions)
-    return "reference"
 
 
 def assert_close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) -> None:

@@ -11,19 +11,15 @@ from torch import nn
 
 import ibnorm
 import ibnorm.functional as IBF
+import references
 
 FAMILIES = ["S", "L", "T"]
 
 
 # ---------------------------------------------------------------- independent reference
 def ref_psi(name, z, lam):
-    a = z.abs()
-    if name == "S":
-        return torch.sign(z) * 2 * a / (torch.sqrt(1 + lam * a) + 1)
-    if name == "L":
-        return torch.sign(z) * torch.log1p(lam * a) / lam
-    if name == "T":
-        return torch.tanh(lam * z) / lam
+    if name in references.PSI_MP:
+        return references.psi(name, z, lam)
     return torch.asinh(lam * z) / lam  # the custom family registered below
 
 
@@ -297,39 +293,61 @@ def test_constant_groups_give_bias_and_nan_propagates():
 
 
 # ---------------------------------------------------------------- dtypes
-MODULES = {
-    "layer": (lambda: ibnorm.IBLayerNorm(64, compression="T", lam=1.0), (16, 64)),
-    "rms": (lambda: ibnorm.IBRMSNorm(64, eps=1e-6, compression="S", lam=1.0), (16, 64)),
-    "batch": (lambda: ibnorm.IBBatchNorm2d(8, compression="L", lam=1.0), (4, 8, 6, 6)),
-    "group": (lambda: ibnorm.IBGroupNorm(4, 8, compression="L", lam=2.0), (4, 8, 6, 6)),
+MODULES = {  # the layer, its input shape, its grouping and family, λ, groups as references.ib_norm takes them
+    "layer": (lambda: ibnorm.IBLayerNorm(64, compression="T", lam=1.0), (16, 64), ("layer", "T", 1.0, 1)),
+    "rms": (lambda: ibnorm.IBRMSNorm(64, eps=1e-6, compression="S", lam=1.0), (16, 64), ("rms", "S", 1.0, 1)),
+    "batch": (lambda: ibnorm.IBBatchNorm2d(8, compression="L", lam=1.0), (4, 8, 6, 6), ("batch", "L", 1.0, 1)),
+    "group": (lambda: ibnorm.IBGroupNorm(4, 8, compression="L", lam=2.0), (4, 8, 6, 6), ("group", "L", 2.0, 4)),
 }
 
 
 @pytest.mark.parametrize("kind", list(MODULES))
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 5e-3)])
-def test_half_precision_close_to_float32(kind, dtype, tol):
-    build, shape = MODULES[kind]
+def test_half_precision_matches_the_float64_reference(kind, dtype, tol):
+    """A half-precision input to the float32 layer, and the layer moved to that dtype, against
+    IBNorm in float64 on the same rounded input and (for the moved layer) rounded parameters."""
+    build, shape, (grouping, family, lam, groups) = MODULES[kind]
     layer = build()
-    x = randn(*shape, dtype=torch.float32) * 3
-    x_half = x.to(dtype)
-    expected = layer(x_half.float())  # same rounded input, computed in float32
-    y = layer(x_half)
-    assert y.dtype == dtype and torch.isfinite(y).all()
-    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.normal_()
+    x_half = (randn(*shape, dtype=torch.float32) * 3).to(dtype)
     half_layer = copy.deepcopy(layer).to(dtype)
-    assert torch.isfinite(half_layer(x_half)).all()
+    for module in (layer, half_layer):
+        y = module(x_half)
+        assert y.dtype == dtype
+        bias = getattr(module, "bias", None)
+        expected, _ = references.ib_norm(
+            grouping, x_half, module.weight, bias, torch.tensor(lam), family, module.placement, groups=groups, eps=module.eps
+        )
+        torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
 
 
 def test_autocast_bfloat16():
+    """Under CPU autocast the layer takes the bf16 Linear output; output and gradients against
+    IBNorm in float64 on that same bf16 tensor (the Linears are autocast's, not ours)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), ibnorm.IBLayerNorm(32, compression="T", lam=1.0), nn.Linear(32, 4))
+    norm = ibnorm.IBLayerNorm(32, compression="T", lam=1.0)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
     x = torch.randn(8, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
+        hidden = nn.Linear(32, 32)(x)
+        assert hidden.dtype == torch.bfloat16
+        hidden = hidden.detach().requires_grad_(True)
+        out = norm(hidden)
     assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    torch.testing.assert_close(out.float(), model(x), rtol=5e-2, atol=5e-2)
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64, b64 = (p.detach().double().requires_grad_(True) for p in (norm.weight, norm.bias))
+    want, _ = references.ib_norm("layer", h64, w64, b64, torch.tensor(1.0), "T", norm.placement, eps=norm.eps)
+    torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=3e-2)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad.to(out.dtype))
+    want.backward(grad)
+    for got, ref in ((hidden.grad, h64.grad), (norm.weight.grad, w64.grad), (norm.bias.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=5e-2, atol=5e-2 * max(1.0, ref.abs().max().item()))
 
 
 # ---------------------------------------------------------------- modules: state, repr, custom families

@@ -245,6 +245,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or 
 """
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_neither_the_lab_nor_its_dependencies():
     """In a fresh interpreter where numpy, tqdm, matplotlib, scipy and scikit-learn cannot be
     imported, ``ibnorm`` and every library module import and the estimators run, and nothing

@@ -492,6 +492,7 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+@pytest.mark.slow
 def test_compiled_gpt2_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

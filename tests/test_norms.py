@@ -363,6 +363,7 @@ def test_running_statistics_follow_torch_batchnorm(momentum):
         torch.testing.assert_close(getattr(ib, name), getattr(bn, name), msg=name)
 
 
+@pytest.mark.slow
 def test_import_pulls_neither_timm_nor_transformers():
     code = (
         "import sys, ibnorm, ibnorm.norms, ibnorm.baselines, ibnorm.analysis.capture; "

@@ -11,6 +11,8 @@ import torch
 import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.ops import cpp, dispatch
+import references
+from autograd_graph import implementation
 
 FAMILIES = ["S", "L", "T"]
 PLACEMENT = "centered"  # these tests compare backends; tests/test_placement.py covers both placements
@@ -143,14 +145,19 @@ def test_compiled_is_deterministic():
 
 
 def test_compiled_does_not_recompile_for_new_batch_sizes():
+    """Each batch size runs the compiled body (not its eager fallback) and adds no graph."""
     from torch._dynamo.utils import counters
 
     layer = ibnorm.IBLayerNorm(40, compression="L", lam=0.5)
     with ibnorm.use_backend("compiled"):
-        layer(torch.randn(6, 40, requires_grad=True)).sum().backward()
+        y = layer(torch.randn(6, 40, requires_grad=True))
+        assert implementation(y) == "compiled"
+        y.sum().backward()
         graphs = counters["stats"]["unique_graphs"]
         for rows in (7, 19, 64, 3):
-            layer(torch.randn(rows, 40, requires_grad=True)).sum().backward()
+            y = layer(torch.randn(rows, 40, requires_grad=True))
+            assert implementation(y) == "compiled"
+            y.sum().backward()
         assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -162,8 +169,16 @@ def test_eager_gradients_are_bitwise_deterministic():
 
 
 def test_outer_compile_traces_the_reference_composite():
+    """Under an outer torch.compile the layer traces as torch ops (no autograd.Function in the
+    graph), and computes IBNorm as the test writes it."""
     layer = ibnorm.IBRMSNorm(16, compression="T", lam=0.8)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
     x = torch.randn(4, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     with ibnorm.use_backend("compiled"):
-        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+        y = compiled(x)
+    assert implementation(y) == "reference"
+    eps = torch.finfo(x.dtype).eps  # the layer's eps=None, as torch.nn.RMSNorm
+    want, _ = references.ib_norm("rms", x, layer.weight, None, torch.tensor(0.8), "T", "standardized", eps=eps)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """``placement="centered"``: ψ on the centered input in x's own units, then one standardization.
 
 Every numerical check compares the library with a small reference written here in plain
-torch (ψ itself is taken from the registered family: that is the family's definition):
+torch (ψ from the family table in references.py):
 
     u = ψ_λ(x − μ)          (RMS grouping: u = ψ_λ(x))
     û = (u − mean u) / sqrt(var u + eps)   (RMS: û = u / sqrt(mean u² + eps))
@@ -31,6 +31,7 @@ from torch import nn
 import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.lab.experiments.arms import parse_arm
+import references
 
 FAMILIES = ["S", "L", "T"]
 KINDS = ["layer", "rms", "batch", "batch_eval", "group"]
@@ -54,7 +55,7 @@ def reference_centered(kind, x, weight, bias, lam, family, eps=EPS, running=None
     running_var_psi)`` for ``kind == "batch_eval"``. Computes in ``work_dtype`` (default:
     float64 for float64 inputs, else float32) and returns y in x's dtype."""
     cd = work_dtype or compute_dtype(x.dtype)
-    psi = ibnorm.get_compression(family).psi
+    psi = functools.partial(references.psi, family)
     lam = lam.to(cd) if isinstance(lam, torch.Tensor) else lam
     xc = x.to(cd)
 
@@ -387,7 +388,7 @@ def test_batch_running_statistics_of_u_and_eval(family, momentum):
         layer.weight.copy_(torch.rand(3, generator=gen, dtype=torch.float64) + 0.5)
         layer.bias.copy_(torch.randn(3, generator=gen, dtype=torch.float64))
     expected = {n: getattr(layer, n).clone() for n in ("running_mean", "running_var", "running_mean_psi", "running_var_psi")}
-    psi = ibnorm.get_compression(family).psi
+    psi = functools.partial(references.psi, family)
     scale = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
     shift = torch.tensor([-1.0, 0.0, 3.0], dtype=torch.float64).view(1, 3, 1, 1)
     layer.train()
@@ -512,6 +513,7 @@ def sync_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(SYNC_CONFIGS))
 def test_sync_centered_equals_one_process_on_the_concatenated_batch(sync_results, config):
     xs, gs = _sync_data(list(SYNC_CONFIGS).index(config))
@@ -716,6 +718,7 @@ def _centered_model():
     return model
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     import copy
 
@@ -739,6 +742,7 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(getattr(model.bn, name), getattr(eager.bn, name), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_export_of_centered_batchnorm_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import matplotlib
 matplotlib.use("pdf")
@@ -17,6 +19,7 @@ assert plt.get_fignums() == [], plt.get_fignums()
 """
 
 
+@pytest.mark.slow
 def test_plots_leave_the_backend_and_pyplot_alone():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,8 @@
 Two real processes (``torch.distributed`` with gloo on 127.0.0.1) each run several
 configurations on their share of a global batch; the parent compares what they report
 with an :class:`ibnorm.IBBatchNorm2d` that sees the whole batch. One spawn serves every
-configuration (a module-scoped fixture), so the per-configuration tests only compare.
+configuration (a module-scoped fixture), so the per-configuration tests only compare. The
+single process's first output is itself checked against IBNorm written in the tests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import ibnorm
+import references
 
 WORLD_SIZE = 2
 CHANNELS = 3
@@ -39,6 +41,7 @@ CONFIGS = {
     "lam0": dict(compression="L", lam=0.0),
     "learnable": dict(compression="L", lam=0.5, learnable_lam=True),
     "momentum_none": dict(compression="T", lam=0.7, momentum=None),
+    "standardized": dict(compression="S", lam=0.7, placement="standardized"),
 }
 # name -> samples per rank (must sum to GLOBAL_BATCH)
 SPLITS = {"even": (4, 4), "uneven": (3, 5)}
@@ -187,10 +190,19 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_sync_matches_single_process(rank_results, config, split):
     ref = _reference(config, split)
+    layer = ibnorm.IBBatchNorm2d(CHANNELS, dtype=DTYPE, **CONFIGS[config])
+    _init_params(layer, _case_seed(config, split))
+    lam = None if CONFIGS[config]["lam"] == 0 else torch.tensor(layer.lam_value(), dtype=DTYPE)  # λ = 0: the parent norm
+    first, _ = references.ib_norm(
+        "batch", _make_data(_case_seed(config, split))["x"][0], layer.weight.detach(), layer.bias.detach(), lam,
+        layer.compression, layer.placement, eps=layer.eps,
+    )
+    _close(ref["y"][0], first, "single-process output at step 0 against the reference")
     sizes = SPLITS[split]
     ranks = [r[(config, split)] for r in rank_results]
     bounds = [sum(sizes[:r]) for r in range(WORLD_SIZE + 1)]
@@ -232,6 +244,7 @@ def test_sync_matches_single_process(rank_results, config, split):
         assert not torch.allclose(ref["buffers"]["running_var_psi"], fresh.running_var_psi)
 
 
+@pytest.mark.slow
 def test_ranks_agree_bitwise_on_shared_state(rank_results):
     """Every rank ends with the same buffers and parameters (the all-reduce is symmetric)."""
     for key in rank_results[0]:
@@ -242,6 +255,7 @@ def test_ranks_agree_bitwise_on_shared_state(rank_results):
             assert torch.equal(a["params_final"][name], b["params_final"][name]), (key, name)
 
 
+@pytest.mark.slow
 def test_sync_differs_from_local_batch_stats(rank_results):
     """Sanity check that synchronization matters: a plain layer on rank 0's half alone
     gives a different output from what the synchronized rank 0 produced."""

@@ -1,20 +1,18 @@
-"""The hand-written Triton kernels (``backend="triton"``) against a reference written here.
+"""The hand-written Triton kernels (``backend="triton"``) against a reference written in the tests.
 
 Without CUDA the kernels run on CPU tensors through Triton's interpreter, which needs
 ``TRITON_INTERPRET=1`` before triton is first imported (``@triton.jit`` decides at
 decoration time); the variable is set only while triton is imported (triton_interpreter.py)
-and during this file's tests, so other test files still see a CPU without Triton. Where something imported triton
-earlier (a whole-suite run: torch._dynamo does when transformers loads), those tests run
-in a fresh process instead (``test_interpreted_in_a_fresh_process``). Tile sizes and program counts are lowered so that rows
-are walked in several blocks, programs take several rows and channel reductions have
-several pieces. Tests marked ``cuda`` compare the compiled kernels at real sizes.
+and during this file's tests, so other test files still see a CPU without Triton. Where something
+imported triton earlier without it (torch._dynamo does, e.g. when transformers loads, in a
+selection of files where none imports the kernels first; in the whole suite test_backends.py
+does), those tests run in a fresh process instead (``test_interpreted_in_a_fresh_process``).
+Tile sizes and program counts are lowered so that rows are walked in several blocks, programs
+take several rows and channel reductions have several pieces. Tests marked ``cuda`` compare the
+compiled kernels at real sizes.
 
-The reference, in plain torch (ψ is the registered family's), for one group:
-
-    z = (x − μ)/sqrt(σ² + eps) ("standardized") or x − μ ("centered"); RMS: μ = 0 and σ² = mean x²
-    u = ψ_λ(z);   û = (u − m)/sqrt(v + eps) (RMS: m = 0, v = mean u²);   y = γ·û + β
-
-batch grouping in eval takes μ, σ², m, v from the running buffers.
+The reference is IBNorm written in the tests (``references.ib_norm``, ψ from the family table),
+in float64.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import torch
 import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.ops import dispatch
+import references
 from triton_interpreter import import_interpreted_kernels, interpreter_on
 
 INTERPRETED = not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1")
@@ -97,39 +96,9 @@ def small_tiles(monkeypatch):
 
 
 def reference(kind, x, weight, bias, lam, family, placement, running, groups):
-    """IBNorm in plain torch, float64 inside (autograd of ψ in float32 cancels at small λ),
-    y in x's dtype; differentiable in every input."""
-    psi_fn = ibnorm.get_compression(family).psi
-    t = x.double()
-    if kind == "group":
-        t = t.reshape(x.shape[0], groups, -1)
-        dims = (2,)
-    elif kind in ("batch", "batch_eval"):
-        t = t.reshape(x.shape[0], x.shape[1], -1)
-        dims = (0, 2)
-    else:
-        dims = (-1,)
-    center = kind != "rms"
-
-    def moments(v):
-        mean = v.mean(dims, keepdim=True) if center else torch.zeros((), dtype=v.dtype, device=v.device)
-        return mean, ((v - mean) ** 2).mean(dims, keepdim=True)
-
-    if kind == "batch_eval":
-        mean, var, mean_u, var_u = (r.double().reshape(1, -1, 1) for r in running)
-    else:
-        mean, var = moments(t)
-    z = t - mean
-    if placement == "standardized":
-        z = z / torch.sqrt(var + EPS)
-    u = psi_fn(z, lam.double())
-    if kind != "batch_eval":
-        mean_u, var_u = moments(u)
-    y = ((u - mean_u) / torch.sqrt(var_u + EPS)).reshape(x.shape)
-    shape = weight.shape if kind in ("layer", "rms") else (1, -1) + (1,) * (x.dim() - 2)
-    y = y * weight.double().reshape(shape)
-    if bias is not None:
-        y = y + bias.double().reshape(shape)
+    """references.ib_norm (float64 inside: autograd of ψ in float32 cancels at small λ), y in
+    x's dtype; differentiable in every input."""
+    y, _ = references.ib_norm(kind, x, weight, bias, lam, family, placement, running, groups=groups, eps=EPS)
     return y.to(x.dtype)
 
 
@@ -276,10 +245,10 @@ def test_learnable_lambda_near_zero(small_tiles):
 @needs_kernels
 @pytest.mark.parametrize("family", FAMILIES)
 def test_psi_template_matches_the_registered_family(family):
-    """ψ, ψ' and ∂ψ/∂λ of the float32 template against compression.py in float64, from
-    z = 0 and tiny |z| (the limits at 0) to |z| where tanh saturates, λ from 0 to 8."""
-    builtin = ibnorm.get_compression(family)
-    assert ibnorm.compression.builtin_index(builtin) == FAMILIES.index(family)
+    """ψ, ψ' and ∂ψ/∂λ of the float32 template against the family table in float64 (∂ψ/∂λ: a
+    40-digit derivative), from z = 0 and tiny |z| (the limits at 0) to |z| where tanh
+    saturates, λ from 0 to 8."""
+    assert ibnorm.compression.builtin_index(ibnorm.get_compression(family)) == FAMILIES.index(family)
     z64 = torch.cat([torch.tensor([0.0, 1e-30, -1e-7, 3e-3, -0.049, 0.12]), torch.linspace(-40.0, 40.0, 57)]).double()
     for lam_value in (0.0, 1e-4, 0.7, 8.0):
         z = z64.float().to(DEVICE)
@@ -287,7 +256,11 @@ def test_psi_template_matches_the_registered_family(family):
         lam = torch.tensor(lam_value, device=DEVICE)
         _compress_kernel[(1,)](z, lam, *out, z.numel(), FAMILY=FAMILIES.index(family), BLOCK=64)
         lam64 = torch.tensor(lam_value, dtype=torch.float64)
-        expected = [builtin.psi(z64, lam64), builtin.dpsi(z64, lam64), builtin.dpsi_dlam(z64, lam64)]
+        expected = [
+            references.psi(family, z64, lam64),
+            references.dpsi(family, z64, lam64),
+            references.dpsi_dlam(family, z64, lam_value),
+        ]
         for name, g, e in zip(["psi", "dpsi", "dpsi_dlam"], out, expected):
             torch.testing.assert_close(g.cpu().double(), e, rtol=2e-6, atol=1e-6, msg=lambda m: f"{name} λ={lam_value}: {m}")
 
@@ -325,11 +298,12 @@ def test_triton_on_cpu_without_the_interpreter_falls_back_to_eager(monkeypatch):
         assert dispatch.resolve_backend(torch.device("cpu")) == "eager"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_NOT_INTERPRETED is None, reason="the kernels were tested in this process")
 def test_interpreted_in_a_fresh_process():
-    """In a whole-suite run something imports triton before this file (torch._dynamo does,
-    e.g. when transformers loads), too late for the interpreter: run this file's CPU tests
-    in a process that sets TRITON_INTERPRET=1 from the start."""
+    """Where something imported triton before this file without the interpreter (torch._dynamo
+    does, e.g. when transformers loads), too late for it: run this file's CPU tests in a
+    process that sets TRITON_INTERPRET=1 from the start."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not cuda"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -383,6 +357,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="the cuda tests compile and run the kernels")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not type-check like the compiler does: compile the kernels'
