@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 Lam = Union[float, Tensor]
+FAMILIES = ("S", "L", "T")
 
 # ψ_λ(z) for z ≥ 0 in mpmath's arbitrary precision (ψ is odd)
 PSI_MP = {
@@ -38,19 +39,18 @@ DPSI_DLAM_AT_ZERO = {
 }
 
 
-def _is_zero(lam: Lam) -> bool:
-    return bool(lam == 0) if not isinstance(lam, Tensor) else bool((lam == 0).all())
-
-
 def psi(family: str, z: Tensor, lam: Lam) -> Tensor:
-    """ψ_λ(z) from the family table; differentiable in z and λ (λ > 0); λ = 0 gives z."""
-    if _is_zero(lam):
-        return z * 1
+    """ψ_λ(z) from the family table, differentiable in z (ψ'(0) = 1) and λ. λ = 0 gives z; a
+    tensor λ = 0 keeps λ in the graph through the first-order term z + λ·∂ψ/∂λ|₀."""
+    if isinstance(lam, Tensor) and bool((lam == 0).all()):
+        return z + lam * DPSI_DLAM_AT_ZERO[family](z)
+    if not isinstance(lam, Tensor) and lam == 0:
+        return z.clone()
     a = z.abs()
     if family == "S":
-        return torch.sign(z) * 2 * a / (torch.sqrt(1 + lam * a) + 1)
+        return 2 * z / (torch.sqrt(1 + lam * a) + 1)  # sign(z)·|z| written as z: autograd's slope at 0 is 1
     if family == "L":
-        return torch.sign(z) * torch.log1p(lam * a) / lam
+        return torch.where(a > 0, torch.sign(z) * torch.log1p(lam * a) / lam, z)
     if family == "T":
         return torch.tanh(lam * z) / lam
     raise AssertionError(family)

@@ -14,6 +14,7 @@ A float λ = 0 is the parent norm: one standardization, then the affine.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -88,9 +89,8 @@ def run_on(monkeypatch):
 # --------------------------------------------------------------------------- the reference
 
 
-def reference(grouping, x, weight, bias, lam, family, placement, running):
-    """references.ib_norm at this file's group count and eps: y in float64 and (μ, σ², m, v)."""
-    return references.ib_norm(grouping, x, weight, bias, lam, family, placement, running, groups=GROUPS, eps=EPS)
+# y in float64 and (μ, σ², m, v), at this file's group count and eps
+reference = functools.partial(references.ib_norm, groups=GROUPS, eps=EPS)
 
 
 # --------------------------------------------------------------------------- the library

@@ -16,16 +16,9 @@ from ibnorm.compression import PLACEMENTS, available_compressions
 from ibnorm.defaults import with_defaults
 from ibnorm.integrations.transformers import convert_hf_model
 from ibnorm.norms import norm_layer_classes
+import references
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# ψ_λ of each built-in family, written here from its definition (DESIGN §1).
-PSI = {
-    "S": lambda z, lam: torch.sign(z) * 2 * z.abs() / (torch.sqrt(1 + lam * z.abs()) + 1),
-    "L": lambda z, lam: torch.sign(z) * torch.log1p(lam * z.abs()) / lam,
-    "T": lambda z, lam: torch.tanh(lam * z) / lam,
-}
-
 
 def reference_rows(x: torch.Tensor, variant: ibnorm.Variant, center: bool, eps: float) -> torch.Tensor:
     """IBNorm of each row of ``x`` (layer grouping; RMS grouping without ``center``), no affine."""
@@ -37,7 +30,7 @@ def reference_rows(x: torch.Tensor, variant: ibnorm.Variant, center: bool, eps: 
         c = centered(t)
         return c / torch.sqrt((c * c).mean(-1, keepdim=True) + eps)
 
-    psi = lambda t: PSI[variant.compression](t, variant.lam)  # noqa: E731
+    psi = lambda t: references.psi(variant.compression, t, variant.lam)  # noqa: E731
     if variant.placement == "standardized":
         return standardize(psi(standardize(x)))
     return standardize(psi(centered(x)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import re
 import threading
 import warnings
@@ -21,6 +22,7 @@ from torch import Tensor
 import ibnorm
 from ibnorm.compression import Compression, get_compression
 from ibnorm.ops import cpp, dispatch, function
+import references
 from autograd_graph import implementation
 
 EPS = 1e-5
@@ -118,7 +120,7 @@ def test_untraceable_user_psi_runs_eager_with_one_warning_while_others_stay_comp
             y_t = ibnorm.ib_layer_norm(x, (16,), w, b, EPS, "T", 0.5, "standardized")
         assert eager_forward_calls == ["asinh_numpy"] * 2
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
-        expected_t = layer_reference(x, w, b, lambda z, lam: torch.tanh(lam * z) / lam, 0.5)
+        expected_t = layer_reference(x, w, b, functools.partial(references.psi, "T"), 0.5)
         torch.testing.assert_close(y_t.double(), expected_t, rtol=2e-5, atol=2e-5)
     assert [key.cfg.family.name for key in dispatch._compile_failures] == ["asinh_numpy"]
 
@@ -145,7 +147,7 @@ def test_compiler_errors_fall_back_per_configuration(exc, fresh_dispatch, eager_
         for dtype in (torch.float32, torch.float64):  # two configurations, each warned once
             with pytest.warns(RuntimeWarning, match=type(exc).__name__):
                 y = ibnorm.ib_layer_norm(x.to(dtype), (12,), w.to(dtype), b.to(dtype), EPS, "L", 0.4, "standardized")
-            expected = layer_reference(x.to(dtype), w, b, lambda z, lam: torch.sign(z) * torch.log1p(lam * z.abs()) / lam, 0.4)
+            expected = layer_reference(x.to(dtype), w, b, functools.partial(references.psi, "L"), 0.4)
             torch.testing.assert_close(y.double(), expected, rtol=2e-5, atol=2e-5)
     assert len(dispatch._compile_failures) == 2 and eager_forward_calls == ["L", "L"]
 

@@ -18,7 +18,7 @@ FAMILIES = ["S", "L", "T"]
 
 # ---------------------------------------------------------------- independent reference
 def ref_psi(name, z, lam):
-    if name in references.PSI_MP:
+    if name in references.FAMILIES:
         return references.psi(name, z, lam)
     return torch.asinh(lam * z) / lam  # the custom family registered below
 
@@ -293,11 +293,11 @@ def test_constant_groups_give_bias_and_nan_propagates():
 
 
 # ---------------------------------------------------------------- dtypes
-MODULES = {  # the layer, its input shape, its grouping and family, λ, groups as references.ib_norm takes them
-    "layer": (lambda: ibnorm.IBLayerNorm(64, compression="T", lam=1.0), (16, 64), ("layer", "T", 1.0, 1)),
-    "rms": (lambda: ibnorm.IBRMSNorm(64, eps=1e-6, compression="S", lam=1.0), (16, 64), ("rms", "S", 1.0, 1)),
-    "batch": (lambda: ibnorm.IBBatchNorm2d(8, compression="L", lam=1.0), (4, 8, 6, 6), ("batch", "L", 1.0, 1)),
-    "group": (lambda: ibnorm.IBGroupNorm(4, 8, compression="L", lam=2.0), (4, 8, 6, 6), ("group", "L", 2.0, 4)),
+MODULES = {  # the grouping (as references.ib_norm names it): the layer, its input shape
+    "layer": (lambda: ibnorm.IBLayerNorm(64, compression="T", lam=1.0), (16, 64)),
+    "rms": (lambda: ibnorm.IBRMSNorm(64, eps=1e-6, compression="S", lam=1.0), (16, 64)),
+    "batch": (lambda: ibnorm.IBBatchNorm2d(8, compression="L", lam=1.0), (4, 8, 6, 6)),
+    "group": (lambda: ibnorm.IBGroupNorm(4, 8, compression="L", lam=2.0), (4, 8, 6, 6)),
 }
 
 
@@ -306,7 +306,7 @@ MODULES = {  # the layer, its input shape, its grouping and family, λ, groups a
 def test_half_precision_matches_the_float64_reference(kind, dtype, tol):
     """A half-precision input to the float32 layer, and the layer moved to that dtype, against
     IBNorm in float64 on the same rounded input and (for the moved layer) rounded parameters."""
-    build, shape, (grouping, family, lam, groups) = MODULES[kind]
+    build, shape = MODULES[kind]
     layer = build()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
@@ -319,7 +319,8 @@ def test_half_precision_matches_the_float64_reference(kind, dtype, tol):
         assert y.dtype == dtype
         bias = getattr(module, "bias", None)
         expected, _ = references.ib_norm(
-            grouping, x_half, module.weight, bias, torch.tensor(lam), family, module.placement, groups=groups, eps=module.eps
+            kind, x_half, module.weight, bias, torch.tensor(module.lam_value()), module.compression, module.placement,
+            groups=getattr(module, "num_groups", 1), eps=module.eps,
         )
         torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
 
@@ -348,6 +349,14 @@ def test_autocast_bfloat16():
     want.backward(grad)
     for got, ref in ((hidden.grad, h64.grad), (norm.weight.grad, w64.grad), (norm.bias.grad, b64.grad)):
         torch.testing.assert_close(got.double(), ref, rtol=5e-2, atol=5e-2 * max(1.0, ref.abs().max().item()))
+    # and inside a model: the bf16 output feeds an autocast Linear, gradients reach every parameter
+    model = nn.Sequential(nn.Linear(32, 32), norm, nn.Linear(32, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    model.zero_grad()
+    logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- modules: state, repr, custom families

@@ -20,6 +20,7 @@ import ibnorm
 from ibnorm._running_stats import count_batch, unbiased_variance, update_running
 from ibnorm.analysis import channel_dim, is_norm_layer
 from ibnorm.baselines import NormalBatchNorm, convert_to_dyt, convert_to_normalnorm
+import references
 
 EPS = 1e-5
 
@@ -40,15 +41,10 @@ def rms_scale(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tenso
     return x / torch.sqrt((x * x).mean(dims, keepdim=True) + eps)
 
 
-def psi_s(t: torch.Tensor, lam: float) -> torch.Tensor:
-    """The S family: sign(t) · 2|t| / (sqrt(1 + λ|t|) + 1)."""
-    return torch.sign(t) * 2 * t.abs() / (torch.sqrt(1 + lam * t.abs()) + 1)
-
-
 def ib_centered(x: torch.Tensor, dims: tuple[int, ...], eps: float, lam: float) -> torch.Tensor:
     """Centered placement: u = ψ_λ(x − μ), then u standardized over the same dims."""
     x = x.double()
-    u = psi_s(x - x.mean(dims, keepdim=True), lam)
+    u = references.psi("S", x - x.mean(dims, keepdim=True), lam)
     return standardize(u, dims, eps)
 
 

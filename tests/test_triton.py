@@ -31,6 +31,7 @@ import ibnorm
 import ibnorm.functional as IBF
 from ibnorm.ops import dispatch
 import references
+from autograd_graph import function_node
 from triton_interpreter import import_interpreted_kernels, interpreter_on
 
 INTERPRETED = not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1")
@@ -134,19 +135,6 @@ def make_case(kind, shape, dtype, seed=0):
     return move(x), move(weight), move(bias), tuple(move(t) for t in running)
 
 
-def _ibnorm_node(y):
-    """The IBNormFunction node behind ``y``."""
-    stack = [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None:
-            continue
-        if "IBNormFunction" in type(node).__name__:
-            return node
-        stack.extend(n for n, _ in node.next_functions)
-    raise AssertionError("no IBNormFunction in the graph")
-
-
 def outputs(fn, dtype, x, weight, bias, lam_value, noncontiguous=False):
     """``fn(x, γ, β, λ)`` and the gradients of x, γ, β, λ for one upstream gradient."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
@@ -170,7 +158,7 @@ def check(kind, family, placement, shape=None, dtype=torch.float32, lam_value=LA
     y, got = outputs(
         lambda *a: call_library(kind, *a, family, placement, running, groups), dtype, x, weight, bias, lam_value, noncontiguous
     )
-    module = _ibnorm_node(y).backward_body.func.__module__
+    module = function_node(y).backward_body.func.__module__
     assert module == (rows if kind in ("layer", "rms") else channels).__name__, f"ran {module}, not the Triton kernels"
     _, expected = outputs(lambda *a: reference(kind, *a, family, placement, running, groups), dtype, x, weight, bias, lam_value)
     assert got[0].dtype == dtype
@@ -404,4 +392,4 @@ def test_cuda_auto_backend_uses_the_kernels():
         assert dispatch.resolve_backend(torch.device("cuda")) == "triton"
         layer = ibnorm.IBLayerNorm(1024).cuda()
         y = layer(torch.randn(64, 1024, device="cuda", requires_grad=True))
-    assert _ibnorm_node(y).backward_body.func.__module__ == rows.__name__
+    assert function_node(y).backward_body.func.__module__ == rows.__name__
