@@ -20,10 +20,10 @@ def _error_exit(capsys, argv):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert re.match(r"ibnorm( [a-z]+)?: error: ", last), last
-    return last
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # no usage block, no traceback
+    assert re.match(r"ibnorm( [a-z]+)?: error: ", lines[0]), lines[0]
+    return lines[0]
 
 
 def test_compare_records_the_command_and_placement_then_roi_and_analyze_read_it(tmp_path, capsys):
@@ -125,11 +125,61 @@ def test_bench_runs_reports_the_median_and_range_of_the_chosen_implementations(t
         (["bench", "--runs", "0"], "--runs must be a positive int"),
         (["bench", "--impls", "ib_fast"], "invalid choice: 'ib_fast'"),
         (["bench", "--device", "cuda", "--runs", "3"], "--runs and --impls apply to the CPU benchmark only"),
+        (["bench", "--quick", "--seconds", "5"], "--quick has no --seconds minimum"),
+        (["compare", "--tasks", "mnist1d-cnn", "--device", "mps", "--out", "x"], "the lab trains on 'cpu' or 'cuda[:N]'"),
+        (["compare", "--tasks", "mnist1d-cnn", "--arms", "ib:S:-1", "--out", "x"], "arm 'ib:S:-1': lam must be"),
+        (["compare", "--tasks", "mnist1d-cnn", "--arms", "ib:Q:1", "--out", "x"], "arm 'ib:Q:1': compression='Q'"),
         (["nope"], "invalid choice: 'nope'"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(capsys, argv, message):
     assert message in _error_exit(capsys, argv)
+
+
+COMPARE = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent", "--seeds", "1", "--steps", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", [COMPARE, ["demo"], ["bench", "--quick"]])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("mine")
+    error = _error_exit(capsys, [*command, "--out", str(tmp_path / "afile" / "sub")])
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in error
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+DAMAGED = [
+    ('{"task": "t", oops\n', "line 1 is not JSON"),
+    ("42\n", "line 1 is not a JSON object"),
+    ('{"task": "t"}\n', "rows need task, arm, seed, phase, config_key"),
+    (None, "is a folder, not a file of JSON lines"),
+]
+
+
+@pytest.mark.parametrize("content,message", DAMAGED)
+@pytest.mark.parametrize("command", [[*COMPARE, "--out"], [*COMPARE, "--report-only", "--out"], ["demo", "--out"], ["analyze"]])
+def test_a_damaged_results_file_is_named_and_left_as_it_is(tmp_path, capsys, command, content, message):
+    results = tmp_path / "run" / "results.jsonl"
+    if content is None:
+        results.mkdir(parents=True)
+    else:
+        results.parent.mkdir()
+        results.write_text(content)
+    error = _error_exit(capsys, [*command, str(tmp_path / "run")])
+    assert str(results) in error and message in error
+    assert results.is_dir() if content is None else results.read_text() == content
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["results.jsonl"]
+
+
+def test_report_only_needs_runs(tmp_path, capsys):
+    error = _error_exit(capsys, [*COMPARE, "--report-only", "--out", str(tmp_path / "none")])
+    assert "--report-only: no runs in" in error and not (tmp_path / "none").exists()
+
+
+def test_roi_names_a_damaged_timing_file(tmp_path, capsys):
+    row = {"task": "t", "arm": "parent", "seed": 0, "phase": "final", "config_key": "k", "run_dir": "r"}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "timing.json").write_text("{broken")
+    assert f"{tmp_path / 'timing.json'} is not a timing file" in _error_exit(capsys, ["roi", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
@@ -139,6 +189,11 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, argv, message):
         ('{"entries": 5}', "must hold a JSON object with an 'entries' list"),
         ("[1, 2]", "must hold a JSON object with an 'entries' list"),
         ('{"entries": [{"name": "a"}]}', "entry 0 must be an object with a 'name' string and an 'argv' list"),
+        (  # a typo in a later entry is found before the first one runs
+            '{"entries": [{"name": "a", "argv": ["compare", "--tasks", "mnist1d-mlp"]}, '
+            '{"name": "b", "argv": ["compare", "--tasks", "mnist9"]}]}',
+            "plan entry 'b': task='mnist9' is not known",
+        ),
     ],
 )
 def test_a_malformed_plan_is_one_error_line(tmp_path, capsys, plan, message):

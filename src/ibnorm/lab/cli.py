@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shlex
@@ -33,14 +32,22 @@ from ibnorm.baselines import DYT_GROUPINGS, NORMALNORM_GROUPINGS
 from ibnorm.compression import PLACEMENTS, available_compressions, check_lam, get_compression
 from ibnorm.defaults import DEFAULT_VARIANTS
 
-from .analysis_run import ANALYSIS, DEFAULT_MAX_VALUES, analyze_run, check_analysis_rows, merge_analysis_rows, output_folder
+from .analysis_run import (
+    ANALYSIS,
+    DEFAULT_MAX_VALUES,
+    analyze_run,
+    check_analysis_rows,
+    find_out_folder,
+    merge_analysis_rows,
+    output_folder,
+)
 from .benchmark import DEFAULT_MIN_SECONDS, DTYPES, GROUPINGS, IMPLEMENTATIONS, MODELS, run_benchmarks
 from .experiments.arms import DEFAULT_ARMS, SPEC_PLACEMENT, default_arms
 from .experiments.campaign import DEFAULT_PLAN, ShardsNotReady, load_plan, run_campaign
 from .experiments.compare import Shard, make_plans, run_plans, sweep_arms
 from .experiments.demo import run_demo
 from .experiments.report import write_report
-from .experiments.results_file import RESULTS, check_results_rows, merge_results, read_results_file
+from .experiments.results_file import RESULTS, check_results_rows, merge_results, read_results, read_results_file
 from .experiments.roi import format_roi, roi_table
 from .experiments.tasks import get_task
 
@@ -58,9 +65,34 @@ class Subcommand:
     run: Runner
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _fail(parser: argparse.ArgumentParser, exc: BaseException | str) -> NoReturn:
-    """Bad input: the parser's usage and the error on one line, exit status 2."""
-    parser.error(" ".join(str(exc).split()))
+    """Bad input: the error on one line, exit status 2."""
+    parser.error(str(exc))
+
+
+def _check_out_folder(parser: argparse.ArgumentParser, flag: str, folder: Path) -> None:
+    """``folder`` is a folder or can be made one: refused before any work, not after it."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        _fail(parser, f"{flag} {folder}: {existing} is a file, not a folder")
+
+
+def _finished_runs(parser: argparse.ArgumentParser, out: Path) -> list[dict[str, Any]]:
+    """The rows of ``out``'s results file, checked now: a damaged file is named before a run
+    trains, not after."""
+    try:
+        return check_results_rows(read_results(out))
+    except ValueError as exc:
+        _fail(parser, exc if str(out / RESULTS) in str(exc) else f"{out / RESULTS}: {exc}")
+    except OSError as exc:
+        _fail(parser, f"{out / RESULTS}: {exc}")
 
 
 # =============================================================================== compare, sweep
@@ -116,6 +148,12 @@ def _train_and_report(
     analyze: int = 0,
     analyze_finals: bool = False,
 ) -> None:
+    _check_out_folder(parser, "--out", args.out)
+    finished = _finished_runs(parser, args.out)
+    if args.report_only and not finished:
+        _fail(parser, f"--report-only: no runs in {args.out / RESULTS} to report")
+    if args.report_only and (args.shard.count > 1 or analyze_finals):
+        _fail(parser, "--report-only trains nothing: leave out --shard and --analyze-finals")
     if analyze_finals and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # rank 0 would analyse while the other ranks wait in the next run's collectives, past their timeout
         _fail(parser, ValueError("--analyze-finals needs one process (not torchrun): run `ibnorm analyze OUT` after training"))
@@ -314,6 +352,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    _check_out_folder(parser, "--out", args.out)
+    _finished_runs(parser, args.out)
     run_demo(args.out)
 
 
@@ -331,13 +371,15 @@ def _roi(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequen
     if (args.gpu_hours is None) != (args.price is None):
         parser.error("--gpu-hours and --price go together")
     if not args.run_dir.is_dir():
-        parser.error(f"run folder {args.run_dir} does not exist")
+        parser.error(f"run folder {args.run_dir} {'is a file' if args.run_dir.exists() else 'does not exist'}")
     if not (args.run_dir / RESULTS).is_file():
         parser.error(f"no {RESULTS} in {args.run_dir}: run `ibnorm compare --out {args.run_dir}` first")
     try:
         rows = roi_table(args.run_dir, args.gpu_hours, args.price)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        parser.error(f"{args.run_dir / RESULTS} is not a results file ({type(exc).__name__}: {exc})")
+    except ValueError as exc:  # a damaged results.jsonl or timing.json, named in the message
+        _fail(parser, exc)
+    except (KeyError, TypeError) as exc:
+        parser.error(f"{args.run_dir / RESULTS} lacks what a finished compare writes ({type(exc).__name__}: {exc})")
     if not rows:
         parser.error(f"no final runs in {args.run_dir / RESULTS}")
     print(format_roi(rows))
@@ -368,6 +410,11 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    try:
+        out, _ = find_out_folder(args.run_dir)
+    except FileNotFoundError as exc:
+        _fail(parser, exc)
+    _finished_runs(parser, out)
     try:  # the arguments, the folder and its runs are checked before any model is built
         analyze_run(
             args.run_dir,
@@ -439,6 +486,9 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
         parser.error("--runs and --impls apply to the CPU benchmark only, not --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.quick and args.seconds is not None:
+        parser.error("--quick has no --seconds minimum: give one of them")
+    _check_out_folder(parser, "--out", args.out)
     run_benchmarks(
         args.out,
         repeats=args.repeats,
@@ -471,7 +521,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The ``ibnorm`` parser and each subcommand's own parser, by name."""
-    parser = argparse.ArgumentParser(prog="ibnorm", description="IBNorm for PyTorch: A/B experiments and benchmarks")
+    parser = OneLineErrorParser(prog="ibnorm", description="IBNorm for PyTorch: A/B experiments and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {}
     for name, command in SUBCOMMANDS.items():

@@ -74,6 +74,14 @@ def default_arms(parents: set[str]) -> list[str]:
     return usable
 
 
+def _family(spec: str, name: str) -> str:
+    """The registered family ``name`` of arm ``spec``, or a ValueError naming the arm."""
+    try:
+        return get_compression(name).name
+    except ValueError as exc:
+        raise ValueError(f"arm {spec!r}: {exc}") from None
+
+
 def parse_arm(spec: str, parent: str) -> Arm:
     """An :class:`Arm` from its spec string, checked against the task's parent grouping."""
     if not isinstance(spec, str):
@@ -93,7 +101,7 @@ def parse_arm(spec: str, parent: str) -> Arm:
     if spec == "ib-learnable":
         return Arm(spec, "ib", "L", FAMILY_ARM_LAM, True)
     if spec.startswith("ib-") and len(spec) > 3:
-        family = get_compression(spec[3:]).name
+        family = _family(spec, spec[3:])
         return Arm(spec, "ib", family, FAMILY_ARM_LAM)
     if spec.startswith("ib:"):
         parts = spec.split(":")
@@ -102,12 +110,15 @@ def parse_arm(spec: str, parent: str) -> Arm:
         if learnable:
             options = options[:-1]
         if len(parts) >= 3 and len(options) <= 1:
-            family = get_compression(parts[1]).name
+            family = _family(spec, parts[1])
             try:
                 lam = float(parts[2])
             except ValueError:
                 raise ValueError(f"arm {spec!r}: lam {parts[2]!r} is not a number") from None
-            lam = check_lam(lam)
+            try:
+                lam = check_lam(lam)
+            except ValueError as exc:
+                raise ValueError(f"arm {spec!r}: {exc}") from None
             placement = check_placement(options[0], f"arm {spec!r}: placement") if options else SPEC_PLACEMENT
             if learnable and lam <= 0:
                 raise ValueError(f"arm {spec!r}: a learnable lam needs an initial value > 0")

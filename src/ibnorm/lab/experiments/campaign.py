@@ -60,7 +60,7 @@ class Entry:
 
 def load_plan(path: Path) -> list[Entry]:
     """The entries of a plan file, checked: a JSON object whose ``entries`` list holds objects
-    with a ``name`` and an ``argv`` list; unique names, a subcommand, no ``--out``."""
+    with a ``name`` and an ``argv`` list; unique names, a subcommand, known tasks, no ``--out``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"plan file {path} does not exist")
@@ -87,6 +87,11 @@ def load_plan(path: Path) -> list[Entry]:
             missing = [flag for flag in SWEEP_FLAGS if flag not in argv]
             if missing:
                 raise ValueError(f"plan entry {item['name']!r}: a sweep must state {missing} (the grid defines when it is finished)")
+        for task in _option(argv, "--tasks") + _option(argv, "--task"):
+            try:
+                get_task(task)
+            except ValueError as exc:  # found before any entry runs, not after the earlier ones
+                raise ValueError(f"plan entry {item['name']!r}: {exc}") from None
         entries.append(Entry(item["name"], item.get("stage", ""), argv, item.get("best_from"), item.get("note", "")))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):

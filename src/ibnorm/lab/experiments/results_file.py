@@ -27,8 +27,23 @@ def read_results(out: Path) -> list[dict[str, Any]]:
 
 
 def read_results_file(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file, one JSON object per line."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a results file, one JSON object per line; a ValueError naming the file and
+    the line where it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file of JSON lines")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {number} is not JSON ({exc.msg}, column {exc.colno})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object: {line.strip()[:80]}")
+        rows.append(row)
+    return rows
 
 
 RUN_KEY = ("task", "arm", "seed", "phase", "config_key")

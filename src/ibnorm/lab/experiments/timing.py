@@ -98,8 +98,14 @@ def write_timing(out: Path, task_name: str, times: dict[str, float], *, batch_si
 
 def read_timing(out: Path) -> dict[str, dict[str, Any]]:
     """Task → ``{"step_time_s": {arm: s}, "batch_size", "torch_threads", "note"}``; empty
-    when ``<out>/timing.json`` does not exist."""
+    when ``<out>/timing.json`` does not exist; a ValueError naming the file where it is damaged."""
     path = Path(out) / TIMING
     if not path.exists():
         return {}
-    return json.loads(path.read_text())["tasks"]
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a timing file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tasks, dict):
+        raise ValueError(f"{path} is not a timing file ('tasks' must be an object)")
+    return tasks
