@@ -264,13 +264,13 @@ def merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
         return _merge_analysis_rows(out, rows)
 
 
-def check_analysis_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
+def check_analysis_rows(rows: Sequence[Any], source: str | Path = "analysis rows") -> list[dict[str, Any]]:
     """``rows`` as a list, each an object with ``run_dir``, ``task``, ``arm``, ``seed`` and
-    ``site``, else a ValueError."""
+    ``site``, else a ValueError naming ``source`` (the file they were read from) and the row."""
     rows = list(rows)
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not {"run_dir", "task", "arm", "seed", "site"} <= row.keys():
-            raise ValueError(f"analysis rows need run_dir, task, arm, seed and site; got {str(row)[:120]}")
+            raise ValueError(f"{source}: row {number} lacks one of run_dir, task, arm, seed, site: {str(row)[:120]}")
     return rows
 
 

@@ -87,12 +87,13 @@ def _check_out_folder(parser: argparse.ArgumentParser, flag: str, folder: Path) 
 def _finished_runs(parser: argparse.ArgumentParser, out: Path) -> list[dict[str, Any]]:
     """The rows of ``out``'s results file, checked now: a damaged file is named before a run
     trains, not after."""
+    path = out / RESULTS
     try:
-        return check_results_rows(read_results(out))
+        return check_results_rows(read_results(out), source=path)
     except ValueError as exc:
-        _fail(parser, exc if str(out / RESULTS) in str(exc) else f"{out / RESULTS}: {exc}")
+        _fail(parser, exc)
     except OSError as exc:
-        _fail(parser, f"{out / RESULTS}: {exc}")
+        _fail(parser, f"{path}: {exc}")
 
 
 # =============================================================================== compare, sweep
@@ -330,9 +331,9 @@ def _results(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
             ):
                 if source.exists():
                     try:  # every file read and checked before any is merged (not JSON: a ValueError too)
-                        steps.append((entry, source, check(read_results_file(source)), merge, what))
+                        steps.append((entry, source, check(read_results_file(source), source), merge, what))
                     except ValueError as exc:
-                        _fail(parser, f"--merge {source}: {exc}")
+                        _fail(parser, f"--merge: {exc}")
         for entry, source, rows, merge, what in steps:  # runs before their analysis rows, which name them
             try:
                 added = merge(entry.out(Path(plan).parent), rows)

@@ -54,12 +54,13 @@ def run_key(row: dict[str, Any]) -> tuple:
     return tuple(row[k] for k in RUN_KEY)
 
 
-def check_results_rows(rows: Iterable[Any]) -> list[dict[str, Any]]:
-    """``rows`` as a list, each an object with the fields of :data:`RUN_KEY`, else a ValueError."""
+def check_results_rows(rows: Iterable[Any], source: str | Path = "results rows") -> list[dict[str, Any]]:
+    """``rows`` as a list, each an object with the fields of :data:`RUN_KEY`, else a ValueError
+    naming ``source`` (the file they were read from) and the row."""
     rows = list(rows)
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or any(k not in row for k in RUN_KEY):
-            raise ValueError(f"results rows need {', '.join(RUN_KEY)}; got {str(row)[:120]}")
+            raise ValueError(f"{source}: row {number} lacks one of {', '.join(RUN_KEY)}: {str(row)[:120]}")
     return rows
 
 
