@@ -16,7 +16,8 @@ m, v from the running buffers.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+from typing import Callable, Optional, Union
 
 import mpmath
 import torch
@@ -87,8 +88,8 @@ def ib_norm(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    lam: Optional[Tensor],
-    family: str,
+    lam: Optional[Lam],
+    family: Union[str, Callable[[Tensor, Lam], Tensor]],
     placement: str,
     running: Optional[tuple[Tensor, ...]] = None,
     *,
@@ -97,12 +98,14 @@ def ib_norm(
 ) -> tuple[Tensor, list[Optional[Tensor]]]:
     """IBNorm of ``x`` in float64 and its statistics ``[μ, σ², m, v]`` per group.
 
-    ``grouping``: layer and rms (over the last dim), group (``groups`` groups of the channels),
-    batch (per channel over N and the spatial dims) or batch_eval (μ, σ², m, v from
-    ``running``). ``lam=None`` is the parent norm. Differentiable in x, γ, β and λ."""
+    ``grouping``: layer and rms (over the last ``weight.dim()`` dims), group (``groups`` groups
+    of the channels), batch (per channel over N and the spatial dims) or batch_eval (μ, σ², m,
+    v from ``running``). ``family``: a name of the table or a ψ(z, λ) of the test's own;
+    ``lam``: a float or a tensor, None for the parent norm. Differentiable in x, γ, β and λ."""
     t = x.double()
+    compress = family if callable(family) else functools.partial(psi, family)
     if grouping in ("layer", "rms"):
-        dims: tuple[int, ...] = (-1,)
+        dims: tuple[int, ...] = tuple(range(-weight.dim(), 0))
     elif grouping == "group":
         t, dims = t.reshape(x.shape[0], groups, -1), (2,)
     else:
@@ -121,7 +124,7 @@ def ib_norm(
     if lam is None:
         u_hat, mean_u, var_u = z, None, None
     else:
-        u = psi(family, t - mean if placement == "centered" else z, lam.double())
+        u = compress(t - mean if placement == "centered" else z, lam.double() if isinstance(lam, Tensor) else lam)
         if grouping != "batch_eval":
             mean_u, var_u = moments(u)
         u_hat = (u - mean_u) / torch.sqrt(var_u + eps)

@@ -17,48 +17,22 @@ FAMILIES = ["S", "L", "T"]
 
 
 # ---------------------------------------------------------------- independent reference
-def ref_psi(name, z, lam):
-    if name in references.FAMILIES:
-        return references.psi(name, z, lam)
+def asinh_psi(z, lam):
     return torch.asinh(lam * z) / lam  # the custom family registered below
 
 
-def ref_rows(rows, name, lam, eps, center=True):
-    """IBNorm of each row of a 2-D tensor, written from DESIGN.md §1 with plain ops."""
-    if center:
-        rows = rows - rows.mean(dim=1, keepdim=True)
-    z = rows / torch.sqrt((rows**2).mean(dim=1, keepdim=True) + eps)
-    u = ref_psi(name, z, lam)
-    if center:
-        u = u - u.mean(dim=1, keepdim=True)
-    return u / torch.sqrt((u**2).mean(dim=1, keepdim=True) + eps)
+def ref_psi(name, z, lam):
+    return asinh_psi(z, lam) if name == "asinh" else references.psi(name, z, lam)
 
 
-def ref_layer(x, k, name, lam, eps, weight=None, bias=None, center=True):
-    n = 1
-    for d in x.shape[-k:]:
-        n *= d
-    y = ref_rows(x.reshape(-1, n), name, lam, eps, center).reshape(x.shape)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def ref_batch(x, name, lam, eps, weight, bias):
-    c = x.shape[1]
-    moved = x.transpose(0, 1)
-    y = ref_rows(moved.reshape(c, -1), name, lam, eps).reshape(moved.shape).transpose(0, 1)
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    return y * weight.reshape(shape) + bias.reshape(shape)
-
-
-def ref_group(x, groups, name, lam, eps, weight, bias):
-    n, c = x.shape[:2]
-    y = ref_rows(x.reshape(n * groups, -1), name, lam, eps).reshape(x.shape)
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    return y * weight.reshape(shape) + bias.reshape(shape)
+def reference(grouping, x, family, lam, eps, weight=None, bias=None, groups=1):
+    """references.ib_norm with the standardized placement, in x's dtype; no weight: γ = 1 over
+    the last dim (layer, rms) or the channels."""
+    if weight is None:
+        weight = torch.ones(x.shape[-1] if grouping in ("layer", "rms") else x.shape[1], dtype=x.dtype)
+    psi = asinh_psi if family == "asinh" else family
+    y, _ = references.ib_norm(grouping, x, weight, bias, lam, psi, "standardized", groups=groups, eps=eps)
+    return y.to(x.dtype)
 
 
 ibnorm.register_compression(
@@ -150,22 +124,22 @@ def test_functional_matches_reference(compression, lam, dtype):
     w, b = randn(3, 8, dtype=dtype, seed=1), randn(3, 8, dtype=dtype, seed=2)
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        IBF.ib_layer_norm(x, (3, 8), w, b, eps, compression, lam, "standardized"), ref_layer(x, 2, compression, lam, eps, w, b), **tol
+        IBF.ib_layer_norm(x, (3, 8), w, b, eps, compression, lam, "standardized"), reference("layer", x, compression, lam, eps, w, b), **tol
     )
     torch.testing.assert_close(
         IBF.ib_rms_norm(x, (8,), w[0], eps, compression, lam, "standardized"),
-        ref_layer(x, 1, compression, lam, eps, w[0], center=False),
+        reference("rms", x, compression, lam, eps, w[0]),
         **tol,
     )
     xc = randn(6, 4, 3, 5, dtype=dtype, seed=3) * 3 - 1
     wc, bc = randn(4, dtype=dtype, seed=4), randn(4, dtype=dtype, seed=5)
     torch.testing.assert_close(
         IBF.ib_batch_norm(xc, None, None, wc, bc, True, 0.1, eps, compression, lam, placement="standardized"),
-        ref_batch(xc, compression, lam, eps, wc, bc),
+        reference("batch", xc, compression, lam, eps, wc, bc),
         **tol,
     )
     torch.testing.assert_close(
-        IBF.ib_group_norm(xc, 2, wc, bc, eps, compression, lam, "standardized"), ref_group(xc, 2, compression, lam, eps, wc, bc), **tol
+        IBF.ib_group_norm(xc, 2, wc, bc, eps, compression, lam, "standardized"), reference("group", xc, compression, lam, eps, wc, bc, groups=2), **tol
     )
 
 
@@ -319,7 +293,7 @@ def test_half_precision_matches_the_float64_reference(kind, dtype, tol):
         assert y.dtype == dtype
         bias = getattr(module, "bias", None)
         expected, _ = references.ib_norm(
-            kind, x_half, module.weight, bias, torch.tensor(module.lam_value()), module.compression, module.placement,
+            kind, x_half, module.weight, bias, module.lam_value(), module.compression, module.placement,
             groups=getattr(module, "num_groups", 1), eps=module.eps,
         )
         torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
@@ -382,19 +356,19 @@ def test_custom_family_works_in_every_layer():
     x = randn(4, 6, 3, 3, dtype=torch.float32) * 2
     ones, zeros = torch.ones(6), torch.zeros(6)
     torch.testing.assert_close(
-        ibnorm.IBLayerNorm(3, compression="asinh", lam=lam, placement="standardized")(x), ref_layer(x, 1, "asinh", lam, eps), rtol=1e-5, atol=1e-5
+        ibnorm.IBLayerNorm(3, compression="asinh", lam=lam, placement="standardized")(x), reference("layer", x, "asinh", lam, eps), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(
         ibnorm.IBRMSNorm(3, eps=eps, compression="asinh", lam=lam, placement="standardized")(x),
-        ref_layer(x, 1, "asinh", lam, eps, center=False),
+        reference("rms", x, "asinh", lam, eps),
         rtol=1e-5,
         atol=1e-5,
     )
     torch.testing.assert_close(
-        ibnorm.IBBatchNorm2d(6, compression="asinh", lam=lam, placement="standardized")(x), ref_batch(x, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+        ibnorm.IBBatchNorm2d(6, compression="asinh", lam=lam, placement="standardized")(x), reference("batch", x, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(
-        ibnorm.IBGroupNorm(3, 6, compression="asinh", lam=lam, placement="standardized")(x), ref_group(x, 3, "asinh", lam, eps, ones, zeros), rtol=1e-5, atol=1e-5
+        ibnorm.IBGroupNorm(3, 6, compression="asinh", lam=lam, placement="standardized")(x), reference("group", x, "asinh", lam, eps, ones, zeros, groups=3), rtol=1e-5, atol=1e-5
     )
     assert ibnorm.get_norm_layer("ib_groupnorm_asinh")(3, 6).compression == "asinh"
 
@@ -405,19 +379,19 @@ UNREGISTERED_ASINH = ibnorm.Compression("asinh_unregistered", ibnorm.get_compres
 def test_layers_keep_their_family_registered_or_not(monkeypatch):
     lam, eps = 0.9, 1e-5
     x = randn(4, 6, 3, dtype=torch.float32) * 2
-    reference = ref_layer(x, 1, "asinh", lam, eps)
+    expected = reference("layer", x, "asinh", lam, eps)
     # an unregistered family, given directly or through convert_norms, is called as it is
     direct = ibnorm.IBLayerNorm(3, compression=UNREGISTERED_ASINH, lam=lam, placement="standardized")
     assert direct.compression == "asinh_unregistered" and direct.family is UNREGISTERED_ASINH
-    torch.testing.assert_close(direct(x), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(direct(x), expected, rtol=1e-5, atol=1e-5)
     model, record = ibnorm.convert_norms(nn.Sequential(nn.LayerNorm(3)), UNREGISTERED_ASINH, lam, placement="standardized")
-    torch.testing.assert_close(model[0](x), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[0](x), expected, rtol=1e-5, atol=1e-5)
     assert record.options["layer"]["compression"] == "asinh_unregistered"
     # re-registering a name later leaves the layers already built with it as they were
     monkeypatch.setitem(ibnorm.compression._REGISTRY, "asinh", UNREGISTERED_ASINH)
     named = ibnorm.IBLayerNorm(3, compression="ASINH", lam=lam, placement="standardized")
     monkeypatch.setitem(ibnorm.compression._REGISTRY, "asinh", ibnorm.get_compression("S"))
-    torch.testing.assert_close(named(x), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(named(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_saved_when_layers_kept_the_familys_name_loads_and_computes_the_same():
