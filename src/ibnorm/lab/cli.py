@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -138,6 +139,27 @@ def _shard(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+# make_plans names its parameters; the flags that set them
+_PLAN_FLAGS = {
+    "seeds": "--seeds",
+    "steps": "--steps",
+    "batch_size": "--batch-size",
+    "eval_every": "--eval-every",
+    "lr": "--lr",
+    "first_seed": "--first-seed",
+    "device": "--device",
+    "analyze_every": "--analyze",
+    "tune_lr": "--tune-lr",
+}
+
+
+def _with_flags(exc: BaseException) -> str:
+    """``exc``'s message, a leading parameter name of make_plans written as its flag."""
+    text = str(exc)
+    name = re.match(r"[a-z_]+", text)
+    return _PLAN_FLAGS[name.group()] + text[name.end():] if name and name.group() in _PLAN_FLAGS else text
+
+
 def _train_and_report(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,
@@ -173,7 +195,7 @@ def _train_and_report(
             device=args.device,
         )
     except (ValueError, TypeError) as exc:
-        _fail(parser, exc)
+        _fail(parser, _with_flags(exc))
     if args.report_only:
         report = write_report(args.out, title)
         print(f"report: {report} and {report.with_suffix('.html')}")

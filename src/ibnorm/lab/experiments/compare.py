@@ -108,11 +108,11 @@ def make_plans(
         try:
             kind = torch.device(device).type
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from exc
+            raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from exc
         if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device={device!r}: the lab trains on 'cpu' or 'cuda[:N]'")
+            raise ValueError(f"device {device!r}: the lab trains on 'cpu' or 'cuda[:N]'")
         if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
     if not isinstance(analyze_every, int) or isinstance(analyze_every, bool) or analyze_every < 0:
         raise ValueError(f"analyze_every must be 0 (off) or a positive number of steps, got {analyze_every!r}")
     if not isinstance(tune_lr, int) or tune_lr < 0 or tune_lr == 1:
