@@ -386,7 +386,7 @@ def test_concurrent_merges_of_analysis_rows_keep_every_row(tmp_path):
     import multiprocessing
 
     runs = [f"runs/r{k}" for k in range(300)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps({"run_dir": r, "phase": "final"}) + "\n" for r in runs))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps({"task": "t", "arm": "a", "seed": k, "phase": "final", "config_key": "c", "run_dir": r}) + "\n" for k, r in enumerate(runs)))
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2)
     workers = [context.Process(target=_merge_rows_repeatedly, args=(str(tmp_path), runs[k::2], start)) for k in range(2)]

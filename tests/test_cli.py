@@ -218,6 +218,25 @@ def test_a_malformed_merge_file_is_one_error_line_and_changes_nothing(tmp_path, 
     assert not any((tmp_path / entry / "results.jsonl").exists() for entry in ("e", "f"))
 
 
+@pytest.mark.parametrize("damaged", ["results.jsonl", "analysis.jsonl"])
+def test_merging_into_a_damaged_folder_is_one_error_line_and_changes_nothing(tmp_path, capsys, damaged):
+    argv = ["compare", "--tasks", "mnist1d-mlp", "--arms", "parent"]
+    (tmp_path / "plan.json").write_text(json.dumps({"entries": [{"name": "e", "argv": argv}]}))
+    row = {"task": "mnist1d-mlp", "arm": "parent", "seed": 0, "phase": "final", "config_key": "k", "run_dir": "runs/r"}
+    analysis = {"run_dir": "runs/r", "task": "mnist1d-mlp", "arm": "parent", "seed": 0, "site": "norm_out"}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "e.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "gpu" / "e.analysis.jsonl").write_text(json.dumps(analysis) + "\n")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "e" / damaged).write_text('{"task": "t"}\n')
+    files = lambda: {p.name: p.read_text() for p in (tmp_path / "e").iterdir() if p.name != ".results.lock"}  # noqa: E731
+    before = files()
+    error = _error_exit(capsys, ["results", "--plan", str(tmp_path / "plan.json"), "--merge", str(tmp_path / "gpu"), "--report-only"])
+    assert f"{tmp_path / 'e' / damaged}: row 1 lacks one of" in error
+    assert files() == before
+
+
 def test_missing_data_is_an_error_line_before_any_training(tmp_path, capsys):
     argv = ["compare", "--tasks", "fmnist-resnet", "--arms", "parent", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
     assert "Fashion-MNIST" in _error_exit(capsys, argv)

@@ -1,7 +1,7 @@
 """``placement="centered"``: ψ on the centered input in x's own units, then one standardization.
 
-Every numerical check compares the library with a small reference written here in plain
-torch (ψ from the family table in references.py):
+Every numerical check compares the library with IBNorm written in the tests
+(``references.ib_norm``, float64, ψ from DESIGN's family table):
 
     u = ψ_λ(x − μ)          (RMS grouping: u = ψ_λ(x))
     û = (u − mean u) / sqrt(var u + eps)   (RMS: û = u / sqrt(mean u² + eps))
@@ -472,7 +472,7 @@ def test_sync_centered_equals_one_process_on_the_concatenated_batch(sync_results
         gx_full = torch.cat([r[config]["x_grad"][step] for r in sync_results])
         close(y_full, single["y"][step], msg=lambda m: f"y step {step}: {m}")
         close(gx_full, single["x_grad"][step], msg=lambda m: f"x.grad step {step}: {m}")
-        # and the plain reference of this file, on the whole batch
+        # and the tests' own reference, on the whole batch
         lam = ref_layer.lam.detach() if isinstance(ref_layer.lam, torch.Tensor) else ref_layer.lam
         want = reference_centered("batch", xs[step], ref_layer.weight.detach(), ref_layer.bias.detach(), lam, ref_layer.compression)
         close(y_full, want)

@@ -199,7 +199,7 @@ def analyze_run(
         "max_values": max_values if extra_sites else None,
     }
     target = out if only_run is None else out / only_run
-    earlier = (read_results_file(target / ANALYSIS) if (target / ANALYSIS).exists() else [])
+    earlier = _read_analysis(target)
     kept = _rows_by_run(earlier, settings)
     missing = {r["run_dir"] for r in runs if r["run_dir"] not in kept and not (out / r["run_dir"] / "final.pt").exists()}
     if missing and not retrain_missing and len(missing) == len(runs):
@@ -274,13 +274,20 @@ def check_analysis_rows(rows: Sequence[Any], source: str | Path = "analysis rows
     return rows
 
 
+def _read_analysis(folder: Path) -> list[dict[str, Any]]:
+    """The rows of ``folder``/analysis.jsonl (none where it does not exist), each checked."""
+    path = Path(folder) / ANALYSIS
+    return check_analysis_rows(read_results_file(path), path) if path.exists() else []
+
+
 def _merge_analysis_rows(out: Path, rows: Sequence[dict[str, Any]]) -> int:
     finals = {r["run_dir"] for r in read_results(out) if r["phase"] == "final"}
-    for row in check_analysis_rows(rows):
+    rows = check_analysis_rows(rows)
+    for row in rows:
         if row["run_dir"] not in finals:
             raise ValueError(f"analysis rows for run {row['run_dir']!r}, which is no final run of {Path(out) / 'results.jsonl'}")
     path = Path(out) / ANALYSIS
-    existing = read_results_file(path) if path.exists() else []
+    existing = _read_analysis(out)
     incoming: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         incoming[(row["run_dir"], _settings_key(row))].append(row)

@@ -21,9 +21,10 @@ _LOCK = ".results.lock"
 
 
 def read_results(out: Path) -> list[dict[str, Any]]:
-    """The rows of ``out``/results.jsonl (none where it does not exist)."""
+    """The rows of ``out``/results.jsonl (none where it does not exist), each checked
+    (:func:`check_results_rows`): a damaged file is a ValueError naming it."""
     path = Path(out) / RESULTS
-    return read_results_file(path) if path.exists() else []
+    return check_results_rows(read_results_file(path), path) if path.exists() else []
 
 
 def read_results_file(path: Path) -> list[dict[str, Any]]:
