@@ -71,6 +71,7 @@ def _row(arm, seed, val, test, placement="standardized", higher=True, kind="ib")
         "arm": arm,
         "seed": seed,
         "phase": "final",
+        "config_key": f"{arm}-10",
         "metric": "test_acc",
         "higher_is_better": higher,
         "metrics": {"val_acc": val, "test_acc": test},
