@@ -101,8 +101,8 @@ def ib_norm(
     ``grouping``: layer and rms (over the last ``weight.dim()`` dims), group (``groups`` groups
     of the channels), batch (per channel over N and the spatial dims) or batch_eval (μ, σ², m,
     v from ``running``). ``family``: a name of the table or a ψ(z, λ) of the test's own
-(called as it is: λ > 0);
-    ``lam``: a float or a tensor, None for the parent norm. Differentiable in x, γ, β and λ."""
+    (called as it is: λ > 0); ``lam``: a float or a tensor, None for the parent norm.
+    Differentiable in x, γ, β and λ."""
     t = x.double()
     compress = family if callable(family) else functools.partial(psi, family)
     if grouping in ("layer", "rms"):

@@ -1,6 +1,7 @@
 """IB layers for the four groupings against their torch parents and an independent reference."""
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def reference(grouping, x, family, lam, eps, weight=None, bias=None, groups=1):
     the last dim (layer, rms) or the channels."""
     if weight is None:
         weight = torch.ones(x.shape[-1] if grouping in ("layer", "rms") else x.shape[1], dtype=x.dtype)
-    psi = asinh_psi if family == "asinh" else family
+    psi = functools.partial(ref_psi, family)
     y, _ = references.ib_norm(grouping, x, weight, bias, lam, psi, "standardized", groups=groups, eps=eps)
     return y.to(x.dtype)
 
